@@ -1,0 +1,82 @@
+"""Run a function on N real processes joined by a gloo process group.
+
+Usage in a test::
+
+    def _body(rank, world_size, tmp):   # module-level, so that spawn can pickle it
+        ...                              # torch.distributed is initialised (gloo)
+        return some_picklable_result
+
+    results = run_ranks(_body, world_size=2, args=(tmp_path,))   # list, one per rank
+
+Exceptions in a rank are re-raised in the test with the rank's traceback; a hang fails after
+``timeout`` seconds instead of stalling CI.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import traceback
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, queue: Any) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_WORLD_SIZE=str(world_size),
+        OMP_NUM_THREADS="1",
+    )
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group("gloo", rank=rank, world_size=world_size)
+        out = fn(rank, world_size, *args)
+        queue.put((rank, True, out))
+    except BaseException:  # noqa: BLE001 - reported to the parent
+        queue.put((rank, False, traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            try:
+                dist.destroy_process_group()
+            except Exception:
+                pass
+
+
+def run_ranks(fn: Callable, world_size: int = 2, args: tuple = (), timeout: float = 240.0) -> list[Any]:
+    ctx = mp.get_context("spawn")
+    queue = ctx.SimpleQueue() if False else ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue)) for r in range(world_size)]
+    for p in procs:
+        p.start()
+    results: dict[int, Any] = {}
+    errors: list[str] = []
+    try:
+        for _ in range(world_size):
+            rank, ok, out = queue.get(timeout=timeout)
+            if ok:
+                results[rank] = out
+            else:
+                errors.append(f"--- rank {rank} ---\n{out}")
+                break
+    finally:
+        for p in procs:
+            p.join(timeout=5 if errors else 30)
+            if p.is_alive():
+                p.kill()
+    if errors:
+        raise RuntimeError("a rank failed:\n" + "\n".join(errors))
+    return [results[r] for r in range(world_size)]
