@@ -482,8 +482,9 @@ class Lookahead(Optimizer):
         state = self.optimizer.state
         shown: list[tuple[torch.Tensor, Any]] = []
         for p, entry in self._pending.items():
-            shown.append((p, state[p] if p in state else None))
-            state[p] = dict(entry)
+            before = state[p] if p in state else None
+            shown.append((p, before))
+            state[p] = {**(before or {}), **entry}
         try:
             return super().state_dict()
         finally:

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# The test suite: set up (first run only), then the unit and multi-process tests, then the MPI
+# tests under mpiexec (pytest-mpi). Extra arguments go to the first pytest run.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+"$ROOT/launch/setup.sh"
+cd "$ROOT"
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+PY="$ROOT/.venv/bin/python"
+"$PY" -m pytest tests -q -ra "$@"
+if [ -d tests/mpi ] && ls tests/mpi/test_*.py >/dev/null 2>&1; then
+  "$ROOT/.venv/bin/mpiexec" -n 2 "$PY" -m pytest --with-mpi tests/mpi -q -p no:cacheprovider
+fi

@@ -1,0 +1,176 @@
+"""The four ways the demo trains the model, each behind the same small interface.
+
+=========  ==============================================================================
+mode       what runs
+=========  ==============================================================================
+ddp        ``DistributedDataParallel`` + (``Lookahead``) ``AdamW``; full slow weights per rank
+zero2      DeepSpeed ZeRO-2 with the (``Lookahead``) ``AdamW`` as client optimizer; the slow
+           weights live in the flat fp32 partitions, 1/N per rank
+fsdp2      ``fully_shard`` per block and at the root + (``Lookahead``) ``AdamW``; DTensor
+           shards, 1/N per rank
+local-sgd  plain module on each rank, ``Lookahead(AdamW, local_sgd=True)``: no per-step
+           gradient all-reduce, the fast weights are averaged every k steps
+=========  ==============================================================================
+
+Every mode sees the same global batches (see :mod:`.data`), so ddp, zero2 and fsdp2 with the
+same optimizer follow the same trajectory up to reduction order.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from ..lookahead import Lookahead
+from .commcount import counting_ddp_hook
+
+__all__ = ["MODES", "ModeUnavailable", "Runner", "build_runner", "local_sgd_supported", "mode_unavailable_reason"]
+
+MODES = ("ddp", "zero2", "fsdp2", "local-sgd")
+
+
+class ModeUnavailable(RuntimeError):
+    """The mode cannot run in this installation (a missing package or library feature)."""
+
+
+def local_sgd_supported() -> bool:
+    """Whether :class:`Lookahead` accepts ``local_sgd=True`` in this version of the library."""
+    try:
+        return "local_sgd" in inspect.signature(Lookahead.__init__).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def mode_unavailable_reason(mode: str, optimizer: str) -> str | None:
+    """Why ``mode`` cannot run here (checked in the launching process), or None if it can."""
+    if mode == "local-sgd" and not local_sgd_supported():
+        return (
+            "mode 'local-sgd' needs Lookahead(..., local_sgd=True), which this version of "
+            "lookahead_dist does not provide yet"
+        )
+    if mode == "zero2":
+        try:
+            import importlib.util
+
+            if importlib.util.find_spec("deepspeed") is None:
+                raise ImportError
+        except (ImportError, ValueError):
+            return "mode 'zero2' needs DeepSpeed: pip install 'lookahead-dist[deepspeed]'"
+    return None
+
+
+@dataclass
+class Runner:
+    """One training set-up.
+
+    Attributes:
+        step: ``step(inputs, targets) -> loss`` (detached scalar): forward, backward, optimizer step.
+        logits: forward for evaluation (called under ``torch.no_grad()``).
+        optimizer: the optimizer the user built (the ``Lookahead`` or the plain ``AdamW``).
+        train: ``train(mode: bool)`` for the module that is called.
+    """
+
+    step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    logits: Callable[[torch.Tensor], torch.Tensor]
+    optimizer: torch.optim.Optimizer
+    train: Callable[[bool], Any]
+
+
+def _loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+
+def _optimizer(params: Any, run: Any, **lookahead_kwargs: Any) -> torch.optim.Optimizer:
+    # foreach: one kernel per op over all tensors, also for DTensor shards.
+    inner = torch.optim.AdamW(params, lr=run.lr, betas=(0.9, 0.95), weight_decay=run.weight_decay, foreach=True)
+    if run.optimizer == "adamw":
+        return inner
+    return Lookahead(inner, k=run.k, alpha=run.alpha, **lookahead_kwargs)
+
+
+def _plain_step(module: nn.Module, opt: torch.optim.Optimizer) -> Callable:
+    def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        loss = _loss(module(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss.detach()
+
+    return step
+
+
+def _ddp(model: nn.Module, run: Any, device: torch.device) -> Runner:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    # Gradient all-reduce through dist.all_reduce, so that the byte counter sees it.
+    ddp.register_comm_hook(None, counting_ddp_hook)
+    opt = _optimizer(ddp.parameters(), run)
+    return Runner(step=_plain_step(ddp, opt), logits=model, optimizer=opt, train=ddp.train)
+
+
+def _fsdp2(model: nn.Module, run: Any, device: torch.device) -> Runner:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    opt = _optimizer(model.parameters(), run)
+    return Runner(step=_plain_step(model, opt), logits=model, optimizer=opt, train=model.train)
+
+
+def _zero2(model: nn.Module, run: Any, device: torch.device) -> Runner:
+    if device.type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # skip DeepSpeed's accelerator probing
+    import deepspeed
+
+    deepspeed.utils.logger.setLevel(logging.WARNING)
+    world = dist.get_world_size()
+    opt = _optimizer(model.parameters(), run)
+    config = {
+        "train_batch_size": run.batch_size,
+        "train_micro_batch_size_per_gpu": run.batch_size // world,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": 2},
+        # The client optimizer is a Lookahead, which DeepSpeed does not know by name.
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 1 << 30,
+    }
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=config, dist_init_required=False)
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        loss = _loss(engine(x), y)
+        engine.backward(loss)
+        engine.step()
+        return loss.detach()
+
+    return Runner(step=step, logits=engine, optimizer=opt, train=engine.train)
+
+
+def _local_sgd(model: nn.Module, run: Any, device: torch.device) -> Runner:
+    if not local_sgd_supported():
+        raise ModeUnavailable(mode_unavailable_reason("local-sgd", run.optimizer))
+    # Every rank must start from the same weights (they are built from the same seed; make sure).
+    with torch.no_grad():
+        for t in list(model.parameters()) + list(model.buffers()):
+            dist.broadcast(t, src=0)
+    opt = _optimizer(model.parameters(), run, local_sgd=True)
+    return Runner(step=_plain_step(model, opt), logits=model, optimizer=opt, train=model.train)
+
+
+_BUILDERS = {"ddp": _ddp, "zero2": _zero2, "fsdp2": _fsdp2, "local-sgd": _local_sgd}
+
+
+def build_runner(model: nn.Module, run: Any, device: torch.device) -> Runner:
+    """Wrap ``model`` (already on ``device``) for ``run.mode`` and build its optimizer."""
+    return _BUILDERS[run.mode](model, run, device)

@@ -1,0 +1,78 @@
+"""Measure the optimizer-state memory a rank holds, from the state tensors themselves.
+
+Only local storage counts: a DTensor contributes its local shard, a ZeRO partition is already
+local. That makes the numbers comparable across hosts: under a sharding host the slow-weight bytes
+on each rank are about ``total / N``, under DDP they are ``total``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ._sync import local_tensor
+from .lookahead import SLOW_KEY, STATE_KEYS, Lookahead
+
+__all__ = ["StateBytes", "optimizer_state_bytes", "slow_weight_bytes"]
+
+
+@dataclass(frozen=True)
+class StateBytes:
+    """Bytes of optimizer state held on this rank.
+
+    Attributes:
+        slow: Lookahead slow weights (:data:`~lookahead_dist.SLOW_KEY`).
+        lookahead_other: Lookahead's other tensors (cached momenta of ``pullback="pullback"``).
+        inner: the inner optimizer's own state tensors (e.g. Adam's ``exp_avg``, ``exp_avg_sq``).
+    """
+
+    slow: int
+    lookahead_other: int
+    inner: int
+
+    @property
+    def total(self) -> int:
+        return self.slow + self.lookahead_other + self.inner
+
+
+def _unwrap(optimizer: Any) -> Any:
+    # ZeroRedundancyOptimizer keeps the per-rank optimizer (our Lookahead) in `.optim`.
+    inner = getattr(optimizer, "optim", None)
+    return inner if isinstance(inner, torch.optim.Optimizer) else optimizer
+
+
+def _nbytes(value: Any) -> int:
+    if not isinstance(value, torch.Tensor):
+        return 0
+    t = local_tensor(value)
+    return t.numel() * t.element_size()
+
+
+def optimizer_state_bytes(optimizer: Any) -> StateBytes:
+    """Per-rank state bytes of ``optimizer`` (a Lookahead, a plain optimizer, or a ZeroRedundancyOptimizer).
+
+    Slow weights still waiting to join the inner state (taken before the inner optimizer's first
+    step with that tensor) are counted too.
+    """
+    opt = _unwrap(optimizer)
+    slow = other = inner = 0
+    entries = list(opt.state.values())
+    if isinstance(opt, Lookahead):
+        entries += list(opt._pending.values())
+    for entry in entries:
+        for key, value in entry.items():
+            n = _nbytes(value)
+            if key == SLOW_KEY:
+                slow += n
+            elif key in STATE_KEYS:
+                other += n
+            else:
+                inner += n
+    return StateBytes(slow=slow, lookahead_other=other, inner=inner)
+
+
+def slow_weight_bytes(optimizer: Any) -> int:
+    """Bytes of Lookahead slow weights held on this rank (local shards only)."""
+    return optimizer_state_bytes(optimizer).slow
