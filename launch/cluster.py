@@ -26,10 +26,11 @@ Command line (root, or CAP_NET_ADMIN + CAP_SYS_ADMIN, and ``ip``/``tc`` from ipr
         torchrun --nnodes {nnodes} --nproc-per-node 1 --node-rank {node_rank} \\
                  --master-addr {master_addr} --master-port {master_port} train.py
     python launch/cluster.py --nodes 2 --rate 100mbit --torchrun train.py --steps 10
+    python launch/cluster.py --nodes 4 --rate 1gbit --torchrun lookahead-dist train --mode ddp
     python launch/cluster.py --cleanup          # remove leftovers of crashed runs
 
 ``{node_rank} {nnodes} {master_addr} {master_port} {ifname} {addr}`` in the command are replaced
-per node; the same values are exported as NODE_RANK, NNODES, MASTER_ADDR, MASTER_PORT,
+per node; node<i> resolves to node i's address inside the nodes; the same values are exported as NODE_RANK, NNODES, MASTER_ADDR, MASTER_PORT,
 GLOO_SOCKET_IFNAME (and TP_SOCKET_IFNAME, NCCL_SOCKET_IFNAME) and LKD_NODE_ADDR.
 Exit status: 0 when every node exited 0; the first failing node's status otherwise; 124 on timeout;
 130 on interrupt; 77 when the host cannot build a cluster (no privileges, no ``ip``/``tc``, a
@@ -44,6 +45,7 @@ import re
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -51,7 +53,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 NAME_ROOT = "lkdc"
 IFNAME = "eth0"
@@ -196,9 +198,13 @@ def _kill_namespace_pids(ns: str) -> None:
         pids = [p for p in alive if Path(f"/proc/{p}").exists()]
 
 
+ETC_NETNS = Path("/etc/netns")
+
+
 def _delete_namespace(ns: str) -> None:
     _kill_namespace_pids(ns)
     _run(["ip", "netns", "delete", ns], check=False)
+    shutil.rmtree(ETC_NETNS / ns, ignore_errors=True)
 
 
 def cleanup_stale(all_owners: bool = False) -> list[str]:
@@ -208,7 +214,9 @@ def cleanup_stale(all_owners: bool = False) -> list[str]:
     cluster that a concurrent, live run owns is left alone.
     """
     removed = []
-    for ns in list_namespaces():
+    # /etc/netns/<ns> (the nodes' hosts files) may outlive its namespace after a crash.
+    etc = [p.name for p in ETC_NETNS.iterdir() if _NS_RE.match(p.name)] if ETC_NETNS.is_dir() else []
+    for ns in sorted(set(list_namespaces()) | set(etc)):
         pid, start = _NS_RE.match(ns).group(1, 2)
         if all_owners or _start_time(int(pid)) != start:
             _delete_namespace(ns)
@@ -323,6 +331,18 @@ class Cluster:
         _run(["ip", "netns", "add", ns])
         self._created.append(ns)
 
+    def _hosts_file(self, ns: str) -> None:
+        """/etc/netns/<ns>/hosts, which `ip netns exec` mounts over /etc/hosts: node<i> names resolve
+        (both ways, so c10d's reverse lookups of peers succeed instead of warning)."""
+        d = ETC_NETNS / ns
+        d.mkdir(parents=True, exist_ok=True)
+        lines = ["127.0.0.1 localhost", "::1 localhost", "::ffff:127.0.0.1 localhost",
+                 f"127.0.1.1 {socket.gethostname()}"]
+        lines += [f"{self.addr(i)} node{i}" for i in range(self.nodes)]
+        # Dual-stack listeners (c10d's store) see IPv4 peers as ::ffff:a.b.c.d.
+        lines += [f"::ffff:{self.addr(i)} node{i}" for i in range(self.nodes)]
+        (d / "hosts").write_text("\n".join(lines) + "\n")
+
     def _build(self) -> None:
         sw = self.switch_ns
         self._ns_add(sw)
@@ -331,6 +351,7 @@ class Cluster:
         for i in range(self.nodes):
             ns, port = self.node_ns(i), f"p{i}"
             self._ns_add(ns)
+            self._hosts_file(ns)
             # Both ends are created directly inside their namespaces: nothing ever appears in
             # the host namespace, not even for a moment.
             _run(["ip", "link", "add", self.ifname, "netns", ns, "type", "veth",
@@ -376,10 +397,11 @@ class Cluster:
 
     def down(self) -> None:
         """Kill every process on the nodes and delete the namespaces; safe to call twice."""
-        # A second Ctrl-C must not cut teardown short: defer SIGINT while cleaning up.
-        old = None
+        # A second Ctrl-C (or a TERM/HUP) must not cut teardown short: ignore them meanwhile.
+        old = {}
         if threading.current_thread() is threading.main_thread():
-            old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+            for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+                old[s] = signal.signal(s, signal.SIG_IGN)
         try:
             self._stop_all()
             for ns in reversed(self._created):
@@ -387,8 +409,8 @@ class Cluster:
             self._created.clear()
             self._up = False
         finally:
-            if old is not None:
-                signal.signal(signal.SIGINT, old)
+            for s, h in old.items():
+                signal.signal(s, h)
 
     # -- running commands
     def node_env(self, rank: int, base: dict[str, str] | None = None) -> dict[str, str]:
@@ -552,6 +574,18 @@ def torchrun_prefix(nproc_per_node: int = 1) -> list[str]:
             "--master-addr", "{master_addr}", "--master-port", "{master_port}"]
 
 
+def torchrun_argv(command: Sequence[str], nproc_per_node: int = 1) -> list[str]:
+    """``command`` under multi-node torchrun; a program that is not a ``.py`` file (a console
+    script such as ``lookahead-dist``) gets ``--no-python``; a leading option (``-m mod``,
+    ``--no-python``) is passed to torchrun as given."""
+    command = list(command)
+    if not command:
+        raise ValueError("command is empty")
+    first = command[0]
+    extra = [] if first.endswith(".py") or first.startswith("-") else ["--no-python"]
+    return torchrun_prefix(nproc_per_node) + extra + command
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="cluster.py", description="Run a command on N network-namespace 'nodes' behind a shaped link.",
@@ -567,7 +601,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--log-dir", default=None, help="per-node logs node<i>.log (default: a temp dir)")
     parser.add_argument("--quiet", action="store_true", help="do not echo node output")
     parser.add_argument("--torchrun", action="store_true",
-                        help="COMMAND is a script and its args; run it under torchrun on every node")
+                        help="run COMMAND (a .py script, a console script, or -- -m module) under "
+                        "multi-node torchrun on every node")
     parser.add_argument("--nproc-per-node", type=int, default=1, help="with --torchrun")
     parser.add_argument("--cleanup", action="store_true",
                         help="delete the namespaces of crashed runs and exit (with --all: of every run)")
@@ -589,7 +624,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not command:
         parser.error("no command given (put it after --)")
     if args.torchrun:
-        command = torchrun_prefix(args.nproc_per_node) + command
+        command = torchrun_argv(command, args.nproc_per_node)
     try:
         cluster = Cluster(args.nodes, args.rate, delay_ms=args.delay_ms, subnet=args.subnet,
                           master_port=args.master_port)

@@ -41,6 +41,7 @@ __all__ = [
     "all_gather",
     "broadcast",
     "all_gather_rows",
+    "split_by_key",
 ]
 
 Work = Any  # torch.distributed Work handle (its class is not public API)

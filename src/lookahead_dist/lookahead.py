@@ -42,13 +42,16 @@ import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from itertools import chain
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch.optim import Optimizer
 
 from . import _sync
 from ._sync import Bucket, local_tensor
+
+if TYPE_CHECKING:
+    from .local_sgd import LocalSGD, LocalSGDOptions
 
 __all__ = [
     "Lookahead",
@@ -70,8 +73,10 @@ MOMENTUM_KEY = "lookahead_momentum"
 K_KEY = "lookahead_k"
 #: Param-group key of the slow step size alpha.
 ALPHA_KEY = "lookahead_alpha"
+#: Per-parameter state key of the outer momentum of the local-SGD mode (shaped like the slow weight).
+OUTER_MOMENTUM_KEY = "lookahead_outer_momentum"
 #: Every per-parameter state key Lookahead owns.
-STATE_KEYS = (SLOW_KEY, STEP_KEY, MOMENTUM_KEY)
+STATE_KEYS = (SLOW_KEY, STEP_KEY, MOMENTUM_KEY, OUTER_MOMENTUM_KEY)
 #: Accepted values of ``pullback``.
 PULLBACK_MODES = ("none", "reset", "pullback")
 # Inner-state keys that hold a first-moment (momentum) buffer, in lookup order.
@@ -139,6 +144,12 @@ class Lookahead(Optimizer):
         slow_dtype: keep slow weights of ``float16``/``bfloat16`` parameters in this dtype
             (typically ``torch.float32``), so that small slow steps are not rounded away.
             ``None`` (default) keeps every slow weight in its parameter's dtype.
+        local_sgd: ``True`` or a :class:`~lookahead_dist.local_sgd.LocalSGDOptions`: local-SGD
+            mode, where ranks train without a per-step gradient all-reduce and the sync averages
+            the fast weights over ``process_group`` before the slow step (optionally with outer
+            momentum, sharded slow weights, bf16 communication, hierarchically). See
+            :mod:`lookahead_dist.local_sgd` and ``docs/local-sgd.md``.
+        process_group: the local-SGD group (default: the world); implies ``local_sgd=True``.
 
     Example:
         >>> import torch
@@ -165,6 +176,8 @@ class Lookahead(Optimizer):
         *,
         pullback: PullbackMode = "none",
         slow_dtype: torch.dtype | None = None,
+        local_sgd: bool | LocalSGDOptions = False,
+        process_group: Any = None,
     ) -> None:
         if isinstance(optimizer, Lookahead):
             raise TypeError(
@@ -188,6 +201,12 @@ class Lookahead(Optimizer):
         self.optimizer = optimizer
         self.pullback: PullbackMode = pullback
         self.slow_dtype = slow_dtype
+        # Local-SGD mode (local_sgd.py): set before adoption, whose add_param_group aligns ranks.
+        self._local_sgd: LocalSGD | None = None
+        if local_sgd is not False or process_group is not None:
+            from .local_sgd import make_local_sgd
+
+            self._local_sgd = make_local_sgd(local_sgd, process_group)
         self._reset_caches()
         # Optimizer.__init__ assigns empty `state`/`param_groups` and calls add_param_group for
         # each group; while adopting, the property setters ignore the former and
@@ -207,6 +226,8 @@ class Lookahead(Optimizer):
         self._scanned: dict[int, tuple[dict, list, int]] = {}
         # first tensor of a step unit -> (params list, len, buckets) for the sync.
         self._buckets: dict[torch.Tensor, tuple[list, int, list[Bucket]]] = {}
+        if getattr(self, "_local_sgd", None) is not None:
+            self._local_sgd.reset_cache()
 
     # -- the inner optimizer's objects, not copies -------------------------------------------
     @property
@@ -279,9 +300,16 @@ class Lookahead(Optimizer):
             param_group = self.optimizer.param_groups[-1]
         param_group.setdefault(K_KEY, self.defaults[K_KEY])
         param_group.setdefault(ALPHA_KEY, self.defaults[ALPHA_KEY])
+        if self._local_sgd is not None:  # same starting weights on every rank (local_sgd.py)
+            self._local_sgd.align(param_group["params"])
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    @property
+    def local_sgd(self) -> LocalSGD | None:
+        """The local-SGD engine (communication statistics in ``.stats``), or None outside that mode."""
+        return self._local_sgd
 
     # -- the step --------------------------------------------------------------------------------
     def step(self, closure: Callable[[], float] | None = None) -> Any:  # type: ignore[override]
@@ -320,13 +348,24 @@ class Lookahead(Optimizer):
                 if (st is not None and SLOW_KEY in st) or p in self._pending:
                     continue
                 entry = {SLOW_KEY: self._new_slow(p)}
+                if self.pullback == "pullback":
+                    # The paper's initial cache (zeros), allocated now rather than at the first
+                    # sync so that state-dict templates made before then (DCP) carry the key.
+                    entry[MOMENTUM_KEY] = torch.zeros_like(p.detach())
                 if st:  # the inner optimizer already keeps state for p: safe to join it
                     st.update(entry)
                 else:
                     self._pending[p] = entry
                     self._fresh.append(p)
+            if params:
+                # The counter exists (at 0) from the start, so a state-dict template made before
+                # the first step (DCP's fake step on a fresh optimizer) has the key to load into.
+                self._entry(params[0]).setdefault(STEP_KEY, 0)
 
     def _new_slow(self, p: torch.Tensor) -> torch.Tensor:
+        if self._local_sgd is not None:  # sharded local SGD keeps only this rank's chunk
+            with torch.no_grad():
+                return self._local_sgd.new_slow(p, self._slow_dtype_for(p))
         with torch.no_grad():
             return p.detach().to(dtype=self._slow_dtype_for(p), copy=True)
 
@@ -373,7 +412,10 @@ class Lookahead(Optimizer):
     # -- the sync --------------------------------------------------------------------------------
     def _unit_buckets(self, params: list[torch.Tensor]) -> list[Bucket]:
         cached = self._buckets.get(params[0])
-        if cached is not None and cached[0] is params and cached[1] == len(params):
+        # The identity check on the first slow tensor catches state entries replaced behind our
+        # back (ZeroRedundancyOptimizer.load_state_dict writes the local optimizer's state directly).
+        if (cached is not None and cached[0] is params and cached[1] == len(params)
+                and cached[2][0].slow[0] is local_tensor(self._entry(params[0])[SLOW_KEY])):
             return cached[2]
         buckets = _sync.build_buckets((p, self._entry(p)[SLOW_KEY]) for p in params)
         self._buckets[params[0]] = (params, len(params), buckets)
@@ -383,7 +425,10 @@ class Lookahead(Optimizer):
     def _sync(self, params: list[torch.Tensor], alpha: float) -> None:
         if self._pending:
             self._place(list(self._pending))
-        self._slow_update(self._unit_buckets(params), alpha)
+        if self._local_sgd is not None:  # average over the group, then the outer step
+            self._local_sgd.sync(self, params, alpha)
+        else:
+            self._slow_update(self._unit_buckets(params), alpha)
         if self.pullback == "pullback":
             self._pull_back_momentum(params, alpha)
         elif self.pullback == "reset":
@@ -403,7 +448,8 @@ class Lookahead(Optimizer):
             if m is None:
                 continue
             entry = self._entry(p)
-            if MOMENTUM_KEY not in entry:
+            c = entry.get(MOMENTUM_KEY)
+            if c is None or c.shape != m.shape or c.dtype != m.dtype:
                 entry[MOMENTUM_KEY] = torch.zeros_like(m)  # the paper's initial cache
             momenta.append(local_tensor(m))
             cached.append(local_tensor(entry[MOMENTUM_KEY]))
@@ -456,12 +502,16 @@ class Lookahead(Optimizer):
                 val_loss = evaluate(model)
         """
         fast, slow = [], []
-        for group in self.optimizer.param_groups:
-            for p in group["params"]:
-                s = self.slow_weight(p)
-                if s is not None:
-                    fast.append(local_tensor(p))
-                    slow.append(local_tensor(s))
+        if self._local_sgd is not None and self._local_sgd.sharded:
+            # Each rank holds a chunk of the slow weights: gather them (all ranks call this together).
+            fast, slow = self._local_sgd.slow_pairs(self)
+        else:
+            for group in self.optimizer.param_groups:
+                for p in group["params"]:
+                    s = self.slow_weight(p)
+                    if s is not None:
+                        fast.append(local_tensor(p))
+                        slow.append(local_tensor(s))
         with torch.no_grad():
             backup = [f.clone() for f in fast]
             _sync.copy_(fast, slow)
@@ -550,4 +600,7 @@ class Lookahead(Optimizer):
             entry[STEP_KEY] = int(saved[STEP_KEY])
         if MOMENTUM_KEY in saved:
             entry[MOMENTUM_KEY] = saved[MOMENTUM_KEY].to(device=p.device, copy=True)
+        if OUTER_MOMENTUM_KEY in saved:  # local-SGD outer momentum: the slow weight's dtype
+            entry[OUTER_MOMENTUM_KEY] = saved[OUTER_MOMENTUM_KEY].to(
+                device=p.device, dtype=self._slow_dtype_for(p), copy=True)
         return entry

@@ -243,29 +243,35 @@ class Host:
         sd = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True))
         return to_np(sd)
 
-    def full_optim_state(self) -> dict[str, dict[str, Any]] | None:
-        """Full per-parameter optimizer state keyed by parameter name (None off rank 0 for ZeRO)."""
-        if self.zero is not None:
+    def full_slow(self) -> dict[str, np.ndarray] | None:
+        """Full slow weights by parameter name, each through the host's own path (None off rank 0 for ZeRO)."""
+        if self.zero is not None:  # the consolidated state dict is the ZeroRedundancyOptimizer checkpoint path
             self.zero.consolidate_state_dict(to=0)
             if self.rank != 0:
                 return None
-            sd = self.zero.state_dict()
             names = [n for n, _ in self.base.named_parameters()]
-            return {names[i]: s for i, s in sd["state"].items()}
+            return {names[i]: s[SLOW_KEY].numpy().copy() for i, s in self.zero.state_dict()["state"].items()}
+        if self.kind.startswith("fsdp1"):
+            # FSDP1's full optimizer state dict with use_orig_params=True aliases every state key to
+            # the last one gathered on CPU (torch 2.13; plain AdamW too), so read the slow weights
+            # by swapping them into the parameters and gathering those.
+            with self.la.use_slow_weights():
+                return self.full_params()
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
         sd = get_optimizer_state_dict(self.model, self.la, options=StateDictOptions(full_state_dict=True))
-        return dict(sd["state"])
+        return {n: s[SLOW_KEY].detach().cpu().numpy().copy() for n, s in sd["state"].items() if SLOW_KEY in s}
 
     def report(self) -> dict[str, Any]:
-        """Params, slow weights and counters gathered to full size, plus this rank's slow bytes."""
-        out: dict[str, Any] = {"params": self.full_params(), "slow_bytes": slow_bytes(self.la),
-                               "param_local_bytes": param_local_bytes(self.la)}
-        st = self.full_optim_state()
-        if st is not None:
-            out["slow"] = {n: s[SLOW_KEY].detach().cpu().numpy().copy() for n, s in st.items() if SLOW_KEY in s}
-            out["counter"] = {n: int(s[STEP_KEY]) for n, s in st.items() if STEP_KEY in s}
-        return out
+        """Params and slow weights gathered to full size; this rank's counters and slow bytes."""
+        return {"params": self.full_params(), "slow": self.full_slow(), "counters": local_counters(self.la),
+                "slow_bytes": slow_bytes(self.la), "param_local_bytes": param_local_bytes(self.la)}
+
+
+def local_counters(la: Lookahead) -> list[int]:
+    """Every step counter this rank holds (one per step unit, i.e. per param group here)."""
+    entries = list(la.state.values()) + list(la._pending.values())
+    return [int(e[STEP_KEY]) for e in entries if STEP_KEY in e]
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -290,7 +296,7 @@ def rank_seed() -> None:
 
 
 # -- checkpoints ------------------------------------------------------------------------------------
-DCP_HOSTS = ("ddp", "fsdp2", "hsdp")
+DCP_HOSTS = ("ddp", "fsdp1_orig", "fsdp2", "hsdp")
 
 
 def save_checkpoint(host: Host, path: str) -> None:
@@ -421,6 +427,15 @@ def phase_resume(rank: int, ws: int, ckpt: str) -> dict[str, Any]:
         after_load = host.report()
         host.train(SAVE_AT, STEPS)
         out[name] = {**host.report(), **info, "after_load": after_load, "comm": host.comm_log}
+    # Rolling back a ZeroRedundancyOptimizer that has already synced: its load writes the local
+    # optimizer's state entries directly, behind Lookahead's cached tensor lists.
+    ckpt_zero = torch.load(os.path.join(ckpt, "zero", "ckpt.pt"), weights_only=False)
+    host = Host("zero", "adamw", rank, ws)
+    host.train(0, K + 1)
+    host.base.load_state_dict(ckpt_zero["model"])
+    host.zero.load_state_dict(ckpt_zero["optim"])
+    host.train(SAVE_AT, STEPS)
+    out["zero_rollback"] = host.report()
     return out
 
 

@@ -39,6 +39,12 @@ def _ours(pid: int) -> list[str]:
     return [ns for ns in cl.list_namespaces() if ns.startswith(f"{cl.NAME_ROOT}-{pid}-")]
 
 
+def _prefix(pid: int) -> str:
+    """``lkdc-<pid>-<start>`` of the tool with this pid (from any of its namespaces)."""
+    ours = _ours(pid)
+    return ours[0].rsplit("-", 1)[0] if ours else "none"
+
+
 def _ns_pids(ns: str) -> list[str]:
     return subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout.split()
 
@@ -107,13 +113,13 @@ def test_cli_failure_interrupt_and_crash_all_clean_up(tmp_path):
     p = subprocess.Popen(TOOL + ["--nodes", "2", "--quiet", "--", "sleep", "60"],
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        assert _wait_for(lambda: len(_ours(p.pid)) == 3 and _ns_pids(f"{_ours(p.pid)[0][:-3]}-n1")), \
+        assert _wait_for(lambda: len(_ours(p.pid)) == 3 and _ns_pids(_prefix(p.pid) + "-n1")), \
             "cluster never came up"
         p.kill()
         p.wait(timeout=10)
         stale = _ours(p.pid)
         assert len(stale) == 3
-        sleepers = _ns_pids(f"{stale[0][:-3]}-n1")
+        sleepers = _ns_pids(_prefix(p.pid) + "-n1")
         assert sleepers, "the node's process should outlive the killed tool"
         out = subprocess.run(TOOL + ["--cleanup"], capture_output=True, text=True, timeout=30)
         assert out.returncode == 0 and _ours(p.pid) == [], out.stdout + out.stderr
@@ -156,3 +162,7 @@ def test_rate_parsing_and_argument_errors():
         cl.Cluster(0)
     with pytest.raises(ValueError, match="subnet"):
         cl.Cluster(2, subnet="192.168.1")
+    # torchrun: a .py script runs with this Python; a console script gets --no-python.
+    assert cl.torchrun_argv(["train.py", "--x"])[-2:] == ["train.py", "--x"]
+    assert "--no-python" not in cl.torchrun_argv(["train.py"])
+    assert cl.torchrun_argv(["lookahead-dist", "train"])[-3:] == ["--no-python", "lookahead-dist", "train"]
