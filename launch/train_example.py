@@ -76,9 +76,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def report(rank: int, step: int, model: nn.Module, loss: float, world: int) -> None:
-    if rank == 0:
-        print(f"RESULT steps={step} world={world} loss={loss:.6f} checksum={checksum(model):.12e}", flush=True)
+def report(rank: int, model: nn.Module, args: argparse.Namespace, world: int) -> None:
+    """Rank 0 prints the final weights' checksum and their loss on the last global batch."""
+    if rank != 0:
+        return
+    x, y = global_batch(args.seed, args.steps, args.batch)
+    p = next(model.parameters())
+    with torch.no_grad():
+        loss = nn.functional.mse_loss(model(x.to(p.device, p.dtype)), y.to(p.device, p.dtype)).item()
+    print(f"RESULT steps={args.steps} world={world} loss={loss:.6f} checksum={checksum(model):.12e}", flush=True)
 
 
 def train_torch(args: argparse.Namespace) -> None:
@@ -95,14 +101,13 @@ def train_torch(args: argparse.Namespace) -> None:
     net = model if args.local_sgd else DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     opt = Lookahead(torch.optim.AdamW(model.parameters(), lr=args.lr), k=args.k, alpha=args.alpha,
                     local_sgd=args.local_sgd and world > 1)
-    loss = torch.zeros(())
     for step in range(1, args.steps + 1):
         x, y = (shard(t, rank, world).to(device) for t in global_batch(args.seed, step, args.batch))
         loss = nn.functional.mse_loss(net(x), y)
         opt.zero_grad()
         loss.backward()
         opt.step()
-    report(rank, args.steps, model, loss.item(), world)
+    report(rank, model, args, world)
     dist.destroy_process_group()
 
 
@@ -135,18 +140,15 @@ def train_accelerate(args: argparse.Namespace) -> None:
     if args.resume:
         accelerator.load_state(args.resume)
         start = args.save_at
-    loss = torch.zeros(())
     for step in range(start + 1, args.steps + 1):
         x, y = (shard(t, rank, world).to(accelerator.device) for t in global_batch(args.seed, step, args.batch))
-        # local_step: no gradient all-reduce in local-SGD mode (DDP no_sync; DeepSpeed stage 0), else nothing.
-        with la_acc.local_step(accelerator, model):
-            loss = nn.functional.mse_loss(model(x), y)
-            accelerator.backward(loss)
+        loss = nn.functional.mse_loss(model(x), y)
+        accelerator.backward(loss)  # under DeepSpeed this steps too; opt.step() is then a no-op
         opt.step()
         opt.zero_grad()
         if args.save_dir and step == args.save_at:
             accelerator.save_state(args.save_dir)
-    report(rank, args.steps, accelerator.unwrap_model(model), loss.item(), world)
+    report(rank, accelerator.unwrap_model(model), args, world)
     accelerator.end_training()
 
 

@@ -160,7 +160,8 @@ class LocalSGDOptions:
         if not isinstance(self.sharded, bool):
             raise TypeError(f"LocalSGDOptions `sharded` must be a bool, got {self.sharded!r}")
         if self.comm_dtype is not None and self.comm_dtype not in _COMM_DTYPES:
-            raise ValueError(f"LocalSGDOptions `comm_dtype` must be None or one of {_COMM_DTYPES}, got {self.comm_dtype!r}")
+            raise ValueError(
+                f"LocalSGDOptions `comm_dtype` must be None or one of {_COMM_DTYPES}, got {self.comm_dtype!r}")
         if self.sharded and self.intra_group is None and self.comm_dtype not in (None, torch.float32):
             raise ValueError(
                 f"LocalSGDOptions `comm_dtype={self.comm_dtype}` needs the full slow weights on each rank to "

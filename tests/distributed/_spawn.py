@@ -8,6 +8,9 @@ Usage in a test::
 
     results = run_ranks(_body, world_size=2, args=(tmp_path,))   # list, one per rank
 
+Return picklable non-tensor results (numbers, lists, numpy arrays): a tensor returned through the
+queue is shared memory that dies with the child process.
+
 Exceptions in a rank are re-raised in the test with the rank's traceback; a hang fails after
 ``timeout`` seconds instead of stalling CI.
 """

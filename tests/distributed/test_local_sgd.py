@@ -21,7 +21,6 @@ import warnings
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -378,7 +377,8 @@ def _hier_body(rank: int, world_size: int) -> dict:
     # own local shard with the same shard of the other group (no intra_group: shards differ).
     from torch.distributed.fsdp import fully_shard
 
-    for name, opts in {"fsdp": dict(outer_momentum=0.5), "fsdp_sharded": dict(outer_momentum=0.5, sharded=True)}.items():
+    fsdp_variants = {"fsdp": dict(outer_momentum=0.5), "fsdp_sharded": dict(outer_momentum=0.5, sharded=True)}
+    for name, opts in fsdp_variants.items():
         # FSDP2 does not broadcast at construction: within a group, equal initial weights are the
         # caller's job (same seed here); across groups, the optimizer's init broadcast aligns them.
         model = fully_shard(make_model(group), mesh=mesh["intra"])

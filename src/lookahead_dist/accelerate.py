@@ -1,0 +1,201 @@
+"""Lookahead under Hugging Face accelerate: a drop-in for ``accelerator.prepare``.
+
+    import lookahead_dist.accelerate as la_acc
+
+    opt = Lookahead(torch.optim.AdamW(model.parameters(), lr=1e-3), k=5, alpha=0.5)
+    model, opt, loader = la_acc.prepare(accelerator, model, opt, loader)
+
+``accelerator.prepare`` alone keeps a Lookahead for plain data parallelism (DDP, CPU or GPU) and
+for DeepSpeed without optimizer offload, and ``save_state``/``load_state`` carry its slow weights
+(they are entries of the inner optimizer's state). :func:`prepare` adds what accelerate does
+not know about:
+
+- Note [Optimizer offload swap]: with DeepSpeed optimizer offload and ``zero_force_ds_cpu_optimizer``
+  unset, accelerate replaces the optimizer it is given by a ``DeepSpeedCPUAdam`` built from its
+  learning rate, silently dropping the Lookahead. :func:`prepare` sets
+  ``zero_force_ds_cpu_optimizer: false`` in the DeepSpeed config when an optimizer is a
+  Lookahead, so accelerate and DeepSpeed keep it (the inner optimizer then steps the offloaded
+  fp32 partitions on the CPU; for speed, make the inner optimizer ``DeepSpeedCPUAdam``). A config
+  that sets ``zero_force_ds_cpu_optimizer: true`` explicitly asks for the swap, which cannot keep
+  the Lookahead, and is refused with a ``ValueError`` naming the setting.
+- The ``"lookahead"`` block of a DeepSpeed config (``{"k": 5, "alpha": 0.5, "local_sgd": false}``,
+  as for :func:`lookahead_dist.deepspeed.initialize`) wraps the plain optimizer given to
+  :func:`prepare` in a Lookahead. Passing a Lookahead as well is a ``ValueError`` (two sources of
+  truth for k and alpha); so is a config ``"optimizer"`` block (accelerate then lets DeepSpeed
+  build the optimizer, out of reach of a wrapper).
+- Local-SGD mode (a ``Lookahead(..., local_sgd=True)``): the ranks must not all-reduce gradients
+  at every step. Under DDP the prepared module is put in permanent ``no_sync`` (its
+  ``require_backward_grad_sync`` is cleared, which is what ``DDP.no_sync()`` does for one
+  block); under DeepSpeed, ZeRO stage 0 is required (stages 1-3 partition the optimizer step, so
+  the ranks cannot hold diverging fast weights) and the engine's backward all-reduce is turned
+  off. accelerate's own ``LocalSGD`` refuses DeepSpeed altogether.
+- After preparing, each Lookahead is checked to be the optimizer the host actually steps; a
+  swap by any other path is a ``RuntimeError`` instead of a silently plain run.
+
+accelerate is imported only when a function of this module is called.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+
+from .lookahead import Lookahead, _check_alpha, _check_k
+
+__all__ = ["prepare", "lookahead_config", "LOOKAHEAD_BLOCK_KEYS"]
+
+#: Keys accepted in a DeepSpeed config's ``"lookahead"`` block.
+LOOKAHEAD_BLOCK_KEYS = ("k", "alpha", "local_sgd")
+
+
+def _deepspeed_plugin(accelerator: Any) -> Any | None:
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return None
+    return accelerator.state.deepspeed_plugin
+
+
+def parse_lookahead_block(block: Any) -> dict[str, Any]:
+    """Validate a ``"lookahead"`` block; return ``{"k": int, "alpha": float, "local_sgd": bool}``."""
+    if not isinstance(block, dict):
+        raise TypeError(f'DeepSpeed config "lookahead" must be an object, got {block!r}')
+    unknown = sorted(set(block) - set(LOOKAHEAD_BLOCK_KEYS))
+    if unknown:
+        raise ValueError(f'DeepSpeed config "lookahead" has unknown key(s) {unknown}; known: {list(LOOKAHEAD_BLOCK_KEYS)}')
+    local_sgd = block.get("local_sgd", False)
+    if not isinstance(local_sgd, bool):
+        raise TypeError(f'DeepSpeed config "lookahead.local_sgd" must be true or false, got {local_sgd!r}')
+    return {
+        "k": _check_k(block.get("k", 5), "lookahead.k"),
+        "alpha": _check_alpha(block.get("alpha", 0.5), "lookahead.alpha"),
+        "local_sgd": local_sgd,
+    }
+
+
+def lookahead_config(accelerator: Any) -> dict[str, Any] | None:
+    """The validated ``"lookahead"`` block of the accelerator's DeepSpeed config, or None.
+
+    None without DeepSpeed, or when the config has no such block.
+    """
+    plugin = _deepspeed_plugin(accelerator)
+    if plugin is None or "lookahead" not in plugin.deepspeed_config:
+        return None
+    return parse_lookahead_block(plugin.deepspeed_config["lookahead"])
+
+
+def _offload_device(config: dict[str, Any]) -> str:
+    offload = (config.get("zero_optimization") or {}).get("offload_optimizer") or {}
+    return str(offload.get("device", "none") or "none").lower()
+
+
+def _prepare_deepspeed_config(plugin: Any, objects: list[Any]) -> None:
+    config = plugin.deepspeed_config
+    block = lookahead_config_from(config)
+    optimizers = [i for i, o in enumerate(objects) if isinstance(o, torch.optim.Optimizer)]
+    if block is not None:
+        if "optimizer" in config:
+            raise ValueError(
+                'DeepSpeed config has a "lookahead" block and an "optimizer" block: under accelerate the '
+                "optimizer DeepSpeed builds cannot be wrapped. Remove the \"optimizer\" block and pass "
+                "your own optimizer to prepare()"
+            )
+        for i in optimizers:
+            if isinstance(objects[i], Lookahead):
+                raise ValueError(
+                    'DeepSpeed config has a "lookahead" block and prepare() got a Lookahead: give k/alpha '
+                    "in one place (pass the plain inner optimizer, or remove the block)"
+                )
+            objects[i] = Lookahead(objects[i], k=block["k"], alpha=block["alpha"], local_sgd=block["local_sgd"])
+    lookaheads = [objects[i] for i in optimizers if isinstance(objects[i], Lookahead)]
+    if not lookaheads:
+        return
+    if _offload_device(config) != "none":
+        force = config.get("zero_force_ds_cpu_optimizer")
+        if force is True or (isinstance(force, str) and force.lower() == "true"):
+            raise ValueError(
+                f'DeepSpeed config sets "zero_force_ds_cpu_optimizer": true with optimizer offload to '
+                f"{_offload_device(config)!r}: accelerate would replace the Lookahead by DeepSpeedCPUAdam. "
+                'Set "zero_force_ds_cpu_optimizer": false (Lookahead(DeepSpeedCPUAdam(...)) keeps the fast '
+                "CPU kernel) or turn optimizer offload off"
+            )
+        if force is None:
+            # Note [Optimizer offload swap]: unset means true to accelerate, which would drop the wrapper.
+            config["zero_force_ds_cpu_optimizer"] = False
+            warnings.warn(
+                'lookahead_dist.accelerate.prepare: set "zero_force_ds_cpu_optimizer": false so that accelerate '
+                "keeps the Lookahead under optimizer offload (it would replace it by DeepSpeedCPUAdam). For the "
+                "fast CPU step, wrap DeepSpeedCPUAdam: Lookahead(DeepSpeedCPUAdam(params), ...)",
+                UserWarning,
+                stacklevel=3,
+            )
+    stage = int((config.get("zero_optimization") or {}).get("stage", 0))
+    if any(la.local_sgd is not None for la in lookaheads) and stage != 0:
+        raise ValueError(
+            f"Lookahead local-SGD mode under DeepSpeed needs ZeRO stage 0, got stage {stage}: stages 1-3 "
+            "partition the optimizer step across ranks, so no rank can keep its own fast weights. Set "
+            '"zero_optimization": {"stage": 0}, or use local_sgd=false for sharded training'
+        )
+
+
+def lookahead_config_from(config: dict[str, Any]) -> dict[str, Any] | None:
+    """The validated ``"lookahead"`` block of a DeepSpeed config dict, or None."""
+    return parse_lookahead_block(config["lookahead"]) if "lookahead" in config else None
+
+
+def prepare(accelerator: Any, *objects: Any, **kwargs: Any) -> Any:
+    """``accelerator.prepare(*objects, **kwargs)``, keeping every Lookahead (see module notes).
+
+    Returns exactly what ``accelerator.prepare`` returns (one object, or a tuple in order).
+    """
+    from accelerate.utils import DistributedType
+
+    objs = list(objects)
+    plugin = _deepspeed_plugin(accelerator)
+    if plugin is not None:
+        _prepare_deepspeed_config(plugin, objs)
+    elif accelerator.distributed_type == DistributedType.FSDP and any(
+            isinstance(o, Lookahead) and o.local_sgd is not None for o in objs):
+        raise ValueError("Lookahead local-SGD mode under accelerate's FSDP plugin is not supported; "
+                         "use the DDP or DeepSpeed (stage 0) configs, or local_sgd=False")
+    lookaheads = [o for o in objs if isinstance(o, Lookahead)]
+    out = accelerator.prepare(*objs, **kwargs)
+    prepared = list(out) if isinstance(out, tuple) else [out]
+    _check_kept(accelerator, lookaheads, prepared)
+    if any(la.local_sgd is not None for la in lookaheads):
+        _stop_gradient_allreduce(accelerator, prepared)
+    return out
+
+
+def _check_kept(accelerator: Any, lookaheads: list[Lookahead], prepared: list[Any]) -> None:
+    if not lookaheads:
+        return
+    stepped: list[Any] = []
+    engine = getattr(accelerator, "deepspeed_engine_wrapped", None)
+    if engine is not None:
+        stepped.append(getattr(engine.engine, "basic_optimizer", None))
+    else:
+        stepped += [getattr(o, "optimizer", None) for o in prepared if isinstance(o, torch.optim.Optimizer)]
+    for la in lookaheads:
+        if not any(s is la for s in stepped):
+            raise RuntimeError(
+                "lookahead_dist.accelerate.prepare: the host replaced the Lookahead optimizer (it now steps "
+                f"{[type(s).__name__ for s in stepped]}); Lookahead would silently not run"
+            )
+
+
+def _stop_gradient_allreduce(accelerator: Any, prepared: list[Any]) -> None:
+    """Local-SGD mode: the Lookahead sync is the only communication (module notes)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    wrapped = getattr(accelerator, "deepspeed_engine_wrapped", None)
+    if wrapped is not None:
+        # The engine's own switch (DeepSpeed turns it off for 1-bit optimizers): stage 0 reduces in backward only.
+        wrapped.engine.enable_backward_allreduce = False
+        return
+    for obj in prepared:
+        if isinstance(obj, DistributedDataParallel):
+            # What DDP.no_sync() sets for one block, here for good: forward passes do not arm the reducer.
+            obj.require_backward_grad_sync = False
