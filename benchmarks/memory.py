@@ -71,7 +71,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         cells = [r["host"], str(r["N"]), f"{r['params'] / 1e6:.2f}M", f"{r['inner_bytes'] / MIB:.2f}",
                  f"{r['slow_bytes'] / MIB:.2f}", f"{r['naive_slow_bytes'] / MIB:.2f}",
-                 f"{r['slow_vs_naive']:.3f}", f"{r['total_bytes'] / MIB:.2f}", f"{r['naive_total_bytes'] / MIB:.2f}"]
+                 f"{r['slow_vs_naive']:.3f}", f"{r['total_bytes'] / MIB:.2f}",
+                 f"{r['naive_total_bytes'] / MIB:.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -88,7 +89,8 @@ def parse_table(text: str) -> list[dict[str, Any]]:
                 "host": cells[0], "N": int(cells[1]), "params": round(float(cells[2].rstrip("M")) * 1e6),
                 "inner_bytes": round(float(cells[3]) * MIB), "slow_bytes": round(float(cells[4]) * MIB),
                 "naive_slow_bytes": round(float(cells[5]) * MIB), "slow_vs_naive": float(cells[6]),
-                "total_bytes": round(float(cells[7]) * MIB), "naive_total_bytes": round(float(cells[8]) * MIB),
+                "total_bytes": round(float(cells[7]) * MIB),
+                "naive_total_bytes": round(float(cells[8]) * MIB),
             })
         except ValueError:
             continue
@@ -96,7 +98,7 @@ def parse_table(text: str) -> list[dict[str, Any]]:
 
 
 def update_table(rows: list[dict[str, Any]], command: str) -> None:
-    """Merge ``rows`` into the table of docs/benchmarks.md's "## Memory per rank" (same (host, N) replaced)."""
+    """Merge ``rows`` into the "## Memory per rank" table of docs/benchmarks.md; same (host, N) replaced."""
     from benchmarks._docs import DOC, write_section
 
     old: list[dict[str, Any]] = []
@@ -141,15 +143,15 @@ def _build(host: str, n: int) -> tuple[nn.Module, Any, Any]:
         from torch.distributed.optim import ZeroRedundancyOptimizer
 
         model = DDP(model)
-        zero = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=Lookahead.wrap(torch.optim.AdamW, k=5, alpha=0.5),
-                                       lr=1e-3)
+        factory = Lookahead.wrap(torch.optim.AdamW, k=5, alpha=0.5)
+        zero = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=factory, lr=1e-3)
         return model, zero, zero.optim
     if host.startswith("fsdp1"):
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
         from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
-        model = FSDP(model, use_orig_params=host == "fsdp1_orig", auto_wrap_policy=ModuleWrapPolicy({nn.Linear}),
-                     device_id=torch.device("cpu"))
+        model = FSDP(model, use_orig_params=host == "fsdp1_orig",
+                     auto_wrap_policy=ModuleWrapPolicy({nn.Linear}), device_id=torch.device("cpu"))
     else:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard

@@ -42,12 +42,9 @@ from typing import Any
 
 import torch
 
-from .lookahead import Lookahead, _check_alpha, _check_k
+from .lookahead import Lookahead
 
-__all__ = ["prepare", "lookahead_config", "LOOKAHEAD_BLOCK_KEYS"]
-
-#: Keys accepted in a DeepSpeed config's ``"lookahead"`` block.
-LOOKAHEAD_BLOCK_KEYS = ("k", "alpha", "local_sgd")
+__all__ = ["prepare", "lookahead_config", "parse_lookahead_block"]
 
 
 def _deepspeed_plugin(accelerator: Any) -> Any | None:
@@ -59,20 +56,19 @@ def _deepspeed_plugin(accelerator: Any) -> Any | None:
 
 
 def parse_lookahead_block(block: Any) -> dict[str, Any]:
-    """Validate a ``"lookahead"`` block; return ``{"k": int, "alpha": float, "local_sgd": bool}``."""
+    """Validate a ``"lookahead"`` block: the keys and checks of :func:`lookahead_dist.deepspeed.initialize`
+    (``k``, ``alpha``, ``pullback``, ``slow_dtype``), except that ``local_sgd: true`` is accepted
+    here (ZeRO stage 0 only, checked by :func:`prepare`). Returns the parsed values."""
+    from .deepspeed import _parse_block  # one parser for the block; imports no DeepSpeed
+
     if not isinstance(block, dict):
-        raise TypeError(f'DeepSpeed config "lookahead" must be an object, got {block!r}')
-    unknown = sorted(set(block) - set(LOOKAHEAD_BLOCK_KEYS))
-    if unknown:
-        raise ValueError(f'DeepSpeed config "lookahead" has unknown key(s) {unknown}; known: {list(LOOKAHEAD_BLOCK_KEYS)}')
+        raise TypeError(f'DeepSpeed config "lookahead" must be a JSON object, got {block!r}')
     local_sgd = block.get("local_sgd", False)
     if not isinstance(local_sgd, bool):
         raise TypeError(f'DeepSpeed config "lookahead.local_sgd" must be true or false, got {local_sgd!r}')
-    return {
-        "k": _check_k(block.get("k", 5), "lookahead.k"),
-        "alpha": _check_alpha(block.get("alpha", 0.5), "lookahead.alpha"),
-        "local_sgd": local_sgd,
-    }
+    parsed = _parse_block({key: v for key, v in block.items() if key != "local_sgd"})
+    parsed["local_sgd"] = local_sgd
+    return parsed
 
 
 def lookahead_config(accelerator: Any) -> dict[str, Any] | None:
@@ -92,6 +88,7 @@ def _offload_device(config: dict[str, Any]) -> str:
 
 
 def _prepare_deepspeed_config(plugin: Any, objects: list[Any]) -> None:
+    """Check and adjust the DeepSpeed config for the Lookaheads in ``objects`` (wraps per the block)."""
     config = plugin.deepspeed_config
     block = lookahead_config_from(config)
     optimizers = [i for i, o in enumerate(objects) if isinstance(o, torch.optim.Optimizer)]
@@ -102,42 +99,45 @@ def _prepare_deepspeed_config(plugin: Any, objects: list[Any]) -> None:
                 "optimizer DeepSpeed builds cannot be wrapped. Remove the \"optimizer\" block and pass "
                 "your own optimizer to prepare()"
             )
-        for i in optimizers:
-            if isinstance(objects[i], Lookahead):
-                raise ValueError(
-                    'DeepSpeed config has a "lookahead" block and prepare() got a Lookahead: give k/alpha '
-                    "in one place (pass the plain inner optimizer, or remove the block)"
-                )
-            objects[i] = Lookahead(objects[i], k=block["k"], alpha=block["alpha"], local_sgd=block["local_sgd"])
-    lookaheads = [objects[i] for i in optimizers if isinstance(objects[i], Lookahead)]
-    if not lookaheads:
+        if any(isinstance(objects[i], Lookahead) for i in optimizers):
+            raise ValueError(
+                'DeepSpeed config has a "lookahead" block and prepare() got a Lookahead: give k/alpha '
+                "in one place (pass the plain inner optimizer, or remove the block)"
+            )
+    wanted = [i for i in optimizers if block is not None or isinstance(objects[i], Lookahead)]
+    if not wanted:
         return
-    if _offload_device(config) != "none":
+    local = block["local_sgd"] if block is not None else any(objects[i].local_sgd is not None for i in wanted)
+    stage = int((config.get("zero_optimization") or {}).get("stage", 0))
+    if local and stage != 0:
+        raise ValueError(
+            f"Lookahead local-SGD mode under DeepSpeed needs ZeRO stage 0, got stage {stage}: stages 1-3 "
+            "partition the optimizer step across ranks, so no rank can keep its own fast weights. Set "
+            '"zero_optimization": {"stage": 0}, or local_sgd false for sharded training'
+        )
+    device = _offload_device(config)
+    if device != "none":
         force = config.get("zero_force_ds_cpu_optimizer")
         if force is True or (isinstance(force, str) and force.lower() == "true"):
             raise ValueError(
-                f'DeepSpeed config sets "zero_force_ds_cpu_optimizer": true with optimizer offload to '
-                f"{_offload_device(config)!r}: accelerate would replace the Lookahead by DeepSpeedCPUAdam. "
-                'Set "zero_force_ds_cpu_optimizer": false (Lookahead(DeepSpeedCPUAdam(...)) keeps the fast '
-                "CPU kernel) or turn optimizer offload off"
+                f'DeepSpeed config sets "zero_force_ds_cpu_optimizer": true with optimizer offload to {device!r}: '
+                "accelerate would replace the Lookahead by DeepSpeedCPUAdam. Set \"zero_force_ds_cpu_optimizer\": "
+                "false (Lookahead(DeepSpeedCPUAdam(...)) keeps the fast CPU kernel) or turn optimizer offload off"
             )
         if force is None:
             # Note [Optimizer offload swap]: unset means true to accelerate, which would drop the wrapper.
             config["zero_force_ds_cpu_optimizer"] = False
             warnings.warn(
-                'lookahead_dist.accelerate.prepare: set "zero_force_ds_cpu_optimizer": false so that accelerate '
+                'lookahead_dist.accelerate.prepare set "zero_force_ds_cpu_optimizer": false so that accelerate '
                 "keeps the Lookahead under optimizer offload (it would replace it by DeepSpeedCPUAdam). For the "
                 "fast CPU step, wrap DeepSpeedCPUAdam: Lookahead(DeepSpeedCPUAdam(params), ...)",
                 UserWarning,
                 stacklevel=3,
             )
-    stage = int((config.get("zero_optimization") or {}).get("stage", 0))
-    if any(la.local_sgd is not None for la in lookaheads) and stage != 0:
-        raise ValueError(
-            f"Lookahead local-SGD mode under DeepSpeed needs ZeRO stage 0, got stage {stage}: stages 1-3 "
-            "partition the optimizer step across ranks, so no rank can keep its own fast weights. Set "
-            '"zero_optimization": {"stage": 0}, or use local_sgd=false for sharded training'
-        )
+    if block is not None:
+        for i in optimizers:
+            objects[i] = Lookahead(objects[i], k=block["k"], alpha=block["alpha"], pullback=block["pullback"],
+                                   slow_dtype=block["slow_dtype"], local_sgd=block["local_sgd"])
 
 
 def lookahead_config_from(config: dict[str, Any]) -> dict[str, Any] | None:
@@ -177,7 +177,9 @@ def _check_kept(accelerator: Any, lookaheads: list[Lookahead], prepared: list[An
     if engine is not None:
         stepped.append(getattr(engine.engine, "basic_optimizer", None))
     else:
-        stepped += [getattr(o, "optimizer", None) for o in prepared if isinstance(o, torch.optim.Optimizer)]
+        for o in prepared:  # an AcceleratedOptimizer around the Lookahead, or the Lookahead itself
+            if isinstance(o, torch.optim.Optimizer):
+                stepped += [o, getattr(o, "optimizer", None)]
     for la in lookaheads:
         if not any(s is la for s in stepped):
             raise RuntimeError(

@@ -168,7 +168,7 @@ def counter_self_check(rank: int, world_size: int) -> dict[str, int]:
 
 # -- hosts ------------------------------------------------------------------------------------------
 class Host:
-    """One distributed setup: the wrapped model, the object the loop calls ``step()`` on, and the Lookahead."""
+    """One distributed setup: the wrapped model, the object stepped by the loop, and the Lookahead."""
 
     def __init__(self, kind: str, inner: str, rank: int, world_size: int, *, pullback: str = "none",
                  model_state: dict[str, torch.Tensor] | None = None) -> None:
@@ -244,8 +244,8 @@ class Host:
         return to_np(sd)
 
     def full_slow(self) -> dict[str, np.ndarray] | None:
-        """Full slow weights by parameter name, each through the host's own path (None off rank 0 for ZeRO)."""
-        if self.zero is not None:  # the consolidated state dict is the ZeroRedundancyOptimizer checkpoint path
+        """Full slow weights by parameter name, through the host's own path (ZeRO: None off rank 0)."""
+        if self.zero is not None:  # the consolidated state dict: ZeroRedundancyOptimizer's checkpoint path
             self.zero.consolidate_state_dict(to=0)
             if self.rank != 0:
                 return None
@@ -290,10 +290,6 @@ def param_local_bytes(la: Lookahead) -> int:
     return sum(_local(p).numel() * _local(p).element_size() for g in la.param_groups for p in g["params"])
 
 
-def rank_seed() -> None:
-    torch.manual_seed(1234)
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-
 
 # -- checkpoints ------------------------------------------------------------------------------------
 DCP_HOSTS = ("ddp", "fsdp1_orig", "fsdp2", "hsdp")
@@ -305,14 +301,16 @@ def save_checkpoint(host: Host, path: str) -> None:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
-        sd = {"model": get_model_state_dict(host.model), "optim": get_optimizer_state_dict(host.model, host.la)}
+        sd = {"model": get_model_state_dict(host.model),
+              "optim": get_optimizer_state_dict(host.model, host.la)}
         dcp.save(sd, checkpoint_id=path)
         return
     if host.kind == "zero":
         host.zero.consolidate_state_dict(to=0)
         if host.rank == 0:
             os.makedirs(path, exist_ok=True)
-            torch.save({"model": host.base.state_dict(), "optim": host.zero.state_dict()}, os.path.join(path, "ckpt.pt"))
+            torch.save({"model": host.base.state_dict(), "optim": host.zero.state_dict()},
+                       os.path.join(path, "ckpt.pt"))
     else:  # FSDP1
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
         from torch.distributed.fsdp import StateDictType

@@ -5,7 +5,9 @@ Hosts reach the collectives through Python: FSDP2 calls ``dist.all_gather_single
 local-SGD sync calls ``dist.all_reduce``. :class:`CommCounter` wraps those module attributes, so
 every such call is counted wherever it comes from. DDP's reducer is the exception (it calls the
 process group from C++); :func:`counting_ddp_hook` is a DDP communication hook that does the
-default all-reduce through ``dist.all_reduce`` so it is counted too.
+default all-reduce through ``dist.all_reduce`` so it is counted too. Names that a module bound
+to a collective at import time (``lookahead_dist._comm``'s ``_REDUCE_SCATTER``/``_ALL_GATHER``)
+are wrapped as well.
 
 What is counted, per call, is the estimated number of bytes *this rank sends* with the standard
 bandwidth-optimal algorithms on N ranks, for a tensor payload of S bytes:
@@ -77,7 +79,18 @@ _SPECS: dict[str, tuple[int, str, int, str]] = {
     "isend": (0, "tensor", 2, "p2p"),
     "gather": (0, "tensor", 3, "p2p"),
     "scatter": (0, "tensor", 3, "p2p"),
+    # Object collectives pickle into tensors and call the ones above; wrapping them (kind "none")
+    # makes those inner calls nested, hence uncounted.
+    "all_gather_object": (0, "object_list", 2, "none"),
+    "broadcast_object_list": (0, "object_list", 2, "none"),
+    "gather_object": (0, "obj", 3, "none"),
+    "scatter_object_list": (0, "scatter_object_output_list", 3, "none"),
+    "send_object_list": (0, "object_list", 2, "none"),
+    "recv_object_list": (0, "object_list", 2, "none"),
 }
+
+# lookahead_dist._comm's import-time aliases -> the spec they follow.
+_ALIASES = {"_REDUCE_SCATTER": "reduce_scatter_single", "_ALL_GATHER": "all_gather_single"}
 
 
 class CommCounter:
@@ -128,7 +141,7 @@ class CommCounter:
         @functools.wraps(fn)
         def counted(*args: Any, **kwargs: Any) -> Any:
             depth = getattr(self._local, "depth", 0)
-            if depth == 0 and not self._paused:
+            if depth == 0 and not self._paused and kind != "none":
                 payload = args[pos] if len(args) > pos else kwargs.get(key)
                 group = args[group_pos] if len(args) > group_pos else None
                 self._record(name, kind, _nbytes(payload), _world(kwargs, group))
@@ -142,13 +155,17 @@ class CommCounter:
         return counted
 
     def __enter__(self) -> CommCounter:
-        for module in (dist, c10d):
-            for name in _SPECS:
-                fn = getattr(module, name, None)
-                if fn is None or getattr(fn, "__wrapped_by_commcounter__", False):
-                    continue
-                self._saved.append((module, name, fn))
-                setattr(module, name, self._wrap(name, fn))
+        targets = [(module, name, name) for module in (dist, c10d) for name in _SPECS]
+        # Modules that bound a collective to a name of their own at import time.
+        from .. import _comm
+
+        targets += [(_comm, alias, spec) for alias, spec in _ALIASES.items()]
+        for module, attr, spec in targets:
+            fn = getattr(module, attr, None)
+            if fn is None or getattr(fn, "__wrapped_by_commcounter__", False):
+                continue
+            self._saved.append((module, attr, fn))
+            setattr(module, attr, self._wrap(spec, fn))
         return self
 
     def __exit__(self, *exc: Any) -> None:

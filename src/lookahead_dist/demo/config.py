@@ -30,6 +30,7 @@ class RunConfig:
         alpha: Lookahead slow step size, in (0, 1].
         lr: AdamW learning rate.
         weight_decay: AdamW decoupled weight decay.
+        grad_clip: clip the global gradient norm to this value before each step (0: off).
         steps: optimizer steps.
         batch_size: sequences per step over all ranks (split evenly between them).
         nproc: number of ranks.
@@ -45,7 +46,8 @@ class RunConfig:
     alpha: float = 0.5
     lr: float = 3e-3
     weight_decay: float = 0.01
-    steps: int = 150
+    grad_clip: float = 1.0
+    steps: int = 300
     batch_size: int = 32
     nproc: int = 2
     seed: int = 0
@@ -72,6 +74,8 @@ class RunConfig:
             raise ValueError(f"`lr` must be a positive number, got {self.lr}")
         if not (self.weight_decay >= 0.0) or math.isinf(self.weight_decay):
             raise ValueError(f"`weight_decay` must be >= 0, got {self.weight_decay}")
+        if not (self.grad_clip >= 0.0) or math.isinf(self.grad_clip):
+            raise ValueError(f"`grad_clip` must be >= 0 (0 turns clipping off), got {self.grad_clip}")
         if self.batch_size % self.nproc:
             raise ValueError(
                 f"`batch_size` ({self.batch_size}) must be divisible by the number of ranks `nproc` ({self.nproc})"

@@ -9,6 +9,7 @@ on this machine, joined through a free localhost port. Backend: NCCL on CUDA, gl
 from __future__ import annotations
 
 import os
+import pickle
 import queue as queue_mod
 import socket
 import traceback
@@ -64,7 +65,9 @@ def _worker(rank: int, world: int, port: int, device: str, threads: int, fn: Cal
     try:
         _init(rank, world, device)
         out = fn(rank, world, *args)
-        results.put((rank, True, out if rank == 0 else None))
+        # Plain pickle: tensors are copied, not shared through file descriptors that die with
+        # this process.
+        results.put((rank, True, pickle.dumps(out) if rank == 0 else None))
     except BaseException as exc:  # noqa: BLE001 - reported to the parent
         text = "".join(traceback.format_exception_only(type(exc), exc)).strip()
         results.put((rank, False, (text, traceback.format_exc())))
@@ -115,7 +118,7 @@ def run_local(fn: Callable[..., Any], nproc: int, args: tuple = (), *, device: s
             done.add(rank)
             if ok:
                 if rank == 0:
-                    out = value
+                    out = pickle.loads(value)
             else:
                 text, tb = value
                 failure, details = f"rank {rank}: {text}", f"--- traceback of rank {rank} ---\n{tb}"

@@ -18,9 +18,11 @@ same optimizer follow the same trajectory up to reduction order.
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
 import logging
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -56,14 +58,8 @@ def mode_unavailable_reason(mode: str, optimizer: str) -> str | None:
             "mode 'local-sgd' needs Lookahead(..., local_sgd=True), which this version of "
             "lookahead_dist does not provide yet"
         )
-    if mode == "zero2":
-        try:
-            import importlib.util
-
-            if importlib.util.find_spec("deepspeed") is None:
-                raise ImportError
-        except (ImportError, ValueError):
-            return "mode 'zero2' needs DeepSpeed: pip install 'lookahead-dist[deepspeed]'"
+    if mode == "zero2" and importlib.util.find_spec("deepspeed") is None:
+        return "mode 'zero2' needs DeepSpeed: pip install 'lookahead-dist[deepspeed]'"
     return None
 
 
@@ -96,11 +92,17 @@ def _optimizer(params: Any, run: Any, **lookahead_kwargs: Any) -> torch.optim.Op
     return Lookahead(inner, k=run.k, alpha=run.alpha, **lookahead_kwargs)
 
 
-def _plain_step(module: nn.Module, opt: torch.optim.Optimizer) -> Callable:
+def _plain_step(module: nn.Module, opt: torch.optim.Optimizer, clip: float) -> Callable:
+    params = [p for p in module.parameters() if p.requires_grad]
+
     def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         loss = _loss(module(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if clip > 0:
+            # The global norm: DDP grads are already averaged, FSDP2 DTensor grads reduce their
+            # norm over the mesh; under local SGD each rank clips its own gradient.
+            torch.nn.utils.clip_grad_norm_(params, clip, foreach=True)
         opt.step()
         return loss.detach()
 
@@ -114,7 +116,7 @@ def _ddp(model: nn.Module, run: Any, device: torch.device) -> Runner:
     # Gradient all-reduce through dist.all_reduce, so that the byte counter sees it.
     ddp.register_comm_hook(None, counting_ddp_hook)
     opt = _optimizer(ddp.parameters(), run)
-    return Runner(step=_plain_step(ddp, opt), logits=model, optimizer=opt, train=ddp.train)
+    return Runner(step=_plain_step(ddp, opt, run.grad_clip), logits=model, optimizer=opt, train=ddp.train)
 
 
 def _fsdp2(model: nn.Module, run: Any, device: torch.device) -> Runner:
@@ -126,7 +128,7 @@ def _fsdp2(model: nn.Module, run: Any, device: torch.device) -> Runner:
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
     opt = _optimizer(model.parameters(), run)
-    return Runner(step=_plain_step(model, opt), logits=model, optimizer=opt, train=model.train)
+    return Runner(step=_plain_step(model, opt, run.grad_clip), logits=model, optimizer=opt, train=model.train)
 
 
 def _zero2(model: nn.Module, run: Any, device: torch.device) -> Runner:
@@ -150,9 +152,18 @@ def _zero2(model: nn.Module, run: Any, device: torch.device) -> Runner:
         "zero_optimization": {"stage": 2},
         # The client optimizer is a Lookahead, which DeepSpeed does not know by name.
         "zero_allow_untested_optimizer": True,
+        # Set explicitly: DeepSpeed's own default (1.0) would otherwise differ from the other modes.
+        "gradient_clipping": run.grad_clip,
         "steps_per_print": 1 << 30,
     }
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=config, dist_init_required=False)
+    # Expected noise for this set-up: DeepSpeed warns about any client optimizer it does not know
+    # ("untested optimizer") and still calls torch's deprecated all_gather_into_tensor.
+    warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
+    deepspeed.utils.logger.setLevel(logging.ERROR)
+    try:
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=config, dist_init_required=False)
+    finally:
+        deepspeed.utils.logger.setLevel(logging.WARNING)
 
     def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         loss = _loss(engine(x), y)
@@ -166,12 +177,9 @@ def _zero2(model: nn.Module, run: Any, device: torch.device) -> Runner:
 def _local_sgd(model: nn.Module, run: Any, device: torch.device) -> Runner:
     if not local_sgd_supported():
         raise ModeUnavailable(mode_unavailable_reason("local-sgd", run.optimizer))
-    # Every rank must start from the same weights (they are built from the same seed; make sure).
-    with torch.no_grad():
-        for t in list(model.parameters()) + list(model.buffers()):
-            dist.broadcast(t, src=0)
+    # Ranks start from the same weights: same seed here, and Lookahead(local_sgd=True) aligns them.
     opt = _optimizer(model.parameters(), run, local_sgd=True)
-    return Runner(step=_plain_step(model, opt), logits=model, optimizer=opt, train=model.train)
+    return Runner(step=_plain_step(model, opt, run.grad_clip), logits=model, optimizer=opt, train=model.train)
 
 
 _BUILDERS = {"ddp": _ddp, "zero2": _zero2, "fsdp2": _fsdp2, "local-sgd": _local_sgd}

@@ -8,6 +8,7 @@ launcher can take it from any rank.
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 from typing import Any
@@ -32,7 +33,8 @@ _CURVE_POINTS = 25
 
 def _device(run: RunConfig, rank: int) -> torch.device:
     if run.device == "cuda":
-        index = rank % torch.cuda.device_count()
+        # LOCAL_RANK: the rank on this node (set by our launcher and by torchrun).
+        index = int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count()
         torch.cuda.set_device(index)
         return torch.device("cuda", index)
     return torch.device("cpu")

@@ -1,0 +1,334 @@
+"""The ``lookahead-dist`` command: train a small language model across local ranks, or compare set-ups.
+
+::
+
+    lookahead-dist train --mode fsdp2 --steps 100        # one run, 2 ranks, summary table
+    lookahead-dist compare                                # AdamW vs Lookahead under every mode
+    lookahead-dist compare --quick --json results.json    # CI-sized, also as JSON
+
+Exit status: 0 success, 1 a run failed (or was unavailable for ``train``), 2 bad command line.
+Ranks are spawned on this machine (gloo on CPU, NCCL on CUDA GPUs); under ``torchrun`` the
+command runs as one rank of the launcher's job instead (``torchrun --nproc-per-node 2 --no-python
+lookahead-dist train ...``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+__all__ = ["main", "build_parser", "DEFAULT_RUNS"]
+
+# Spelled out here (the tests check them against the demo's) so that parsing and --help do not
+# import the demo package; it is imported once there is something to run.
+MODES = ("ddp", "zero2", "fsdp2", "local-sgd")
+OPTIMIZERS = ("adamw", "lookahead")
+#: What ``compare`` runs by default: the AdamW baseline, then Lookahead(AdamW) under every mode.
+DEFAULT_RUNS = ("ddp:adamw", "ddp:lookahead", "zero2:lookahead", "fsdp2:lookahead", "local-sgd:lookahead")
+#: Defaults of the training shape (``train`` and ``compare``) and their ``--quick`` values.
+DEFAULTS = {"steps": 300, "batch_size": 32, "eval_batches": 8}
+QUICK = {"steps": 20, "batch_size": 8, "eval_batches": 2}
+
+
+class UsageError(Exception):
+    """A bad command line detected after parsing (exit status 2)."""
+
+
+# -- argument types: messages name the bad value ------------------------------------------------
+def _int_at_least(lo: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {lo}, got {text!r}") from None
+        if value < lo:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {lo}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {lo}"
+    return parse
+
+
+def _alpha(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
+    if not (0.0 < value <= 1.0):
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not (value > 0.0) or math.isinf(value):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+    return value
+
+
+def _nonnegative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not (value >= 0.0) or math.isinf(value):
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
+    return value
+
+
+def _run_spec(text: str) -> tuple[str, str]:
+    mode, sep, optimizer = text.partition(":")
+    optimizer = optimizer if sep else "lookahead"
+    if mode not in MODES:
+        raise argparse.ArgumentTypeError(f"unknown mode {mode!r} in {text!r}; modes: {', '.join(MODES)}")
+    if optimizer not in OPTIMIZERS:
+        raise argparse.ArgumentTypeError(
+            f"unknown optimizer {optimizer!r} in {text!r}; optimizers: {', '.join(OPTIMIZERS)}"
+        )
+    return mode, optimizer
+
+
+def _run_list(text: str) -> list[tuple[str, str]]:
+    specs = [s.strip() for s in text.split(",") if s.strip()]
+    if not specs:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list of MODE[:OPTIMIZER], got {text!r}")
+    return [_run_spec(s) for s in specs]
+
+
+# -- the parser -----------------------------------------------------------------------------------
+def _add_common(p: argparse.ArgumentParser) -> None:
+    la = p.add_argument_group("Lookahead")
+    la.add_argument("--k", type=_int_at_least(1), default=5, help="sync period in inner steps (default: 5)")
+    la.add_argument("--alpha", type=_alpha, default=0.5, help="slow step size in (0, 1] (default: 0.5)")
+
+    tr = p.add_argument_group("training")
+    tr.add_argument("--steps", type=_int_at_least(1), default=None,
+                    help=f"optimizer steps per run (default: {DEFAULTS['steps']}; --quick: {QUICK['steps']})")
+    tr.add_argument("--batch-size", type=_int_at_least(1), default=None,
+                    help="sequences per step over all ranks, divisible by --nproc "
+                    f"(default: {DEFAULTS['batch_size']}; --quick: {QUICK['batch_size']})")
+    tr.add_argument("--lr", type=_positive_float, default=3e-3, help="AdamW learning rate (default: 3e-3)")
+    tr.add_argument("--weight-decay", type=_nonnegative_float, default=0.01, help="AdamW weight decay (default: 0.01)")
+    tr.add_argument("--grad-clip", type=_nonnegative_float, default=1.0,
+                    help="clip the global gradient norm before each step; 0 turns it off (default: 1.0)")
+    tr.add_argument("--seed", type=_int_at_least(0), default=0, help="model init and batch order (default: 0)")
+    tr.add_argument("--eval-batches", type=_int_at_least(1), default=None,
+                    help=f"validation batches for the final val loss (default: {DEFAULTS['eval_batches']})")
+    tr.add_argument("--quick", action="store_true",
+                    help="CI-sized run: %(steps)s steps, batch %(batch_size)s, %(eval_batches)s eval batches "
+                    "(explicit flags still win)" % QUICK)
+
+    mo = p.add_argument_group("model (byte-level transformer LM)")
+    mo.add_argument("--seq-len", type=_int_at_least(2), default=64, help="context length in bytes (default: 64)")
+    mo.add_argument("--layers", type=_int_at_least(1), default=2, help="transformer blocks (default: 2)")
+    mo.add_argument("--d-model", type=_int_at_least(1), default=128, help="model width (default: 128)")
+    mo.add_argument("--heads", type=_int_at_least(1), default=4, help="attention heads, divide --d-model (default: 4)")
+
+    ru = p.add_argument_group("ranks and output")
+    ru.add_argument("--nproc", type=_int_at_least(1), default=None,
+                    help="local ranks to spawn (default: 2; under torchrun: its WORLD_SIZE)")
+    ru.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                    help="auto: CUDA (NCCL) when at least --nproc GPUs are visible, else CPU (gloo) (default: auto)")
+    ru.add_argument("--json", nargs="?", const="-", default=None, metavar="PATH",
+                    help="write the results as JSON to PATH; without PATH (or '-') print JSON instead of the table")
+    ru.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                    help="progress bar on rank 0 (default: only on a terminal)")
+    ru.add_argument("-v", "--verbose", action="store_true", help="show a failing rank's full traceback")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lookahead-dist",
+        description="Lookahead for distributed PyTorch: train a small transformer language model on "
+        "Python's own documentation text (no downloads) across local ranks, under DDP, DeepSpeed "
+        "ZeRO-2, FSDP2 or local SGD.",
+        epilog="Exit status: 0 ok, 1 a run failed, 2 bad command line. '%(prog)s COMMAND --help' for details.",
+    )
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    train = sub.add_parser(
+        "train", help="one training run with a summary table",
+        description="Train the demo model on N local ranks and print loss, throughput, communication "
+        "per step and slow-weight memory per rank.",
+    )
+    train.add_argument("--mode", choices=MODES, default="ddp",
+                       help="ddp: DDP; zero2: DeepSpeed ZeRO-2 (Lookahead as client optimizer); fsdp2: "
+                       "fully_shard; local-sgd: no per-step all-reduce, weights averaged every k steps "
+                       "(default: ddp)")
+    opt = train.add_mutually_exclusive_group()
+    opt.add_argument("--optimizer", choices=OPTIMIZERS, default="lookahead",
+                     help="adamw, or lookahead = Lookahead(AdamW) (default: lookahead)")
+    opt.add_argument("--lookahead", dest="optimizer", action="store_const", const="lookahead",
+                     help="same as --optimizer lookahead")
+    opt.add_argument("--no-lookahead", dest="optimizer", action="store_const", const="adamw",
+                     help="same as --optimizer adamw")
+    _add_common(train)
+    train.set_defaults(subparser=train)
+
+    compare = sub.add_parser(
+        "compare", help="several runs side by side in one table",
+        description="Run several configurations one after another (same data, same initial weights) "
+        "and print one table.",
+    )
+    compare.add_argument("--runs", type=_run_list, default=None, metavar="MODE[:OPT],...",
+                         help="what to run, e.g. 'ddp:adamw,fsdp2:lookahead' (optimizer defaults to "
+                         f"lookahead) (default: {','.join(DEFAULT_RUNS)})")
+    _add_common(compare)
+    compare.set_defaults(subparser=compare)
+    return parser
+
+
+# -- turning arguments into run configs -----------------------------------------------------------
+def _resolve_device(requested: str, nproc: int) -> str:
+    import torch
+
+    from .demo.launch import launched_externally
+
+    if launched_externally():  # one GPU per rank *on this node*
+        nproc = int(os.environ.get("LOCAL_WORLD_SIZE", nproc))
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if requested == "cuda":
+        if gpus < nproc:
+            raise UsageError(f"--device cuda needs one GPU per rank: --nproc {nproc} but {gpus} GPU(s) visible")
+        return "cuda"
+    if requested == "auto":
+        return "cuda" if gpus >= nproc else "cpu"
+    return "cpu"
+
+
+def _configs(args: argparse.Namespace, specs: Sequence[tuple[str, str]]) -> list[Any]:
+    from .demo.config import RunConfig
+    from .demo.launch import launched_externally
+    from .demo.model import ModelConfig
+
+    shape = QUICK if args.quick else DEFAULTS
+    steps = args.steps if args.steps is not None else shape["steps"]
+    batch = args.batch_size if args.batch_size is not None else shape["batch_size"]
+    evals = args.eval_batches if args.eval_batches is not None else shape["eval_batches"]
+    nproc = args.nproc
+    if nproc is None:
+        nproc = int(os.environ["WORLD_SIZE"]) if launched_externally() else 2
+    device = _resolve_device(args.device, nproc)
+    try:
+        model = ModelConfig(seq_len=args.seq_len, n_layer=args.layers, d_model=args.d_model, n_head=args.heads)
+    except ValueError as exc:
+        raise UsageError(str(exc).replace("ModelConfig `d_model`", "--d-model").replace("`n_head`", "--heads")) from None
+    if batch % nproc:
+        raise UsageError(f"--batch-size {batch} is not divisible by --nproc {nproc}")
+    configs = []
+    for mode, optimizer in specs:
+        if mode == "local-sgd" and optimizer != "lookahead":
+            raise UsageError(f"mode 'local-sgd' is Lookahead's local-SGD mode; it needs --optimizer lookahead, "
+                             f"got {optimizer!r}")
+        try:
+            configs.append(RunConfig(mode=mode, optimizer=optimizer, k=args.k, alpha=args.alpha, lr=args.lr,
+                                     weight_decay=args.weight_decay, grad_clip=args.grad_clip, steps=steps, batch_size=batch, nproc=nproc,
+                                     seed=args.seed, eval_batches=evals, model=model, device=device))
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+    return configs
+
+
+# -- running --------------------------------------------------------------------------------------
+def _is_rank0() -> bool:
+    from .demo.launch import launched_externally
+
+    return not launched_externally() or os.environ.get("RANK") == "0"
+
+
+def _run(config: Any, progress: bool | None, label: str) -> dict[str, Any]:
+    from .demo.launch import run_local
+    from .demo.train import train_rank
+
+    return run_local(train_rank, config.nproc, (config, progress, label), device=config.device)
+
+
+def _skipped(config: Any, reason: str, status: str = "skipped") -> dict[str, Any]:
+    return {"name": config.name, "config": config.as_dict(), "skipped": True, "status": status, "reason": reason}
+
+
+def _emit(args: argparse.Namespace, results: list[dict[str, Any]], wall: float) -> None:
+    from .demo.report import summary_table
+
+    if not _is_rank0():
+        return
+    doc = {"command": args.command, "wall_seconds": wall, "runs": results}
+    if args.json == "-":
+        print(json.dumps(doc, indent=2))
+        return
+    print(summary_table(results))
+    print(f"  total wall time: {wall:.0f} s")
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as fh:
+            json.dump(doc, fh, indent=2)
+        print(f"  results written to {args.json}")
+
+
+def _error(message: str, details: str = "", verbose: bool = False) -> None:
+    print(f"lookahead-dist: error: {message}", file=sys.stderr)
+    if details:
+        print(details if verbose else "  (run with --verbose for the traceback)", file=sys.stderr)
+
+
+def _execute(args: argparse.Namespace, configs: list[Any], *, keep_going: bool) -> int:
+    from .demo.launch import RankFailure
+    from .demo.modes import mode_unavailable_reason
+
+    results: list[dict[str, Any]] = []
+    status = 0
+    start = time.perf_counter()
+    for i, config in enumerate(configs):
+        reason = mode_unavailable_reason(config.mode, config.optimizer)
+        if reason is not None:
+            if not keep_going:
+                _error(reason)
+                return 1
+            results.append(_skipped(config, reason))
+            continue
+        label = config.name if len(configs) == 1 else f"[{i + 1}/{len(configs)}] {config.name}"
+        try:
+            results.append(_run(config, args.progress, label))
+        except RankFailure as exc:
+            _error(f"{config.name}: {exc}", exc.details, args.verbose)
+            if not keep_going:
+                return 1
+            results.append(_skipped(config, f"failed: {exc}", status="failed"))
+            status = 1
+    _emit(args, results, time.perf_counter() - start)
+    return status
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``lookahead-dist`` console script; returns the exit status."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)  # exits with status 2 on a bad command line
+    if extra:  # reported with the subcommand's usage, which lists its options
+        args.subparser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        if args.command == "train":
+            configs = _configs(args, [(args.mode, args.optimizer)])
+        else:
+            configs = _configs(args, args.runs or [_run_spec(s) for s in DEFAULT_RUNS])
+    except UsageError as exc:
+        args.subparser.error(str(exc))  # prints the command's usage and the message, exits 2
+    try:
+        return _execute(args, configs, keep_going=args.command == "compare")
+    except KeyboardInterrupt:
+        _error("interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,339 @@
+"""DeepSpeed adapter: find the Lookahead inside an engine, measure it, gather its slow weights.
+
+A :class:`~lookahead_dist.Lookahead` passed as the client optimizer to ``deepspeed.initialize``
+works as it is under ZeRO-1/2/3 (fp32 or bf16, optimizer offload included); this module only adds
+conveniences, and imports DeepSpeed lazily (``import lookahead_dist.deepspeed`` does not import it).
+
+How it fits (Note [Where slow weights live] in :mod:`lookahead_dist.lookahead`): DeepSpeed hands
+the client optimizer its own fp32 master tensors -- one flat partition per param group (ZeRO-1/2,
+and the bf16 ZeRO-1 optimizer), or one flat partition per sub-group, set into ``params`` only
+around each ``step()`` call (ZeRO-3). The slow weight of such a tensor is an fp32 tensor of the
+same shape in the inner optimizer's state, so each rank keeps ``total / N`` slow weights (plus
+DeepSpeed's alignment padding) beside Adam's moments, syncs them in place with no communication,
+and DeepSpeed's ``save_checkpoint``/``load_checkpoint`` carry them with the optimizer state.
+
+What DeepSpeed needs in its config for a wrapped optimizer: ``"zero_allow_untested_optimizer":
+true`` (ZeRO accepts only a fixed list of optimizer types otherwise) and, with
+``offload_optimizer``, ``"zero_force_ds_cpu_optimizer": false`` (else DeepSpeed refuses any
+client optimizer that is not DeepSpeedCPUAdam; ``Lookahead(DeepSpeedCPUAdam(...))`` is fine).
+:func:`lookahead_config` sets both.
+
+Universal checkpoints: ``deepspeed.checkpoint.ds_to_universal`` converts only ``fp32``,
+``exp_avg``, ``exp_avg_sq`` and ``step``, so a universal checkpoint has no slow weights and no
+cycle counters. Loading one resumes the fast weights and Adam's state exactly and starts a new
+Lookahead cycle with slow weights = the loaded weights (a valid restart, not the uninterrupted
+trajectory). :func:`warn_if_universal` says so; :func:`initialize` calls it.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .lookahead import ALPHA_KEY, K_KEY, SLOW_KEY, STEP_KEY, Lookahead, _check_alpha, _check_k
+from .memory import optimizer_state_bytes
+
+__all__ = [
+    "find_lookahead",
+    "master_partitions",
+    "DeepSpeedStateBytes",
+    "state_bytes",
+    "full_slow_weight",
+    "lookahead_config",
+    "warn_if_universal",
+    "LOOKAHEAD_CONFIG_KEY",
+    "initialize",
+]
+
+#: Top-level DeepSpeed config key of the Lookahead block read by :func:`initialize`.
+LOOKAHEAD_CONFIG_KEY = "lookahead"
+_BLOCK_KEYS = ("k", "alpha", "pullback", "slow_dtype", "local_sgd")
+
+
+def find_lookahead(engine_or_optimizer: Any) -> Lookahead | None:
+    """The Lookahead that a DeepSpeed engine (or its ZeRO/bf16 optimizer wrapper) steps, or None.
+
+    DeepSpeed wraps the client optimizer (``engine.optimizer.optimizer``); ZeRO-3 with optimizer
+    offload to an accelerator may keep it as ``backup_optimizer``.
+    """
+    seen: set[int] = set()
+    todo = [engine_or_optimizer]
+    while todo:
+        obj = todo.pop()
+        if obj is None or id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, Lookahead):
+            return obj
+        for attr in ("optimizer", "basic_optimizer", "backup_optimizer"):
+            todo.append(getattr(obj, attr, None))
+    return None
+
+
+def master_partitions(engine_or_optimizer: Any) -> list[torch.Tensor]:
+    """The fp32 master tensors this rank's optimizer steps: the tensors slow weights shadow.
+
+    ZeRO-1/2: one flat partition per param group; bf16 ZeRO-1 optimizer: the same; ZeRO-3: one
+    flat partition per sub-group (``sub_group_size``).
+    """
+    zero = getattr(engine_or_optimizer, "optimizer", engine_or_optimizer)
+    for attr in ("single_partition_of_fp32_groups", "fp32_groups_flat_partition", "fp32_partitioned_groups_flat"):
+        parts = getattr(zero, attr, None)
+        if parts:
+            return list(parts)
+    raise TypeError(
+        f"{type(zero).__name__} is not a DeepSpeed ZeRO or bf16 optimizer with fp32 master partitions"
+    )
+
+
+@dataclass(frozen=True)
+class DeepSpeedStateBytes:
+    """Optimizer-state bytes one rank holds under DeepSpeed (local tensors only).
+
+    Attributes:
+        slow: Lookahead slow-weight bytes.
+        inner: the inner optimizer's own state bytes (Adam's moments, ...).
+        master: bytes of the fp32 master partitions (the tensors the inner optimizer steps).
+        master_numel: elements in those partitions (includes DeepSpeed's alignment padding).
+    """
+
+    slow: int
+    inner: int
+    master: int
+    master_numel: int
+
+
+def state_bytes(engine: Any) -> DeepSpeedStateBytes:
+    """Measure :class:`DeepSpeedStateBytes` on this rank from the state tensors themselves."""
+    la = find_lookahead(engine)
+    if la is None:
+        raise TypeError("the engine's optimizer is not a lookahead_dist.Lookahead")
+    measured = optimizer_state_bytes(la)
+    parts = master_partitions(engine)
+    return DeepSpeedStateBytes(
+        slow=measured.slow,
+        inner=measured.inner,
+        master=sum(t.numel() * t.element_size() for t in parts),
+        master_numel=sum(t.numel() for t in parts),
+    )
+
+
+def full_slow_weight(engine: Any, param: torch.nn.Parameter) -> torch.Tensor | None:
+    """The whole fp32 slow weight of a model parameter, assembled from every rank's partition.
+
+    A collective: every rank of the data-parallel group must call it (one all-reduce of the
+    parameter's size). Returns None on every rank before the first step. For checks and export,
+    not for the training loop.
+
+    ZeRO-3 goes through DeepSpeed's own state gathering. ZeRO-1/2 and the bf16 optimizer read the
+    slow weight straight from the Lookahead's state: DeepSpeed links its per-parameter
+    optimizer-state views only once, after the first group's first step, so groups stepped later
+    have none.
+    """
+    import torch.distributed as dist
+
+    la = find_lookahead(engine)
+    if la is None:
+        raise TypeError("the engine's optimizer is not a lookahead_dist.Lookahead")
+    if hasattr(param, "ds_id"):  # ZeRO-3 partitioned parameter
+        if not any(SLOW_KEY in s for s in la.state.values()):
+            return None
+        return param._z3_optimizer.get_full_hp_param(param, SLOW_KEY)
+    if not hasattr(param, "_hp_mapping"):
+        raise TypeError("param is not a parameter of a DeepSpeed ZeRO-1/2 or bf16-optimizer engine")
+    buf = torch.zeros(param.numel(), dtype=torch.float32, device=param.device)
+    have = torch.zeros(1, device=param.device)
+    mapping = param._hp_mapping
+    if mapping is not None:
+        frag = mapping.hp_fragment  # a view into one of this rank's fp32 master partitions
+        for part in master_partitions(engine):
+            if part.untyped_storage().data_ptr() != frag.untyped_storage().data_ptr():
+                continue
+            start = frag.storage_offset() - part.storage_offset()
+            if not 0 <= start < part.numel():
+                continue
+            slow = la.slow_weight(part)
+            if slow is not None:
+                lp = mapping.lp_fragment_address
+                buf.narrow(0, lp.start, lp.numel).copy_(slow.narrow(0, start, lp.numel))
+                have.fill_(1)
+            break
+    group = getattr(param, "_dp_group", None)
+    dist.all_reduce(buf, group=group)
+    dist.all_reduce(have, group=group)
+    return buf.view(param.shape) if have.item() > 0 else None
+
+
+def lookahead_config(config: dict[str, Any], *, offload_client_optimizer: bool = True) -> dict[str, Any]:
+    """A copy of a DeepSpeed config with what a client Lookahead needs set (unless set already).
+
+    - ``zero_allow_untested_optimizer: true``: ZeRO otherwise rejects any optimizer type outside
+      its list (a ``Lookahead`` is not on it, whatever it wraps).
+    - with ``offload_optimizer`` and ``offload_client_optimizer``: ``zero_force_ds_cpu_optimizer:
+      false``, so that DeepSpeed keeps the client Lookahead (around ``DeepSpeedCPUAdam`` or a
+      torch optimizer) instead of refusing it.
+    """
+    if not isinstance(config, dict):
+        raise TypeError(f"DeepSpeed config must be a dict here, got {type(config).__name__}")
+    out = dict(config)
+    zero = out.get("zero_optimization") or {}
+    if zero.get("stage", 0):
+        out.setdefault("zero_allow_untested_optimizer", True)
+    offload = zero.get("offload_optimizer") or {}
+    if offload_client_optimizer and offload.get("device", "none") not in ("none", None):
+        out.setdefault("zero_force_ds_cpu_optimizer", False)
+    return out
+
+
+def warn_if_universal(config: dict[str, Any]) -> bool:
+    """Warn (and return True) when ``config`` loads a universal checkpoint into a Lookahead.
+
+    See the module docstring: the slow weights and counters are not in a universal checkpoint.
+    """
+    if not (isinstance(config, dict) and (config.get("checkpoint") or {}).get("load_universal")):
+        return False
+    warnings.warn(
+        "DeepSpeed universal checkpoints carry no Lookahead state (ds_to_universal converts only "
+        "fp32, exp_avg, exp_avg_sq and step): after load_checkpoint the weights and the inner "
+        "optimizer resume exactly, and Lookahead starts a new cycle with slow weights = the loaded "
+        "weights. Resume from the regular (non-universal) checkpoint to continue the cycle exactly.",
+        UserWarning,
+        stacklevel=3,
+    )
+    return True
+
+
+def _parse_block(block: Any) -> dict[str, Any]:
+    if not isinstance(block, dict):
+        raise TypeError(f'DeepSpeed config "{LOOKAHEAD_CONFIG_KEY}" must be a JSON object, got {block!r}')
+    unknown = sorted(set(block) - set(_BLOCK_KEYS))
+    if unknown:
+        raise ValueError(
+            f'unknown key(s) {unknown} in DeepSpeed config "{LOOKAHEAD_CONFIG_KEY}"; allowed: {list(_BLOCK_KEYS)}'
+        )
+    out: dict[str, Any] = {
+        "k": _check_k(block.get("k", 5), f"{LOOKAHEAD_CONFIG_KEY}.k"),
+        "alpha": _check_alpha(block.get("alpha", 0.5), f"{LOOKAHEAD_CONFIG_KEY}.alpha"),
+        "pullback": block.get("pullback", "none"),
+    }
+    from .lookahead import PULLBACK_MODES
+
+    if out["pullback"] not in PULLBACK_MODES:
+        raise ValueError(f'"{LOOKAHEAD_CONFIG_KEY}.pullback" must be one of {PULLBACK_MODES}, got {out["pullback"]!r}')
+    slow_dtype = block.get("slow_dtype")
+    dtypes = {None: None, "fp32": torch.float32, "float32": torch.float32}
+    if slow_dtype not in dtypes:
+        raise ValueError(f'"{LOOKAHEAD_CONFIG_KEY}.slow_dtype" must be "fp32" or null, got {slow_dtype!r}')
+    out["slow_dtype"] = dtypes[slow_dtype]
+    local_sgd = block.get("local_sgd", False)
+    if not isinstance(local_sgd, bool):
+        raise TypeError(f'"{LOOKAHEAD_CONFIG_KEY}.local_sgd" must be true or false, got {local_sgd!r}')
+    if local_sgd:
+        raise ValueError(
+            f'"{LOOKAHEAD_CONFIG_KEY}.local_sgd": true is not supported under DeepSpeed ZeRO: ZeRO '
+            "reduces gradients every step, so there is nothing local to average"
+        )
+    return out
+
+
+def _load_config(config: Any) -> dict[str, Any] | None:
+    if config is None:
+        return None
+    if isinstance(config, dict):
+        return config
+    if isinstance(config, str):
+        import json
+
+        with open(config) as f:
+            return json.load(f)
+    return None  # a DeepSpeedConfig object or anything else: left to DeepSpeed
+
+
+def initialize(*args: Any, **kwargs: Any) -> tuple[Any, ...]:
+    """Drop-in for ``deepspeed.initialize`` that reads a ``"lookahead"`` block from the config.
+
+    Same arguments and return values as ``deepspeed.initialize``. With a block such as
+    ``{"lookahead": {"k": 5, "alpha": 0.5}}`` in the config (dict or JSON path):
+
+    - the optimizer (the client ``optimizer=``, an optimizer factory, or the one DeepSpeed builds
+      from its ``"optimizer"`` block) is wrapped in :class:`~lookahead_dist.Lookahead` before
+      ZeRO partitions it; a client optimizer that already is a Lookahead is an error (two k's);
+    - ``zero_allow_untested_optimizer`` / ``zero_force_ds_cpu_optimizer`` are set as
+      :func:`lookahead_config` does; the block is removed from the config DeepSpeed sees.
+
+    Keys: ``k`` (int >= 1, default 5), ``alpha`` (float in (0, 1], default 0.5), ``pullback``
+    (``"none"``/``"reset"``/``"pullback"``), ``slow_dtype`` (``"fp32"`` or null), ``local_sgd``
+    (false; true is refused under ZeRO). An unknown key or bad value raises an error naming it.
+    Without the block this is exactly ``deepspeed.initialize``.
+    """
+    import deepspeed
+
+    config_arg = "config" if "config" in kwargs else ("config_params" if "config_params" in kwargs else None)
+    raw = kwargs.get(config_arg) if config_arg else None
+    if raw is None and getattr(kwargs.get("args"), "deepspeed_config", None):
+        config_arg, raw = "config", kwargs["args"].deepspeed_config
+    config = _load_config(raw)
+    if config is None or LOOKAHEAD_CONFIG_KEY not in config:
+        return deepspeed.initialize(*args, **kwargs)
+    if args:
+        raise TypeError("lookahead_dist.deepspeed.initialize takes keyword arguments only (as deepspeed.initialize)")
+
+    block = _parse_block(config[LOOKAHEAD_CONFIG_KEY])
+    ds_config = {key: v for key, v in config.items() if key != LOOKAHEAD_CONFIG_KEY}
+    ds_config = lookahead_config(ds_config, offload_client_optimizer=True)
+    warn_if_universal(ds_config)
+    la_kwargs = {"pullback": block["pullback"], "slow_dtype": block["slow_dtype"]}
+
+    def wrap(opt: torch.optim.Optimizer) -> Lookahead:
+        if isinstance(opt, Lookahead):
+            raise ValueError(
+                f'the optimizer is already a Lookahead and the config has a "{LOOKAHEAD_CONFIG_KEY}" '
+                "block: use one or the other"
+            )
+        return Lookahead(opt, block["k"], block["alpha"], **la_kwargs)
+
+    client = kwargs.get("optimizer")
+    if client is None:
+        # DeepSpeed builds the optimizer from its "optimizer" block: build it ourselves the same
+        # way (the engine's own builder), then hand it over wrapped as a client optimizer.
+        if "optimizer" not in ds_config:
+            raise ValueError(
+                f'a "{LOOKAHEAD_CONFIG_KEY}" block needs an optimizer: pass optimizer=... or add an '
+                '"optimizer" block to the DeepSpeed config'
+            )
+        opt_block = ds_config.pop("optimizer")
+        kwargs["optimizer"] = lambda params: wrap(_build_ds_optimizer(opt_block, params))
+    elif isinstance(client, torch.optim.Optimizer):
+        kwargs["optimizer"] = wrap(client)
+    elif callable(client):
+        kwargs["optimizer"] = lambda params: wrap(client(params))
+    else:
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer or a callable, got {type(client).__name__}")
+    if config_arg == "config" and "args" in kwargs and "config" not in kwargs:
+        kwargs["args"].deepspeed_config = None
+    kwargs.pop("config_params", None)
+    kwargs["config"] = ds_config
+    return deepspeed.initialize(**kwargs)
+
+
+def _build_ds_optimizer(block: dict[str, Any], params: Any) -> torch.optim.Optimizer:
+    """The optimizer DeepSpeed's ``"optimizer"`` block names, for the types that run on any device."""
+    name = str(block.get("type", "")).lower()
+    p = dict(block.get("params") or {})
+    if name in ("adam", "adamw"):
+        # DeepSpeed's "Adam" decouples weight decay unless told otherwise (adam_w_mode=True).
+        adam_w = name == "adamw" or bool(p.pop("adam_w_mode", True))
+        p.pop("torch_adam", None)
+        cls = torch.optim.AdamW if adam_w else torch.optim.Adam
+        return cls(params, **p)
+    if name == "sgd":
+        return torch.optim.SGD(params, **p)
+    if name == "adagrad":
+        return torch.optim.Adagrad(params, **p)
+    raise ValueError(
+        f'optimizer type {block.get("type")!r} in the DeepSpeed "optimizer" block is not supported with a '
+        f'"{LOOKAHEAD_CONFIG_KEY}" block; build the optimizer and pass it as optimizer=...'
+    )

@@ -1,0 +1,115 @@
+"""The demo's parts in one process: data, model, byte counter, table."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from lookahead_dist.demo.commcount import CommCounter
+from lookahead_dist.demo.data import load_corpus
+from lookahead_dist.demo.model import ModelConfig, TinyLM
+from lookahead_dist.demo.report import format_bytes, summary_table
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    return load_corpus()
+
+
+def test_corpus_is_python_docs_split_once(corpus):
+    assert corpus.train.numel() > 300_000 and corpus.val.numel() > 30_000
+    assert corpus.train.dtype == torch.int64 and int(corpus.train.max()) < 256
+    text = bytes(corpus.train[:200_000].tolist()).decode("utf-8", errors="replace")
+    assert "def " in text and "class " in text
+    assert torch.equal(load_corpus().val, corpus.val)  # the split is fixed
+
+
+def test_rank_shards_tile_the_global_batch(corpus):
+    x1, y1 = corpus.batch(3, 8, 16, 0, 1, seed=5)
+    parts = [corpus.batch(3, 8, 16, r, 4, seed=5) for r in range(4)]
+    assert torch.equal(torch.cat([p[0] for p in parts]), x1)
+    assert torch.equal(torch.cat([p[1] for p in parts]), y1)
+    assert torch.equal(x1[:, 1:], y1[:, :-1])  # targets are the next bytes
+    assert not torch.equal(corpus.batch(4, 8, 16, 0, 1, seed=5)[0], x1)
+    assert not torch.equal(corpus.batch(3, 8, 16, 0, 1, seed=6)[0], x1)
+    assert not torch.equal(corpus.batch(3, 8, 16, 0, 1, seed=5, split="val")[0], x1)
+    with pytest.raises(ValueError, match="global batch 8 is not divisible by world size 3"):
+        corpus.batch(0, 8, 16, 0, 3, seed=0)
+
+
+def test_model_starts_near_uniform_and_learns(corpus):
+    torch.manual_seed(0)
+    cfg = ModelConfig(seq_len=16, n_layer=1, d_model=32, n_head=2)
+    model = TinyLM(cfg)
+    x, y = corpus.batch(0, 8, 16, 0, 1, seed=0)
+    first = model.loss(x, y)
+    assert abs(first.item() - math.log(256)) < 0.1
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(30):  # the same batch: must be memorised
+        loss = model.loss(x, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < first.item() - 1.0
+    # Tied embeddings: no separate output matrix.
+    assert sum(p.numel() for p in model.parameters()) == sum(
+        p.numel() for n, p in model.named_parameters() if not n.startswith("head"))
+
+
+@pytest.mark.parametrize("bad", [{"d_model": 30, "n_head": 4}, {"n_layer": 0}, {"seq_len": 1.5}])
+def test_model_config_rejects(bad):
+    with pytest.raises(ValueError, match="ModelConfig"):
+        ModelConfig(**bad)
+
+
+@pytest.fixture
+def one_rank_group(tmp_path):
+    assert not dist.is_initialized()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+@pytest.mark.filterwarnings("ignore:.*all_gather_into_tensor.*:FutureWarning")
+def test_comm_counter_counts_once_pauses_and_restores(one_rank_group):
+    original = dist.all_reduce
+    t = torch.ones(10)  # 40 bytes
+    out = torch.empty(10)
+    with CommCounter() as comm:
+        assert dist.all_reduce is not original
+        dist.all_reduce(t)
+        dist.distributed_c10d.all_reduce(t)
+        # Gathers count their output (the gathered buffer).
+        dist.all_gather_into_tensor(out, t)
+        assert (comm.calls, comm.payload) == (3, 120)
+        assert comm.bytes == 0.0  # one rank sends nothing
+        with comm.paused():
+            dist.all_reduce(t)
+        # all_gather_object calls all_gather inside: nested calls are not counted again.
+        dist.all_gather_object([None], {"not": "counted"})
+        assert comm.calls == 3
+        comm.reset()
+        assert (comm.calls, comm.payload, comm.bytes) == (0, 0, 0.0)
+    assert dist.all_reduce is original
+
+
+def test_comm_counter_ring_model():
+    comm = CommCounter()
+    comm._record("all_reduce", "allreduce", 1000, 2)
+    comm._record("all_gather_single", "gather", 1000, 4)
+    comm._record("reduce_scatter_single", "scatter", 1000, 4)
+    comm._record("broadcast", "p2p", 1000, 4)
+    assert comm.by_op == {"all_reduce": 1000.0, "all_gather_single": 750.0,
+                          "reduce_scatter_single": 750.0, "broadcast": 1000.0}
+
+
+def test_table_and_bytes():
+    assert format_bytes(1751040) == "1.67 MiB"
+    assert format_bytes(512) == "512 B"
+    assert format_bytes(2048) == "2.00 KiB"
+    skipped = {"name": "zero2/lookahead", "config": {}, "skipped": True, "reason": "no deepspeed"}
+    text = summary_table([skipped])
+    assert "zero2/lookahead" in text and "skipped: no deepspeed" in text
