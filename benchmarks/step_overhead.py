@@ -45,13 +45,19 @@ def make_params(kind: str, large_numel: int, small_count: int, seed: int = 0) ->
 
 
 def load_timm_lookahead():
-    """timm's optim/lookahead.py imports only torch; load the file alone (timm needs torchvision)."""
-    spec = importlib.util.find_spec("timm")
-    if spec is None or not spec.submodule_search_locations:
+    """timm's optim/lookahead.py imports only torch, so it is loaded alone, from the timm wheel
+    that launch/setup.sh downloads into .venv/peers (timm as a package needs torchvision)."""
+    import sys
+    import tempfile
+    import zipfile
+
+    wheels = sorted((Path(sys.prefix) / "peers").glob("timm-*.whl"))
+    if not wheels:
         return None
-    path = Path(list(spec.submodule_search_locations)[0]) / "optim" / "lookahead.py"
-    if not path.exists():
-        return None
+    with zipfile.ZipFile(wheels[-1]) as zf:
+        source = zf.read("timm/optim/lookahead.py")
+    path = Path(tempfile.mkdtemp()) / "timm_lookahead.py"
+    path.write_bytes(source)
     mod_spec = importlib.util.spec_from_file_location("_timm_lookahead", path)
     module = importlib.util.module_from_spec(mod_spec)
     mod_spec.loader.exec_module(module)
@@ -65,7 +71,7 @@ def peer_syncs(params: list[torch.nn.Parameter], alpha: float) -> tuple[dict[str
 
     timm_cls = load_timm_lookahead()
     if timm_cls is None:
-        missing.append("timm (pip install --no-deps timm)")
+        missing.append("timm (launch/setup.sh downloads its wheel into .venv/peers)")
     else:
         opt = timm_cls(torch.optim.SGD(params, lr=0.0), alpha=alpha, k=5)
         opt.update_slow(opt.param_groups[0])  # creates its slow buffers

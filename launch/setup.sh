@@ -25,8 +25,10 @@ if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
   "${PIP[@]}" "$TORCH_SPEC"
   echo "[setup] installing lookahead-dist with extras [dev]" >&2
   "${PIP[@]}" -e "$ROOT[dev]"
-  # timm's Lookahead is a benchmark peer; timm as a package needs torchvision, so only its
-  # standalone optim/lookahead.py file is used (benchmarks/step_overhead.py).
-  "${PIP[@]}" --no-deps timm
+  # timm's Lookahead is a benchmark peer. timm as an installed package needs torchvision (and
+  # breaks the `accelerate` CLI, which imports it when present), so only its wheel is downloaded;
+  # benchmarks/step_overhead.py loads the standalone optim/lookahead.py file from it.
+  "$VENV/bin/python" -m pip download --quiet --disable-pip-version-check --no-deps timm \
+    -d "$VENV/peers" || echo "[setup] could not download timm; that benchmark peer is skipped" >&2
   echo "$WANT" > "$STAMP"
 fi

@@ -122,6 +122,10 @@ def train_accelerate(args: argparse.Namespace) -> None:
     deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
     if not cuda:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed's CPU accelerator, no probing
+        if deepspeed:
+            from lookahead_dist.deepspeed import skip_cpu_shm_kernel
+
+            skip_cpu_shm_kernel()
     # Without CUDA: data parallel runs as accelerate's MULTI_CPU (cpu=True, gloo); DeepSpeed
     # needs cpu=False and an explicit gloo backend (accelerate has no CPU default for it).
     accelerator = Accelerator(

@@ -46,6 +46,7 @@ __all__ = [
     "warn_if_universal",
     "LOOKAHEAD_CONFIG_KEY",
     "initialize",
+    "skip_cpu_shm_kernel",
 ]
 
 #: Top-level DeepSpeed config key of the Lookahead block read by :func:`initialize`.
@@ -252,6 +253,21 @@ def _load_config(config: Any) -> dict[str, Any] | None:
     return None  # a DeepSpeedConfig object or anything else: left to DeepSpeed
 
 
+def skip_cpu_shm_kernel() -> None:
+    """On DeepSpeed's CPU accelerator, do not JIT-build its shared-memory communication kernel.
+
+    DeepSpeed's CPU communication backend compiles that kernel when it starts (minutes on a small
+    machine, a C++ compiler needed, and ranks race on the build lock). The kernel serves only
+    ``inference_all_reduce``, never training collectives, so marking it unavailable in DeepSpeed's
+    own compatibility table changes nothing for training. A no-op on any other accelerator.
+    """
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() == "cpu":
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 def initialize(*args: Any, **kwargs: Any) -> tuple[Any, ...]:
     """Drop-in for ``deepspeed.initialize`` that reads a ``"lookahead"`` block from the config.
 
@@ -271,6 +287,7 @@ def initialize(*args: Any, **kwargs: Any) -> tuple[Any, ...]:
     """
     import deepspeed
 
+    skip_cpu_shm_kernel()
     config_arg = "config" if "config" in kwargs else ("config_params" if "config_params" in kwargs else None)
     raw = kwargs.get(config_arg) if config_arg else None
     if raw is None and getattr(kwargs.get("args"), "deepspeed_config", None):

@@ -170,9 +170,9 @@ def _quiet_deepspeed() -> None:
     from deepspeed.utils import logger
 
     logger.setLevel(logging.ERROR)
-    # The CPU accelerator JIT-compiles a shared-memory all-reduce op (used only by inference
-    # all-reduce) at init; compiling it takes minutes on a cold cache and races between ranks.
-    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+    from lookahead_dist.deepspeed import skip_cpu_shm_kernel
+
+    skip_cpu_shm_kernel()
 
 
 def _engine(case: dict[str, Any]):

@@ -137,12 +137,9 @@ def _zero2(model: nn.Module, run: Any, device: torch.device) -> Runner:
     import deepspeed
 
     deepspeed.utils.logger.setLevel(logging.WARNING)
-    if device.type == "cpu":
-        # DeepSpeed's CPU communication backend JIT-compiles a shared-memory kernel at start-up
-        # (minutes on 2 cores, and it needs a C++ compiler). That kernel serves only
-        # inference_all_reduce, never training collectives, so mark it unavailable; edits to this
-        # cached dict are how DeepSpeed's own probe result is overridden.
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    from lookahead_dist.deepspeed import skip_cpu_shm_kernel
+
+    skip_cpu_shm_kernel()  # inference-only kernel; its JIT build takes minutes on a CPU machine
     world = dist.get_world_size()
     opt = _optimizer(model.parameters(), run)
     config = {
