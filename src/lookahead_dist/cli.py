@@ -27,8 +27,9 @@ __all__ = ["main", "build_parser", "DEFAULT_RUNS"]
 
 # Spelled out here (the tests check them against the demo's) so that parsing and --help do not
 # import the demo package; it is imported once there is something to run.
-MODES = ("ddp", "zero2", "fsdp2", "local-sgd")
+MODES = ("ddp", "zero2", "fsdp2", "local-sgd", "post-local-sgd", "accelerate-local-sgd")
 OPTIMIZERS = ("adamw", "lookahead")
+BASELINE_MODES = ("post-local-sgd", "accelerate-local-sgd")
 #: What ``compare`` runs by default: the AdamW baseline, then Lookahead(AdamW) under every mode.
 DEFAULT_RUNS = ("ddp:adamw", "ddp:lookahead", "zero2:lookahead", "fsdp2:lookahead", "local-sgd:lookahead")
 #: Defaults of the training shape (``train`` and ``compare``) and their ``--quick`` values.
@@ -85,11 +86,26 @@ def _nonnegative_float(text: str) -> float:
     return value
 
 
+def _momentum(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}") from None
+    if not (0.0 <= value < 1.0):
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text}")
+    return value
+
+
+def _default_optimizer(mode: str) -> str:
+    # The other libraries' local SGD (benchmark baselines) wraps plain AdamW.
+    return "adamw" if mode in BASELINE_MODES else "lookahead"
+
+
 def _run_spec(text: str) -> tuple[str, str]:
     mode, sep, optimizer = text.partition(":")
-    optimizer = optimizer if sep else "lookahead"
     if mode not in MODES:
         raise argparse.ArgumentTypeError(f"unknown mode {mode!r} in {text!r}; modes: {', '.join(MODES)}")
+    optimizer = optimizer if sep else _default_optimizer(mode)
     if optimizer not in OPTIMIZERS:
         raise argparse.ArgumentTypeError(
             f"unknown optimizer {optimizer!r} in {text!r}; optimizers: {', '.join(OPTIMIZERS)}"
@@ -109,6 +125,17 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     la = p.add_argument_group("Lookahead")
     la.add_argument("--k", type=_int_at_least(1), default=5, help="sync period in inner steps (default: 5)")
     la.add_argument("--alpha", type=_alpha, default=0.5, help="slow step size in (0, 1] (default: 0.5)")
+
+    ls = p.add_argument_group("local-sgd mode")
+    ls.add_argument("--outer-momentum", type=_momentum, default=0.0,
+                    help="outer momentum beta in [0, 1) of the slow step (default: 0 = Lookahead)")
+    ls.add_argument("--nesterov", action="store_true", help="Nesterov outer momentum (DiLoCo)")
+    ls.add_argument("--local-sgd-sharded", dest="sharded", action="store_true",
+                    help="each rank keeps 1/N of the slow weights (reduce-scatter + all-gather)")
+    ls.add_argument("--comm-dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
+                    help="dtype of the averaged progress on the wire (default: fp32)")
+    ls.add_argument("--hierarchical", action="store_true",
+                    help="DDP among the ranks of a node (LOCAL_WORLD_SIZE), local SGD across nodes")
 
     tr = p.add_argument_group("training")
     tr.add_argument("--steps", type=_int_at_least(1), default=None,
@@ -165,11 +192,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--mode", choices=MODES, default="ddp",
                        help="ddp: DDP; zero2: DeepSpeed ZeRO-2 (Lookahead as client optimizer); fsdp2: "
-                       "fully_shard; local-sgd: no per-step all-reduce, weights averaged every k steps "
-                       "(default: ddp)")
+                       "fully_shard; local-sgd: no per-step all-reduce, weights averaged every k steps; "
+                       "post-local-sgd / accelerate-local-sgd: torch's PostLocalSGDOptimizer / accelerate's "
+                       "LocalSGD around AdamW, for comparison (default: ddp)")
     opt = train.add_mutually_exclusive_group()
-    opt.add_argument("--optimizer", choices=OPTIMIZERS, default="lookahead",
-                     help="adamw, or lookahead = Lookahead(AdamW) (default: lookahead)")
+    opt.add_argument("--optimizer", choices=OPTIMIZERS, default=None,
+                     help="adamw, or lookahead = Lookahead(AdamW) (default: lookahead; adamw for the "
+                     "post-local-sgd and accelerate-local-sgd baselines)")
     opt.add_argument("--lookahead", dest="optimizer", action="store_const", const="lookahead",
                      help="same as --optimizer lookahead")
     opt.add_argument("--no-lookahead", dest="optimizer", action="store_const", const="adamw",
@@ -229,16 +258,26 @@ def _configs(args: argparse.Namespace, specs: Sequence[tuple[str, str]]) -> list
         raise UsageError(f"--batch-size {batch} is not divisible by --nproc {nproc}")
     configs = []
     for mode, optimizer in specs:
+        optimizer = optimizer or _default_optimizer(mode)  # `train` without --optimizer
         if mode == "local-sgd" and optimizer != "lookahead":
             raise UsageError(f"mode 'local-sgd' is Lookahead's local-SGD mode; it needs --optimizer lookahead, "
                              f"got {optimizer!r}")
         try:
             configs.append(RunConfig(mode=mode, optimizer=optimizer, k=args.k, alpha=args.alpha, lr=args.lr,
                                      weight_decay=args.weight_decay, grad_clip=args.grad_clip, steps=steps, batch_size=batch, nproc=nproc,
-                                     seed=args.seed, eval_batches=evals, model=model, device=device))
+                                     seed=args.seed, eval_batches=evals, model=model, device=device,
+                                     **_local_sgd_options(args, mode)))
         except ValueError as exc:
             raise UsageError(str(exc)) from None
     return configs
+
+
+def _local_sgd_options(args: argparse.Namespace, mode: str) -> dict[str, Any]:
+    # Options of the local-sgd mode; a `compare` mixing modes applies them to its local-sgd runs only.
+    if mode != "local-sgd":
+        return {}
+    return dict(outer_momentum=args.outer_momentum, nesterov=args.nesterov, sharded=args.sharded,
+                comm_dtype=args.comm_dtype, hierarchical=args.hierarchical)
 
 
 # -- running --------------------------------------------------------------------------------------
@@ -318,7 +357,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.subparser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         if args.command == "train":
-            configs = _configs(args, [(args.mode, args.optimizer)])
+            configs = _configs(args, [(args.mode, args.optimizer or _default_optimizer(args.mode))])
         else:
             configs = _configs(args, args.runs or [_run_spec(s) for s in DEFAULT_RUNS])
     except UsageError as exc:

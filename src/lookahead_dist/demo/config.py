@@ -11,7 +11,10 @@ from .model import ModelConfig
 __all__ = ["OPTIMIZERS", "RunConfig"]
 
 OPTIMIZERS = ("adamw", "lookahead")
-_MODES = ("ddp", "zero2", "fsdp2", "local-sgd")
+_MODES = ("ddp", "zero2", "fsdp2", "local-sgd", "post-local-sgd", "accelerate-local-sgd")
+#: Baselines from other libraries (plain AdamW, periodic averaging every k steps; benchmarks only).
+BASELINE_MODES = ("post-local-sgd", "accelerate-local-sgd")
+COMM_DTYPES = ("fp32", "bf16", "fp16")
 
 
 def _positive_int(name: str, value: Any) -> None:
@@ -38,6 +41,13 @@ class RunConfig:
         eval_batches: validation batches (each ``batch_size`` sequences) for the final val loss.
         model: the transformer's shape.
         device: ``cpu`` or ``cuda`` (resolved, not ``auto``).
+        outer_momentum: local-sgd: outer momentum beta in [0, 1) (0: Lookahead's own slow step).
+        nesterov: local-sgd: Nesterov outer momentum (needs ``outer_momentum > 0``).
+        sharded: local-sgd: each rank keeps 1/N of the slow weights (reduce-scatter + all-gather).
+        comm_dtype: local-sgd: dtype of the averaged progress on the wire, ``fp32`` | ``bf16`` | ``fp16``.
+        hierarchical: local-sgd: DDP inside each node (the ``LOCAL_WORLD_SIZE`` ranks of a node),
+            local SGD across nodes.
+        corpus: training text, ``pydoc`` (documentation prose) or ``stdlib`` (standard-library source).
     """
 
     mode: str = "ddp"
@@ -54,6 +64,12 @@ class RunConfig:
     eval_batches: int = 8
     model: ModelConfig = ModelConfig()
     device: str = "cpu"
+    outer_momentum: float = 0.0
+    nesterov: bool = False
+    sharded: bool = False
+    comm_dtype: str = "fp32"
+    hierarchical: bool = False
+    corpus: str = "pydoc"
 
     def __post_init__(self) -> None:
         if self.mode not in _MODES:
@@ -63,6 +79,25 @@ class RunConfig:
         if self.mode == "local-sgd" and self.optimizer != "lookahead":
             raise ValueError(
                 f"mode 'local-sgd' is Lookahead's local-SGD mode and needs optimizer 'lookahead', got {self.optimizer!r}"
+            )
+        if self.mode in BASELINE_MODES and self.optimizer != "adamw":
+            raise ValueError(
+                f"mode {self.mode!r} is another library's local SGD around plain AdamW; it needs optimizer "
+                f"'adamw', got {self.optimizer!r}"
+            )
+        if not (0.0 <= self.outer_momentum < 1.0):
+            raise ValueError(f"`outer_momentum` must be in [0, 1), got {self.outer_momentum}")
+        if self.nesterov and self.outer_momentum == 0.0:
+            raise ValueError("`nesterov` needs `outer_momentum` > 0, got 0.0")
+        if self.corpus not in ("pydoc", "stdlib"):
+            raise ValueError(f"`corpus` must be 'pydoc' or 'stdlib', got {self.corpus!r}")
+        if self.comm_dtype not in COMM_DTYPES:
+            raise ValueError(f"`comm_dtype` must be one of {', '.join(COMM_DTYPES)}, got {self.comm_dtype!r}")
+        if self.mode != "local-sgd" and (self.outer_momentum or self.nesterov or self.sharded
+                                         or self.comm_dtype != "fp32" or self.hierarchical):
+            raise ValueError(
+                "outer_momentum, nesterov, sharded, comm_dtype and hierarchical are options of mode "
+                f"'local-sgd', not of {self.mode!r}"
             )
         for name in ("k", "steps", "batch_size", "nproc", "eval_batches"):
             _positive_int(name, getattr(self, name))

@@ -57,8 +57,35 @@ class Corpus:
         return windows[:, :-1], windows[:, 1:]
 
 
-def load_corpus() -> Corpus:
-    """The byte-tokenised documentation text, 90% train / 10% validation (fixed split)."""
-    raw = torch.frombuffer(bytearray(_document_text().encode("utf-8")), dtype=torch.uint8).long()
+#: Bytes of standard-library source taken for the ``stdlib`` corpus (about the size of the docs).
+STDLIB_BYTES = 1_000_000
+CORPORA = ("pydoc", "stdlib")
+
+
+def _stdlib_source() -> str:
+    """The top-level ``.py`` modules of this interpreter's standard library, sorted by name, cut at
+    :data:`STDLIB_BYTES`: real Python code, a second task next to the prose (same for one Python version)."""
+    import sysconfig
+    from pathlib import Path
+
+    parts, size = [], 0
+    for path in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py")):
+        text = path.read_text(encoding="utf-8", errors="replace")
+        parts.append(text)
+        size += len(text)
+        if size >= STDLIB_BYTES:
+            break
+    return "\n\n".join(parts)[:STDLIB_BYTES]
+
+
+def load_corpus(name: str = "pydoc") -> Corpus:
+    """The byte-tokenised text, 90% train / 10% validation (fixed split).
+
+    ``name``: ``pydoc`` (the documentation topics, default) or ``stdlib`` (standard-library source code).
+    """
+    if name not in CORPORA:
+        raise ValueError(f"unknown corpus {name!r}; choose one of {', '.join(CORPORA)}")
+    text = _document_text() if name == "pydoc" else _stdlib_source()
+    raw = torch.frombuffer(bytearray(text.encode("utf-8")), dtype=torch.uint8).long()
     cut = int(raw.numel() * (1.0 - VAL_FRACTION))
     return Corpus(train=raw[:cut].clone(), val=raw[cut:].clone())

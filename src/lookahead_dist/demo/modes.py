@@ -9,7 +9,12 @@ zero2      DeepSpeed ZeRO-2 with the (``Lookahead``) ``AdamW`` as client optimiz
 fsdp2      ``fully_shard`` per block and at the root + (``Lookahead``) ``AdamW``; DTensor
            shards, 1/N per rank
 local-sgd  plain module on each rank, ``Lookahead(AdamW, local_sgd=True)``: no per-step
-           gradient all-reduce, the fast weights are averaged every k steps
+           gradient all-reduce, the fast weights are averaged every k steps (options: outer
+           momentum, sharded slow weights, bf16 on the wire; hierarchical: DDP inside a node)
+post-local-sgd  baseline: torch's ``PostLocalSGDOptimizer`` (AdamW, ``PeriodicModelAverager``
+           every k steps, DDP with ``post_localSGD_hook`` from step 0, subgroups of one rank)
+accelerate-local-sgd  baseline: accelerate's ``LocalSGD`` (AdamW inside ``no_sync``, parameters
+           averaged one tensor at a time every k steps)
 =========  ==============================================================================
 
 Every mode sees the same global batches (see :mod:`.data`), so ddp, zero2 and fsdp2 with the
@@ -36,7 +41,7 @@ from .commcount import counting_ddp_hook
 
 __all__ = ["MODES", "ModeUnavailable", "Runner", "build_runner", "local_sgd_supported", "mode_unavailable_reason"]
 
-MODES = ("ddp", "zero2", "fsdp2", "local-sgd")
+MODES = ("ddp", "zero2", "fsdp2", "local-sgd", "post-local-sgd", "accelerate-local-sgd")
 
 
 class ModeUnavailable(RuntimeError):
@@ -58,6 +63,8 @@ def mode_unavailable_reason(mode: str, optimizer: str) -> str | None:
             "mode 'local-sgd' needs Lookahead(..., local_sgd=True), which this version of "
             "lookahead_dist does not provide yet"
         )
+    if mode == "accelerate-local-sgd" and importlib.util.find_spec("accelerate") is None:
+        return "mode 'accelerate-local-sgd' needs accelerate: pip install 'lookahead-dist[accelerate]'"
     if mode == "zero2" and importlib.util.find_spec("deepspeed") is None:
         return "mode 'zero2' needs DeepSpeed: pip install 'lookahead-dist[deepspeed]'"
     return None
@@ -174,12 +181,73 @@ def _zero2(model: nn.Module, run: Any, device: torch.device) -> Runner:
 def _local_sgd(model: nn.Module, run: Any, device: torch.device) -> Runner:
     if not local_sgd_supported():
         raise ModeUnavailable(mode_unavailable_reason("local-sgd", run.optimizer))
-    # Ranks start from the same weights: same seed here, and Lookahead(local_sgd=True) aligns them.
-    opt = _optimizer(model.parameters(), run, local_sgd=True)
-    return Runner(step=_plain_step(model, opt, run.grad_clip), logits=model, optimizer=opt, train=model.train)
+    from ..local_sgd import LocalSGDOptions
+
+    dtypes = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+    opts = dict(outer_momentum=run.outer_momentum, nesterov=run.nesterov, sharded=run.sharded,
+                comm_dtype=dtypes[run.comm_dtype])
+    module: nn.Module = model
+    if run.hierarchical:
+        # Ranks of one node (consecutive, LOCAL_WORLD_SIZE of them) are DDP replicas, synced every
+        # step over the node's fast local link; local SGD runs across nodes only.
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        world = dist.get_world_size()
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        if per_node < 1 or world % per_node:
+            raise ValueError(f"hierarchical: world size {world} is not a multiple of LOCAL_WORLD_SIZE {per_node}")
+        mesh = init_device_mesh(device.type, (world // per_node, per_node), mesh_dim_names=("inter", "intra"))
+        intra = mesh.get_group("intra")
+        module = DDP(model, process_group=intra, device_ids=[device.index] if device.type == "cuda" else None)
+        module.register_comm_hook(intra, counting_ddp_hook)
+        options = LocalSGDOptions.from_mesh(mesh, across="inter", within="intra", module=module, **opts)
+    else:
+        options = LocalSGDOptions(module=model, **opts)
+    # Ranks start from the same weights: same seed here, and Lookahead(local_sgd=...) aligns them.
+    opt = _optimizer(module.parameters(), run, local_sgd=options)
+    return Runner(step=_plain_step(module, opt, run.grad_clip), logits=model, optimizer=opt, train=module.train)
 
 
-_BUILDERS = {"ddp": _ddp, "zero2": _zero2, "fsdp2": _fsdp2, "local-sgd": _local_sgd}
+def _post_local_sgd(model: nn.Module, run: Any, device: torch.device) -> Runner:
+    """torch's own local SGD: ``PostLocalSGDOptimizer`` over AdamW, averaging every k steps."""
+    from torch.distributed.algorithms.ddp_comm_hooks.post_localSGD_hook import PostLocalSGDState, post_localSGD_hook
+    from torch.distributed.algorithms.model_averaging.averagers import PeriodicModelAverager
+    from torch.distributed.optim import PostLocalSGDOptimizer
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    # Local phase from step 0: the hook all-reduces inside subgroups of one rank (no traffic).
+    own, _ = dist.new_subgroups(group_size=1)
+    ddp.register_comm_hook(PostLocalSGDState(process_group=None, subgroup=own, start_localSGD_iter=0),
+                           post_localSGD_hook)
+    inner = _optimizer(ddp.parameters(), run)
+    opt = PostLocalSGDOptimizer(optim=inner, averager=PeriodicModelAverager(period=run.k, warmup_steps=0))
+    return Runner(step=_plain_step(ddp, opt, run.grad_clip), logits=model, optimizer=inner, train=ddp.train)
+
+
+def _accelerate_local_sgd(model: nn.Module, run: Any, device: torch.device) -> Runner:
+    """accelerate's ``LocalSGD``: DDP inside ``no_sync``, parameters averaged every k steps."""
+    from accelerate import Accelerator
+    from accelerate.local_sgd import LocalSGD
+
+    accelerator = Accelerator(cpu=device.type == "cpu")
+    inner = _optimizer(model.parameters(), run)
+    ddp, opt = accelerator.prepare(model, inner)
+    local = LocalSGD(accelerator=accelerator, model=ddp, local_sgd_steps=run.k, enabled=True)
+    local.__enter__()  # enters ddp.no_sync() for the whole run (the `with` form of its docs)
+    base = _plain_step(ddp, opt, run.grad_clip)
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        loss = base(x, y)
+        local.step()
+        return loss
+
+    return Runner(step=step, logits=model, optimizer=inner, train=ddp.train)
+
+
+_BUILDERS = {"ddp": _ddp, "zero2": _zero2, "fsdp2": _fsdp2, "local-sgd": _local_sgd,
+             "post-local-sgd": _post_local_sgd, "accelerate-local-sgd": _accelerate_local_sgd}
 
 
 def build_runner(model: nn.Module, run: Any, device: torch.device) -> Runner:

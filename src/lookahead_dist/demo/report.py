@@ -38,7 +38,7 @@ def _row(r: dict[str, Any]) -> list[str]:
     slow = r["slow_bytes_per_rank"]
     return [
         r["name"],
-        str(cfg["k"]) if la else "-",
+        str(cfg["k"]) if la or cfg["mode"].endswith("local-sgd") else "-",
         f"{cfg['alpha']:g}" if la else "-",
         f"{r['train_loss_start']:.3f} -> {r['train_loss']:.3f}",
         f"{r['val_loss']:.3f}",

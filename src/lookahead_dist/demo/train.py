@@ -50,6 +50,18 @@ def _progress(run: RunConfig, rank: int, enabled: bool | None, label: str) -> An
                 dynamic_ncols=True, leave=True)
 
 
+def _tx_bytes() -> int | None:
+    """Bytes sent so far by the interface the process group uses (set by a launcher), else None."""
+    ifname = os.environ.get("GLOO_SOCKET_IFNAME") or os.environ.get("NCCL_SOCKET_IFNAME")
+    if not ifname:
+        return None
+    try:
+        with open(f"/sys/class/net/{ifname}/statistics/tx_bytes", encoding="ascii") as fh:
+            return int(fh.read())
+    except (OSError, ValueError):
+        return None
+
+
 def _mean_over_ranks(values: torch.Tensor) -> torch.Tensor:
     values = values.clone()
     dist.all_reduce(values)
@@ -74,7 +86,7 @@ def train_rank(rank: int, world: int, run: RunConfig, progress: bool | None = No
     if world != run.nproc:
         raise ValueError(f"run.nproc={run.nproc} but the process group has {world} ranks")
     device = _device(run, rank)
-    corpus = load_corpus()
+    corpus = load_corpus(run.corpus)
     torch.manual_seed(run.seed)  # same initial weights on every rank
     model = TinyLM(run.model).to(device)
     n_params = sum(p.numel() for p in model.parameters())
@@ -87,6 +99,7 @@ def train_rank(rank: int, world: int, run: RunConfig, progress: bool | None = No
 
         bar = _progress(run, rank, progress, label or run.name)
         losses = torch.empty(run.steps, dtype=torch.float64)
+        tx_start = _tx_bytes()
         start = time.perf_counter()
         for step in range(run.steps):
             x, y = corpus.batch(step, run.batch_size, run.model.seq_len, rank, world, seed=run.seed)
@@ -99,6 +112,8 @@ def train_rank(rank: int, world: int, run: RunConfig, progress: bool | None = No
         with comm.paused():
             dist.barrier()
         seconds = time.perf_counter() - start
+        tx_end = _tx_bytes()
+        wire = None if tx_start is None or tx_end is None else tx_end - tx_start
         if bar is not None:
             bar.close()
         sent, payload, calls, by_op = comm.bytes, comm.payload, comm.calls, dict(comm.by_op)
@@ -112,7 +127,7 @@ def train_rank(rank: int, world: int, run: RunConfig, progress: bool | None = No
             state = optimizer_state_bytes(runner.optimizer)
             per_rank: list[Any] = [None] * world
             dist.all_gather_object(per_rank, {"sent": sent, "payload": payload, "calls": calls, "by_op": by_op,
-                                              "slow": state.slow, "state": state.total})
+                                              "slow": state.slow, "state": state.total, "wire": wire})
 
     window = min(_LOSS_WINDOW, run.steps)
     stride = max(1, math.ceil(run.steps / _CURVE_POINTS))
@@ -137,6 +152,10 @@ def train_rank(rank: int, world: int, run: RunConfig, progress: bool | None = No
         "comm_payload_bytes_per_step": max(r["payload"] for r in per_rank) / run.steps,
         "comm_calls_per_step": max(r["calls"] for r in per_rank) / run.steps,
         "comm_bytes_by_op": {op: v / run.steps for op, v in per_rank[0]["by_op"].items()},
+        # Measured at the network interface (GLOO_SOCKET_IFNAME, e.g. inside launch/cluster.py's
+        # nodes; bytes of all processes of the node), per step, max over ranks; None elsewhere.
+        "wire_tx_bytes_per_step": (None if any(r["wire"] is None for r in per_rank)
+                                   else max(r["wire"] for r in per_rank) / run.steps),
         "slow_bytes_per_rank": [r["slow"] for r in per_rank],
         "optimizer_state_bytes_per_rank": [r["state"] for r in per_rank],
         "param_bytes": n_params * 4,
