@@ -237,8 +237,9 @@ def main(argv: list[str] | None = None) -> int:
                 "other jobs: differences of a few percent are noise. `*`: against DDP (AdamW) on 1 node. "
                 "Exact per-row command: `lookahead-dist train <row flags> <model> --steps S --batch-size "
                 f"{args.per_rank_batch}xN --nproc N` under `torchrun` on each node (see `benchmarks/scaling.py`).")
-        write_section("Throughput and scaling on the simulated cluster (real trainer)",
-                      f"python -m benchmarks.scaling --rate {args.rate} --nodes {args.nodes} --write",
+        rows = f" --rows {args.rows}" if args.rows else ""
+        write_section(f"Throughput and scaling on the simulated cluster, {args.rate} links (real trainer)",
+                      f"python -m benchmarks.scaling --rate {args.rate} --nodes {args.nodes}{rows} --write",
                       body + note)
     return 0 if all("error" not in r for r in results) else 1
 
