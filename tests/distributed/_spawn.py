@@ -60,7 +60,7 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, qu
 
 def run_ranks(fn: Callable, world_size: int = 2, args: tuple = (), timeout: float = 240.0) -> list[Any]:
     ctx = mp.get_context("spawn")
-    queue = ctx.SimpleQueue() if False else ctx.Queue()
+    queue = ctx.Queue()
     port = free_port()
     procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue)) for r in range(world_size)]
     for p in procs:

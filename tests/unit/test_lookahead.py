@@ -574,3 +574,37 @@ def test_wrap_factory_builds_lookahead():
     assert "AdamW" in build.__name__
     with pytest.raises(ValueError, match="k"):
         Lookahead.wrap(torch.optim.AdamW, k=0)
+
+
+def test_fake_step_leaves_a_complete_template_for_checkpoint_loaders():
+    """DCP loads only keys present in the template its fake step creates: counter and slow weight must exist."""
+    params = make_params()
+    theta0 = [p.detach().clone() for p in params]
+    inner = torch.optim.AdamW(params, lr=1e-3)
+    opt = Lookahead(inner, k=3, pullback="pullback")
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    inner.param_groups[0]["lr"] = 0.0
+    opt.step()
+    sd = opt.state_dict()
+    assert sd["state"][0][STEP_KEY] == 0
+    assert all(torch.equal(sd["state"][i][SLOW_KEY], t0) for i, t0 in enumerate(theta0))
+    assert MOMENTUM_KEY in sd["state"][0]
+
+
+def test_sync_follows_slow_weights_replaced_in_the_state():
+    """A host that writes the inner state directly (ZeroRedundancyOptimizer.load_state_dict) must not
+    leave the sync updating orphaned tensors."""
+    params = make_params()
+    opt = Lookahead(torch.optim.SGD(params, lr=0.1, momentum=0.9), k=2)
+    for t in range(1, 3):
+        set_grads(t, params)
+        opt.step()  # the sync at step 2 builds the cached bucket lists
+    replaced = [torch.zeros_like(p) for p in params]
+    for p, r in zip(params, replaced):
+        opt.state[p][SLOW_KEY] = r
+    for t in range(3, 5):
+        set_grads(t, params)
+        opt.step()
+    for p, r in zip(params, replaced):
+        assert opt.slow_weight(p) is r and torch.equal(p.detach(), r) and r.abs().sum() > 0
