@@ -51,6 +51,20 @@ _REDUCE_SCATTER = getattr(dist, "reduce_scatter_single", None) or dist.reduce_sc
 _ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
+def wire_factor(op: str, group_size: int) -> float:
+    """Bytes one rank sends per payload byte with the bandwidth-optimal (ring) algorithm on N ranks.
+
+    all_reduce 2(N-1)/N; reduce_scatter (payload = full input) and all_gather (payload = gathered
+    output) (N-1)/N; anything else (broadcast, send, reduce) 1, or 0 on a single rank.
+    """
+    n = max(group_size, 1)
+    if op == "all_reduce":
+        return 2.0 * (n - 1) / n
+    if op in ("reduce_scatter", "all_gather", "all_to_all"):
+        return (n - 1) / n
+    return 1.0 if n > 1 else 0.0
+
+
 @dataclass
 class CommStats:
     """Counts of the collectives issued, keyed by ``(op, label)``; see Note [Payload and wire bytes]."""
@@ -60,9 +74,7 @@ class CommStats:
     wire_bytes: Counter = field(default_factory=Counter)
 
     def record(self, op: str, label: str, nbytes: int, group_size: int) -> None:
-        n = max(group_size, 1)
-        factor = {"all_reduce": 2.0 * (n - 1) / n, "reduce_scatter": (n - 1) / n,
-                  "all_gather": (n - 1) / n, "broadcast": 1.0 if n > 1 else 0.0}.get(op, 1.0)
+        factor = wire_factor(op, group_size)
         key = (op, label)
         self.calls[key] += 1
         self.payload_bytes[key] += nbytes

@@ -38,6 +38,8 @@ import torch
 import torch.distributed as dist
 import torch.distributed.distributed_c10d as c10d
 
+from lookahead_dist._comm import wire_factor
+
 __all__ = ["CommCounter", "counting_ddp_hook"]
 
 
@@ -124,12 +126,8 @@ class CommCounter:
         self.by_op: dict[str, float] = defaultdict(float)
 
     def _record(self, name: str, kind: str, payload: int, world: int) -> None:
-        if kind == "allreduce":
-            sent = 2.0 * (world - 1) / world * payload
-        elif kind in ("gather", "scatter"):
-            sent = (world - 1) / world * payload
-        else:
-            sent = float(payload) if world > 1 else 0.0
+        op = {"allreduce": "all_reduce", "gather": "all_gather", "scatter": "reduce_scatter"}.get(kind, kind)
+        sent = wire_factor(op, world) * payload
         self.bytes += sent
         self.payload += payload
         self.calls += 1
