@@ -197,6 +197,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def spawn_and_collect(rank_main: Any, n: int, *args: Any) -> list[dict[str, Any]]:
+    """Run ``rank_main(rank, n, port, out_dir, *args)`` on n processes; each writes rank{r}.json."""
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(rank_main, args=(n, _free_port(), tmp, *args), nprocs=n, join=True)
+        per_rank = []
+        for r in range(n):
+            with open(os.path.join(tmp, f"rank{r}.json")) as f:
+                per_rank.append(json.load(f))
+    return per_rank
+
+
 def measure(world_sizes: tuple[int, ...] = (2, 4), hosts: tuple[str, ...] = HOSTS) -> list[dict[str, Any]]:
     """Rows (see :func:`make_row`) for each host at each world size; HSDP needs N >= 4."""
     total = sum(p.numel() for p in make_model().parameters())
@@ -204,12 +215,7 @@ def measure(world_sizes: tuple[int, ...] = (2, 4), hosts: tuple[str, ...] = HOST
     rows = []
     for n in world_sizes:
         run = [h for h in hosts if not (h == "hsdp" and n < 4)]
-        with tempfile.TemporaryDirectory() as tmp:
-            mp.spawn(_rank_main, args=(n, _free_port(), tmp, run), nprocs=n, join=True)
-            per_rank = []
-            for r in range(n):
-                with open(os.path.join(tmp, f"rank{r}.json")) as f:
-                    per_rank.append(json.load(f))
+        per_rank = spawn_and_collect(_rank_main, n, run)
         for h in run:
             rows.append(make_row(HOST_LABELS[h], n, total, [pr[h]["inner"] for pr in per_rank],
                                  [pr[h]["slow"] for pr in per_rank], naive))

@@ -20,14 +20,12 @@ import gc
 import json
 import os
 import sys
-import tempfile
 from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
-from benchmarks.memory import _free_port, format_table, make_model, make_row, update_table
+from benchmarks.memory import format_table, make_model, make_row, spawn_and_collect, update_table
 
 STAGES = (1, 2, 3)
 LABELS = {1: "DeepSpeed ZeRO-1", 2: "DeepSpeed ZeRO-2", 3: "DeepSpeed ZeRO-3"}
@@ -76,12 +74,7 @@ def measure(world_sizes: tuple[int, ...] = (2, 4), stages: tuple[int, ...] = STA
     total = sum(p.numel() for p in make_model().parameters())
     rows = []
     for n in world_sizes:
-        with tempfile.TemporaryDirectory() as tmp:
-            mp.spawn(_rank_main, args=(n, _free_port(), tmp, list(stages)), nprocs=n, join=True)
-            per_rank = []
-            for r in range(n):
-                with open(os.path.join(tmp, f"rank{r}.json")) as f:
-                    per_rank.append(json.load(f))
+        per_rank = spawn_and_collect(_rank_main, n, list(stages))
         for s in stages:
             rows.append(make_row(LABELS[s], n, total, [pr[str(s)]["inner"] for pr in per_rank],
                                  [pr[str(s)]["slow"] for pr in per_rank], 4 * total))

@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from .lookahead import ALPHA_KEY, K_KEY, SLOW_KEY, STEP_KEY, Lookahead, _check_alpha, _check_k
+from .lookahead import SLOW_KEY, Lookahead, _check_alpha, _check_k
 from .memory import optimizer_state_bytes
 
 __all__ = [
