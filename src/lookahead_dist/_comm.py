@@ -15,8 +15,9 @@ Note [Payload and wire bytes]
 broadcast, the full (input) buffer for a reduce-scatter, the full (output) buffer for an all-gather.
 *Wire* bytes estimate what one rank sends under the bandwidth-optimal ring algorithms over a group
 of N ranks: all-reduce ``2 (N-1)/N * S``, reduce-scatter and all-gather ``(N-1)/N * S`` each,
-broadcast ``S`` (the root's view). Hence a reduce-scatter followed by an all-gather of the same
-buffer costs exactly one all-reduce on the wire -- the claim the sharded mode rests on.
+broadcast ``S`` (the root's view), all-to-all (payload = the full input) ``(N-1)/N * S``. Hence a
+reduce-scatter followed by an all-gather of the same buffer costs exactly one all-reduce on the
+wire -- the claim the sharded mode rests on.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ __all__ = [
     "all_reduce",
     "reduce_scatter",
     "all_gather",
+    "all_to_all",
     "broadcast",
     "all_gather_rows",
     "split_by_key",
@@ -124,6 +126,15 @@ def all_gather(out: torch.Tensor, inp: torch.Tensor, group: dist.ProcessGroup | 
         stats.record("all_gather", label, _nbytes(out), _size(group))
     with record_function(f"lookahead_dist/all_gather/{label}"):
         return _ALL_GATHER(out, inp, group=group, async_op=async_op)
+
+
+def all_to_all(out: torch.Tensor, inp: torch.Tensor, group: dist.ProcessGroup | None,
+               stats: CommStats | None, label: str, async_op: bool = False) -> Work | None:
+    """Segment s of ``inp`` goes to rank s; ``out``'s segment s comes from rank s (N equal segments)."""
+    if stats is not None:
+        stats.record("all_to_all", label, _nbytes(inp), _size(group))
+    with record_function(f"lookahead_dist/all_to_all/{label}"):
+        return dist.all_to_all_single(out, inp, group=group, async_op=async_op)
 
 
 def broadcast(t: torch.Tensor, group: dist.ProcessGroup | None, stats: CommStats | None, label: str) -> None:
