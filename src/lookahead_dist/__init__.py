@@ -4,19 +4,21 @@ from .lookahead import (
     ALPHA_KEY,
     K_KEY,
     MOMENTUM_KEY,
-    OUTER_MOMENTUM_KEY,
     PULLBACK_MODES,
     SLOW_KEY,
     STEP_KEY,
     Lookahead,
 )
 from ._checkpoint import strip_lookahead_state
-from .local_sgd import LocalSGDOptions
+from .sync import OUTER_MOMENTUM_KEY, InPlaceSync, LocalSGD, LocalSGDOptions, SyncStrategy
 
 __all__ = [
     "Lookahead",
     "strip_lookahead_state",
     "LocalSGDOptions",
+    "LocalSGD",
+    "SyncStrategy",
+    "InPlaceSync",
     "OUTER_MOMENTUM_KEY",
     "SLOW_KEY",
     "STEP_KEY",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .lookahead import ALPHA_KEY, K_KEY, STATE_KEYS
+from ._keys import is_lookahead_key
 
 __all__ = ["strip_lookahead_state"]
 
@@ -19,8 +19,8 @@ def strip_lookahead_state(state_dict: dict[str, Any]) -> dict[str, Any]:
     """
     state = {}
     for idx, s in state_dict["state"].items():
-        s = {key: v for key, v in s.items() if key not in STATE_KEYS}
+        s = {key: v for key, v in s.items() if not is_lookahead_key(key)}
         if s:
             state[idx] = s
-    groups = [{key: v for key, v in g.items() if key not in (K_KEY, ALPHA_KEY)} for g in state_dict["param_groups"]]
+    groups = [{key: v for key, v in g.items() if not is_lookahead_key(key)} for g in state_dict["param_groups"]]
     return {**state_dict, "state": state, "param_groups": groups}

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["Bucket", "build_buckets", "local_tensor", "slow_update_", "copy_"]
+__all__ = ["Bucket", "build_buckets", "local_tensor", "slow_update_", "copy_", "first_nonfinite"]
 
 
 def local_tensor(t: torch.Tensor) -> torch.Tensor:
@@ -36,8 +36,6 @@ class Bucket:
     def mixed(self) -> bool:
         return bool(self.fast) and self.fast[0].dtype != self.slow[0].dtype
 
-    def numel(self) -> int:
-        return sum(t.numel() for t in self.slow)
 
 
 def build_buckets(pairs: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> list[Bucket]:
@@ -76,3 +74,18 @@ def copy_(dst: Sequence[torch.Tensor], src: Sequence[torch.Tensor]) -> None:
     """``dst[i] <- src[i]`` for tensor lists (dtypes may differ), in one foreach call."""
     if dst:
         torch._foreach_copy_(list(dst), list(src))
+
+
+def first_nonfinite(tensors: Sequence[torch.Tensor]) -> int | None:
+    """Index of the first tensor holding NaN or inf, or None: one foreach max-norm and one host sync.
+
+    The max-norm (``ord=inf``) of finite values never overflows, so only real NaN/inf are found.
+    """
+    index = [i for i, t in enumerate(tensors) if t.numel()]  # the max-norm of nothing is undefined
+    if not index:
+        return None
+    norms = torch.stack(torch._foreach_norm([tensors[i] for i in index], ord=float("inf")))
+    bad = ~torch.isfinite(norms)
+    if not bool(bad.any()):
+        return None
+    return index[int(bad.nonzero()[0, 0])]

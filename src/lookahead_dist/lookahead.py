@@ -31,27 +31,58 @@ steps one group per call) or step a group piecewise (ZeRO-3 sets ``params`` to o
 partition per call); either way each unit counts its own steps, so k keeps meaning k optimizer
 steps. The counter (steps since the last sync, in ``[0, k)``) is kept in the state entry of the
 unit's first tensor, under :data:`STEP_KEY`, so it is sharded and checkpointed with the slow
-weights. A step GradScaler or DeepSpeed skips on overflow never reaches ``step()`` and so does not
-count; the fake step of ``torch.distributed.checkpoint`` (all learning rates 0, all gradients 0)
-is passed to the inner optimizer without counting.
+weights. The fake step of ``torch.distributed.checkpoint`` (all learning rates 0, all gradients
+0) is passed to the inner optimizer without counting.
+
+Skipped steps. DeepSpeed skips an overflowing step on every rank at once (it never reaches
+``step()``). ``torch.amp.GradScaler`` decides per rank, so Lookahead declares
+``_step_supports_amp_scaling``: GradScaler then hands ``step()`` its ``found_inf`` and
+``grad_scale`` instead of skipping the call, and Lookahead unscales the gradients exactly as
+GradScaler would (or passes both to a fused inner optimizer), skips the inner step on overflow, and
+then counts the call or not by the sync strategy: the in-place update does not count a skipped step
+(the cycle is k *applied* steps), while a communicating strategy (local SGD) counts every call, so
+that all ranks reach each sync -- a collective -- on the same ``step()`` call whatever each of them
+skipped. No collective is added per step. The fake-step test is likewise rank-independent for a
+communicating strategy (see ``_is_fake_step``).
+
+Note [Non-finite syncs]
+-----------------------
+A sync that would move a slow weight to NaN/inf would poison every later cycle, so each strategy
+checks what it is about to apply: the in-place update checks the fast weights (one foreach max-norm
+per bucket, once per k steps), local SGD checks the *averaged* pseudo-gradient, which every rank
+receives identically, so all ranks decide the same way with no extra collective. On a hit the
+strategy restores the fast weights from the slow weights (the cycle's steps are dropped), and
+:meth:`Lookahead.on_nonfinite` resets the inner optimizer's state of those tensors, counts
+(``nonfinite_syncs``) and warns once -- or raises ``FloatingPointError`` with
+``on_nonfinite="raise"``. Training goes on from the last good slow weights.
+
+Under a sharding host (ZeRO, FSDP, ZeroRedundancyOptimizer) each rank checks only its own shard
+and decides for it alone. That is enough: the slow update is elementwise, so every element either
+takes its outer step or keeps its previous slow value, and both are valid points; the fast
+weights are re-assembled from the shards by the host as always. No rank waits for another, so no
+collective is added to the in-place sync.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from itertools import chain
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch.optim import Optimizer
+from torch.optim import optimizer as _optim_module
 
 from . import _sync
-from ._sync import Bucket, local_tensor
+from ._keys import ALPHA_KEY, K_KEY, MOMENTUM_KEY, SLOW_KEY, STEP_KEY, is_lookahead_key
+from ._sync import local_tensor
+from .sync import SyncStrategy, make_strategy
 
 if TYPE_CHECKING:
-    from .local_sgd import LocalSGD, LocalSGDOptions
+    from .sync.local_sgd import LocalSGDOptions
 
 __all__ = [
     "Lookahead",
@@ -63,26 +94,15 @@ __all__ = [
     "PULLBACK_MODES",
 ]
 
-#: Per-parameter state key of the slow weight (a tensor shaped like the parameter's local shard).
-SLOW_KEY = "lookahead_slow"
-#: Per-parameter state key (first tensor of a step unit) of the steps taken since the last sync.
-STEP_KEY = "lookahead_step"
-#: Per-parameter state key of the cached momentum used by ``pullback="pullback"``.
-MOMENTUM_KEY = "lookahead_momentum"
-#: Param-group key of the sync period k.
-K_KEY = "lookahead_k"
-#: Param-group key of the slow step size alpha.
-ALPHA_KEY = "lookahead_alpha"
-#: Per-parameter state key of the outer momentum of the local-SGD mode (shaped like the slow weight).
-OUTER_MOMENTUM_KEY = "lookahead_outer_momentum"
-#: Every per-parameter state key Lookahead owns.
-STATE_KEYS = (SLOW_KEY, STEP_KEY, MOMENTUM_KEY, OUTER_MOMENTUM_KEY)
 #: Accepted values of ``pullback``.
 PULLBACK_MODES = ("none", "reset", "pullback")
 # Inner-state keys that hold a first-moment (momentum) buffer, in lookup order.
 _MOMENTUM_BUFFER_KEYS = ("momentum_buffer", "exp_avg")
 
 PullbackMode = Literal["none", "reset", "pullback"]
+#: Accepted values of ``on_nonfinite``.
+NONFINITE_POLICIES = ("skip", "raise")
+NonFinitePolicy = Literal["skip", "raise"]
 
 
 def _check_k(k: Any, name: str = "k") -> int:
@@ -147,9 +167,17 @@ class Lookahead(Optimizer):
         local_sgd: ``True`` or a :class:`~lookahead_dist.local_sgd.LocalSGDOptions`: local-SGD
             mode, where ranks train without a per-step gradient all-reduce and the sync averages
             the fast weights over ``process_group`` before the slow step (optionally with outer
-            momentum, sharded slow weights, bf16 communication, hierarchically). See
-            :mod:`lookahead_dist.local_sgd` and ``docs/local-sgd.md``.
+            momentum, sharded slow weights, compressed communication, streamed over fragments,
+            hierarchically). See :mod:`lookahead_dist.sync.local_sgd` and ``docs/local-sgd.md``.
         process_group: the local-SGD group (default: the world); implies ``local_sgd=True``.
+        on_nonfinite: what a sync does when the fast weights (or, in local SGD, the averaged
+            pseudo-gradient) hold NaN/inf. ``"skip"`` (default): the outer update is skipped, the
+            fast weights are restored from the slow weights and the inner state of those tensors
+            is reset; a warning names the first bad tensor once, and ``nonfinite_syncs`` counts it.
+            ``"raise"``: ``FloatingPointError``. See Note [Non-finite syncs].
+        sync: a :class:`~lookahead_dist.sync.SyncStrategy` instance deciding what a sync does
+            (default: the in-place slow step, no communication). ``local_sgd``/``process_group``
+            are a shorthand for the local-SGD strategy; pass one or the other.
 
     Example:
         >>> import torch
@@ -168,6 +196,9 @@ class Lookahead(Optimizer):
         NeurIPS 2019. https://arxiv.org/abs/1907.08610
     """
 
+    # GradScaler passes found_inf/grad_scale to step() instead of skipping it (Note [Step counting]).
+    _step_supports_amp_scaling = True
+
     def __init__(
         self,
         optimizer: Optimizer,
@@ -178,6 +209,8 @@ class Lookahead(Optimizer):
         slow_dtype: torch.dtype | None = None,
         local_sgd: bool | LocalSGDOptions = False,
         process_group: Any = None,
+        sync: SyncStrategy | None = None,
+        on_nonfinite: NonFinitePolicy = "skip",
     ) -> None:
         if isinstance(optimizer, Lookahead):
             raise TypeError(
@@ -193,6 +226,8 @@ class Lookahead(Optimizer):
         alpha = _check_alpha(alpha)
         if pullback not in PULLBACK_MODES:
             raise ValueError(f"Lookahead `pullback` must be one of {PULLBACK_MODES}, got {pullback!r}")
+        if on_nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"Lookahead `on_nonfinite` must be one of {NONFINITE_POLICIES}, got {on_nonfinite!r}")
         if slow_dtype is not None and (
             not isinstance(slow_dtype, torch.dtype) or not slow_dtype.is_floating_point
         ):
@@ -201,12 +236,13 @@ class Lookahead(Optimizer):
         self.optimizer = optimizer
         self.pullback: PullbackMode = pullback
         self.slow_dtype = slow_dtype
-        # Local-SGD mode (local_sgd.py): set before adoption, whose add_param_group aligns ranks.
-        self._local_sgd: LocalSGD | None = None
-        if local_sgd is not False or process_group is not None:
-            from .local_sgd import make_local_sgd
-
-            self._local_sgd = make_local_sgd(local_sgd, process_group)
+        self.on_nonfinite: NonFinitePolicy = on_nonfinite
+        #: Syncs whose outer update was skipped because of NaN/inf (Note [Non-finite syncs]).
+        self.nonfinite_syncs = 0
+        self._step_calls = 0
+        self._nonfinite_warned = False
+        # What a sync does (sync/): set before adoption, whose add_param_group calls its align().
+        self._strategy: SyncStrategy = make_strategy(sync, local_sgd, process_group)
         self._reset_caches()
         # Optimizer.__init__ assigns empty `state`/`param_groups` and calls add_param_group for
         # each group; while adopting, the property setters ignore the former and
@@ -224,10 +260,7 @@ class Lookahead(Optimizer):
         self._fresh: list[torch.Tensor] = []
         # id(group) -> (group, params list, len): the parameter sets already scanned.
         self._scanned: dict[int, tuple[dict, list, int]] = {}
-        # first tensor of a step unit -> (params list, len, buckets) for the sync.
-        self._buckets: dict[torch.Tensor, tuple[list, int, list[Bucket]]] = {}
-        if getattr(self, "_local_sgd", None) is not None:
-            self._local_sgd.reset_cache()
+        self._strategy.reset_cache()
 
     # -- the inner optimizer's objects, not copies -------------------------------------------
     @property
@@ -253,10 +286,12 @@ class Lookahead(Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         pending = state.get("_pending", {})
-        self.__dict__.update(state)
+        fresh = state.get("_fresh", [])
+        # Optimizer.__setstate__ restores the hook tables and re-patches step for profiling.
+        Optimizer.__setstate__(self, state)
         # Caches are keyed by object identity, which pickling does not keep.
         self._reset_caches()
-        self._pending = pending
+        self._pending, self._fresh = pending, fresh
 
     def __repr__(self) -> str:
         inner = "\n".join("  " + line for line in repr(self.optimizer).splitlines())
@@ -300,26 +335,39 @@ class Lookahead(Optimizer):
             param_group = self.optimizer.param_groups[-1]
         param_group.setdefault(K_KEY, self.defaults[K_KEY])
         param_group.setdefault(ALPHA_KEY, self.defaults[ALPHA_KEY])
-        if self._local_sgd is not None:  # same starting weights on every rank (local_sgd.py)
-            self._local_sgd.align(param_group["params"])
+        self._strategy.align(param_group["params"])  # local SGD: same starting weights everywhere
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
     @property
-    def local_sgd(self) -> LocalSGD | None:
-        """The local-SGD engine (communication statistics in ``.stats``), or None outside that mode."""
-        return self._local_sgd
+    def sync_strategy(self) -> SyncStrategy:
+        """The :class:`~lookahead_dist.sync.SyncStrategy` that performs the syncs."""
+        return self._strategy
+
+    @property
+    def local_sgd(self) -> SyncStrategy | None:
+        """The sync strategy if it communicates (local SGD; statistics in ``.stats``), else None."""
+        return self._strategy if self._strategy.communicates else None
 
     # -- the step --------------------------------------------------------------------------------
     def step(self, closure: Callable[[], float] | None = None) -> Any:  # type: ignore[override]
         """One inner step; after every k-th applied step of a unit, the slow update for it."""
+        self._step_calls += 1
         groups = self.optimizer.param_groups
         self._scan(groups)
-        if self._is_fake_step(groups):
-            return self.optimizer.step() if closure is None else self.optimizer.step(closure)
-        loss = self.optimizer.step() if closure is None else self.optimizer.step(closure)
-        if self._fresh:
+        strategy = self._strategy
+        if self._is_fake_step(groups, strategy.communicates):
+            return self._inner_step(closure)
+        found_inf = getattr(self, "found_inf", None)  # set by GradScaler.step(): Note [Step counting]
+        applied = True
+        if found_inf is None:
+            loss = self._inner_step(closure)
+        else:
+            loss, applied = self._scaled_inner_step(closure, found_inf, getattr(self, "grad_scale", None))
+            if not applied and not strategy.communicates:
+                return loss  # a skipped step does not count, unless ranks must stay in lockstep
+        if self._fresh and applied:  # after a skipped step the inner optimizer has not seen them
             self._place(self._fresh)
             self._fresh = []
         for group in groups:
@@ -327,12 +375,53 @@ class Lookahead(Optimizer):
             if not params:  # ZeRO-3 empties the groups it is not stepping
                 continue
             unit = params[0]
-            n = self._entry(unit).get(STEP_KEY, 0) + 1
-            if n >= group.get(K_KEY, self.defaults[K_KEY]):
-                self._sync(params, group.get(ALPHA_KEY, self.defaults[ALPHA_KEY]))
-                n = 0
-            self._entry(unit)[STEP_KEY] = n  # re-fetched: a "reset" sync moves entries
+            n = self.state_entry(unit).get(STEP_KEY, 0) + 1
+            k = group.get(K_KEY, self.defaults[K_KEY])
+            strategy.advance(self, params, n, k, group.get(ALPHA_KEY, self.defaults[ALPHA_KEY]))
+            self.state_entry(unit)[STEP_KEY] = 0 if n >= k else n  # re-fetched: "reset" moves entries
         return loss
+
+    def _inner_step(self, closure: Callable[[], float] | None) -> Any:
+        # Global optimizer hooks (register_optimizer_step_pre/post_hook) fire for this step() call;
+        # the inner optimizer's step must not fire them a second time. Its own hooks still run.
+        pre, post = _optim_module._global_optimizer_pre_hooks, _optim_module._global_optimizer_post_hooks
+        if not pre and not post:
+            return self.optimizer.step() if closure is None else self.optimizer.step(closure)
+        saved = (pre.copy(), post.copy())
+        pre.clear()
+        post.clear()
+        try:
+            return self.optimizer.step() if closure is None else self.optimizer.step(closure)
+        finally:
+            pre.update(saved[0])
+            post.update(saved[1])
+
+    @torch.no_grad()
+    def _scaled_inner_step(self, closure: Callable[[], float] | None, found_inf: torch.Tensor,
+                           grad_scale: torch.Tensor | None) -> tuple[Any, bool]:
+        """The inner step under GradScaler: (loss, whether it was applied). Note [Step counting]."""
+        inner = self.optimizer
+        skipped = bool(found_inf)
+        if getattr(inner, "_step_supports_amp_scaling", False):  # fused optimizers unscale and skip
+            inner.grad_scale, inner.found_inf = grad_scale, found_inf
+            try:
+                return self._inner_step(closure), not skipped
+            finally:
+                del inner.grad_scale, inner.found_inf
+        if skipped:
+            return None, False
+        if grad_scale is not None:  # GradScaler left the gradients scaled: unscale as it would
+            inv_scale = grad_scale.double().reciprocal().float()
+            by_device: dict[torch.device, list[torch.Tensor]] = {}
+            for g in inner.param_groups:
+                for p in g["params"]:
+                    if p.grad is not None:
+                        grad = local_tensor(p.grad)
+                        by_device.setdefault(grad.device, []).append(grad)
+            for device, grads in by_device.items():
+                unused = torch.zeros((), dtype=torch.float32, device=device)
+                torch._amp_foreach_non_finite_check_and_unscale_(grads, unused, inv_scale.to(device))
+        return self._inner_step(closure), True
 
     def _scan(self, groups: list[dict[str, Any]]) -> None:
         """Take theta_0 for tensors that have no slow weight yet (O(#groups) when none are new)."""
@@ -347,7 +436,8 @@ class Lookahead(Optimizer):
                 st = state.get(p)
                 if (st is not None and SLOW_KEY in st) or p in self._pending:
                     continue
-                entry = {SLOW_KEY: self._new_slow(p)}
+                with torch.no_grad():
+                    entry = self._strategy.new_entry(p, self._slow_dtype_for(p))
                 if self.pullback == "pullback":
                     # The paper's initial cache (zeros), allocated now rather than at the first
                     # sync so that state-dict templates made before then (DCP) carry the key.
@@ -360,14 +450,7 @@ class Lookahead(Optimizer):
             if params:
                 # The counter exists (at 0) from the start, so a state-dict template made before
                 # the first step (DCP's fake step on a fresh optimizer) has the key to load into.
-                self._entry(params[0]).setdefault(STEP_KEY, 0)
-
-    def _new_slow(self, p: torch.Tensor) -> torch.Tensor:
-        if self._local_sgd is not None:  # sharded local SGD keeps only this rank's chunk
-            with torch.no_grad():
-                return self._local_sgd.new_slow(p, self._slow_dtype_for(p))
-        with torch.no_grad():
-            return p.detach().to(dtype=self._slow_dtype_for(p), copy=True)
+                self.state_entry(params[0]).setdefault(STEP_KEY, 0)
 
     def _slow_dtype_for(self, p: torch.Tensor) -> torch.dtype:
         if self.slow_dtype is not None and p.dtype in (torch.float16, torch.bfloat16):
@@ -388,55 +471,64 @@ class Lookahead(Optimizer):
                 state[p].update(entry)
                 del self._pending[p]
 
-    def _entry(self, p: torch.Tensor) -> dict[str, Any]:
+    def state_entry(self, p: torch.Tensor) -> dict[str, Any]:
+        """The dict holding ``p``'s Lookahead state (its inner-state entry, or the side table's).
+
+        For sync strategies; ``p`` must have a slow weight (it took part in a step).
+        """
         st = self.optimizer.state.get(p)
         if st is not None and SLOW_KEY in st:
             return st
         return self._pending[p]
 
-    @staticmethod
-    def _is_fake_step(groups: list[dict[str, Any]]) -> bool:
-        # torch.distributed.checkpoint initialises empty optimizer state by a step with lr 0 and
+    def _is_fake_step(self, groups: list[dict[str, Any]], lockstep: bool) -> bool:
+        # torch.distributed.checkpoint initialises an empty optimizer state by a step with lr 0 and
         # zero gradients; it must not advance a cycle. Gradients are only looked at when every
-        # learning rate is 0, which a real run hits at most at the start of a warmup.
+        # learning rate is 0, which a real run hits at most at the start of a warmup. Where ranks
+        # must count in lockstep (a communicating strategy) the decision may not depend on this
+        # rank's gradients: there the test is "every lr is 0 and the inner state is empty", which
+        # is the same on every rank (DCP fakes a step only for an empty state).
         for g in groups:
             lr = g.get("lr")
             if lr is None or bool(lr != 0):
                 return False
+        if lockstep:
+            return not any(self.optimizer.state.values())
         for g in groups:
             for p in g["params"]:
                 if p.grad is not None and bool(local_tensor(p.grad).any()):
                     return False
         return True
 
-    # -- the sync --------------------------------------------------------------------------------
-    def _unit_buckets(self, params: list[torch.Tensor]) -> list[Bucket]:
-        cached = self._buckets.get(params[0])
-        # The identity check on the first slow tensor catches state entries replaced behind our
-        # back (ZeroRedundancyOptimizer.load_state_dict writes the local optimizer's state directly).
-        if (cached is not None and cached[0] is params and cached[1] == len(params)
-                and cached[2][0].slow[0] is local_tensor(self._entry(params[0])[SLOW_KEY])):
-            return cached[2]
-        buckets = _sync.build_buckets((p, self._entry(p)[SLOW_KEY]) for p in params)
-        self._buckets[params[0]] = (params, len(params), buckets)
-        return buckets
-
+    # -- after a sync ----------------------------------------------------------------------------
     @torch.no_grad()
-    def _sync(self, params: list[torch.Tensor], alpha: float) -> None:
-        if self._pending:
+    def on_synced(self, params: Sequence[torch.Tensor], alpha: float) -> None:
+        """The inner state's part of a sync, called by the strategy once ``params`` hold the new
+        slow weights: ``pullback`` (interpolate momentum) or ``reset`` (clear the inner state)."""
+        if self._pending:  # entries of tensors stepped since they joined move into the inner state
             self._place(list(self._pending))
-        if self._local_sgd is not None:  # average over the group, then the outer step
-            self._local_sgd.sync(self, params, alpha)
-        else:
-            self._slow_update(self._unit_buckets(params), alpha)
         if self.pullback == "pullback":
             self._pull_back_momentum(params, alpha)
         elif self.pullback == "reset":
             self._reset_inner_state(params)
 
-    def _slow_update(self, buckets: list[Bucket], alpha: float) -> None:
-        """The in-place slow step on this rank's tensors; no communication."""
-        _sync.slow_update_(buckets, alpha)
+    @torch.no_grad()
+    def on_nonfinite(self, params: Sequence[torch.Tensor], what: str) -> None:
+        """Called by the strategy when a sync found NaN/inf and has restored ``params``' fast
+        weights from their slow weights (no outer update). Resets the inner optimizer's state of
+        ``params`` (it is likely non-finite too), counts, and warns once or raises.
+
+        ``what`` names the first bad tensor and the step, e.g. ``"fast weight param_groups[0][3]"``.
+        """
+        self.nonfinite_syncs += 1
+        msg = (f"Lookahead: non-finite values at the sync of step() call {self._step_calls} ({what}); the outer update was skipped, the fast "
+               "weights were restored from the slow weights and the inner optimizer state of the unit was reset")
+        if self.on_nonfinite == "raise":
+            raise FloatingPointError(msg)
+        self._reset_inner_state(params)
+        if not self._nonfinite_warned:
+            self._nonfinite_warned = True
+            warnings.warn(msg + " (warned once; count in `nonfinite_syncs`)", RuntimeWarning, stacklevel=4)
 
     def _pull_back_momentum(self, params: list[torch.Tensor], alpha: float) -> None:
         state = self.optimizer.state
@@ -447,7 +539,7 @@ class Lookahead(Optimizer):
             m = next((st[key] for key in _MOMENTUM_BUFFER_KEYS if isinstance(st.get(key), torch.Tensor)), None)
             if m is None:
                 continue
-            entry = self._entry(p)
+            entry = self.state_entry(p)
             c = entry.get(MOMENTUM_KEY)
             if c is None or c.shape != m.shape or c.dtype != m.dtype:
                 entry[MOMENTUM_KEY] = torch.zeros_like(m)  # the paper's initial cache
@@ -464,9 +556,10 @@ class Lookahead(Optimizer):
             st = state.get(p)
             if not st or SLOW_KEY not in st:
                 continue
-            ours = {key: st[key] for key in STATE_KEYS if key in st}
+            ours = {key: v for key, v in st.items() if is_lookahead_key(key)}
             st.clear()  # the inner optimizer re-initialises lazily on its next step
             self._pending[p] = ours
+            self._fresh.append(p)  # back into the inner state after its next step
 
     # -- public helpers --------------------------------------------------------------------------
     def slow_weight(self, p: torch.Tensor) -> torch.Tensor | None:
@@ -483,14 +576,17 @@ class Lookahead(Optimizer):
 
         Tensors that have not taken a step yet have no slow weight and are left as they are.
         """
+        self._strategy.flush(self)
+        if self._pending:
+            self._place(list(self._pending))
         for group in self.optimizer.param_groups:
             params = group["params"]
             ready = [p for p in params if self.slow_weight(p) is not None]
             if not ready:
                 continue
-            self._sync(params if len(ready) == len(params) else ready,
-                       group.get(ALPHA_KEY, self.defaults[ALPHA_KEY]))
-            self._entry(ready[0])[STEP_KEY] = 0  # ready[0] is params[0] unless params was edited
+            self._strategy.sync(self, params if len(ready) == len(params) else ready,
+                                group.get(ALPHA_KEY, self.defaults[ALPHA_KEY]))
+            self.state_entry(ready[0])[STEP_KEY] = 0  # ready[0] is params[0] unless params was edited
 
     @contextmanager
     def use_slow_weights(self) -> Iterator[None]:
@@ -501,17 +597,9 @@ class Lookahead(Optimizer):
             with opt.use_slow_weights():
                 val_loss = evaluate(model)
         """
-        fast, slow = [], []
-        if self._local_sgd is not None and self._local_sgd.sharded:
-            # Each rank holds a chunk of the slow weights: gather them (all ranks call this together).
-            fast, slow = self._local_sgd.slow_pairs(self)
-        else:
-            for group in self.optimizer.param_groups:
-                for p in group["params"]:
-                    s = self.slow_weight(p)
-                    if s is not None:
-                        fast.append(local_tensor(p))
-                        slow.append(local_tensor(s))
+        # A sharding strategy gathers the slow weights here: all its ranks call this together.
+        self._strategy.flush(self)
+        fast, slow = self._strategy.slow_pairs(self)
         with torch.no_grad():
             backup = [f.clone() for f in fast]
             _sync.copy_(fast, slow)
@@ -529,6 +617,9 @@ class Lookahead(Optimizer):
         each param group carries :data:`K_KEY` and :data:`ALPHA_KEY`. The layout is the inner
         optimizer's own, so hosts that save, shard or reshard that state handle these entries too.
         """
+        self._strategy.flush(self)
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
         state = self.optimizer.state
         shown: list[tuple[torch.Tensor, Any]] = []
         for p, entry in self._pending.items():
@@ -536,13 +627,19 @@ class Lookahead(Optimizer):
             shown.append((p, before))
             state[p] = {**(before or {}), **entry}
         try:
-            return super().state_dict()
+            # The inner optimizer's own method, so its hooks and any override of it run.
+            state_dict = self.optimizer.state_dict()
         finally:
             for p, before in shown:
                 if before is None:
                     del state[p]
                 else:
                     state[p] = before
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            out = post_hook(self, state_dict)
+            if out is not None:
+                state_dict = out
+        return state_dict
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a Lookahead or a plain inner-optimizer state dict.
@@ -561,7 +658,7 @@ class Lookahead(Optimizer):
         inner_state: dict[Any, dict[str, Any]] = {}
         for idx, s in state_dict["state"].items():
             s = dict(s)
-            mine = {key: s.pop(key) for key in STATE_KEYS if key in s}
+            mine = {key: s.pop(key) for key in list(s) if is_lookahead_key(key)}
             if mine:
                 ours[idx] = mine
             if s:
@@ -578,13 +675,15 @@ class Lookahead(Optimizer):
                 chain.from_iterable(g["params"] for g in groups),
             )
         )
+        names = {idx: f"param_groups[{gi}].params[{pi}] (state index {idx!r})"
+                 for gi, g in enumerate(state_dict["param_groups"]) for pi, idx in enumerate(g["params"])}
         self._reset_caches()
         state = self.optimizer.state
         for idx, mine in ours.items():
             p = index_to_param.get(idx)
             if p is None:
                 raise KeyError(f"Lookahead state for parameter index {idx!r} has no parameter in param_groups")
-            entry = self._restore_entry(p, mine)
+            entry = self._restore_entry(p, mine, names.get(idx, f"state index {idx!r}"))
             if state.get(p):
                 state[p].update(entry)
             else:
@@ -592,15 +691,11 @@ class Lookahead(Optimizer):
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
 
-    def _restore_entry(self, p: torch.Tensor, saved: dict[str, Any]) -> dict[str, Any]:
-        entry: dict[str, Any] = {}
-        if SLOW_KEY in saved:
-            entry[SLOW_KEY] = saved[SLOW_KEY].to(device=p.device, dtype=self._slow_dtype_for(p), copy=True)
+    def _restore_entry(self, p: torch.Tensor, saved: dict[str, Any], name: str) -> dict[str, Any]:
+        # The strategy restores (and checks) the slow weight and its own keys; the rest is ours.
+        entry = self._strategy.restore_entry(p, saved, self._slow_dtype_for(p), name)
         if STEP_KEY in saved:
             entry[STEP_KEY] = int(saved[STEP_KEY])
         if MOMENTUM_KEY in saved:
-            entry[MOMENTUM_KEY] = saved[MOMENTUM_KEY].to(device=p.device, copy=True)
-        if OUTER_MOMENTUM_KEY in saved:  # local-SGD outer momentum: the slow weight's dtype
-            entry[OUTER_MOMENTUM_KEY] = saved[OUTER_MOMENTUM_KEY].to(
-                device=p.device, dtype=self._slow_dtype_for(p), copy=True)
+            entry[MOMENTUM_KEY] = saved[MOMENTUM_KEY].to(device=local_tensor(p).device, copy=True)
         return entry

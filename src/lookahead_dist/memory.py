@@ -13,7 +13,8 @@ from typing import Any
 import torch
 
 from ._sync import local_tensor
-from .lookahead import SLOW_KEY, STATE_KEYS, Lookahead
+from ._keys import SLOW_KEY, is_lookahead_key
+from .lookahead import Lookahead
 
 __all__ = ["StateBytes", "optimizer_state_bytes", "slow_weight_bytes"]
 
@@ -66,7 +67,7 @@ def optimizer_state_bytes(optimizer: Any) -> StateBytes:
             n = _nbytes(value)
             if key == SLOW_KEY:
                 slow += n
-            elif key in STATE_KEYS:
+            elif is_lookahead_key(key):
                 other += n
             else:
                 inner += n

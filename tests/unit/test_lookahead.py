@@ -289,10 +289,10 @@ def test_dcp_style_fake_step_does_not_count():
     inner.param_groups[0]["lr"] = 0.0
     opt.step()
     inner.param_groups[0]["lr"] = 1e-3
-    assert all(opt.slow_weight(p) is None or opt._entry(p).get(STEP_KEY, 0) == 0 for p in params)
+    assert all(opt.slow_weight(p) is None or opt.state_entry(p).get(STEP_KEY, 0) == 0 for p in params)
     set_grads(1, params)
     opt.step()
-    assert opt._entry(params[0])[STEP_KEY] == 1
+    assert opt.state_entry(params[0])[STEP_KEY] == 1
 
 
 def test_lr_zero_warmup_step_with_real_grads_counts():
@@ -300,7 +300,7 @@ def test_lr_zero_warmup_step_with_real_grads_counts():
     opt = Lookahead(torch.optim.SGD(params, lr=0.0), k=4)
     set_grads(1, params)
     opt.step()
-    assert opt._entry(params[0])[STEP_KEY] == 1
+    assert opt.state_entry(params[0])[STEP_KEY] == 1
 
 
 # -- checkpoints --------------------------------------------------------------------------------
@@ -525,7 +525,7 @@ def test_sync_now_syncs_and_starts_a_new_cycle():
     expected = [opt.slow_weight(p).lerp(p.detach(), 0.5) for p in params]
     opt.sync_now()
     assert all(torch.equal(p, e) and torch.equal(opt.slow_weight(p), e) for p, e in zip(params, expected))
-    assert opt._entry(params[0])[STEP_KEY] == 0
+    assert opt.state_entry(params[0])[STEP_KEY] == 0
 
 
 # -- validation ---------------------------------------------------------------------------------
