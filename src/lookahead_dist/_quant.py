@@ -200,17 +200,21 @@ def _quantize_blocks(x: torch.Tensor, qmax: int) -> tuple[torch.Tensor, torch.Te
     scale = absmax / qmax
     usable = finite & (scale > 0)
     # Divide (not multiply by a reciprocal): correctly rounded, so a reference can reproduce it.
-    q = (x / torch.where(usable, scale, 1.0).unsqueeze(1)).round_().clamp_(-qmax, qmax)
-    q = torch.where(usable.unsqueeze(1), q, 0.0)  # also drops the NaNs of non-finite blocks
+    # Dividing by inf sends the blocks with scale 0 to codes 0; only a non-finite block leaves
+    # NaNs (NaN / inf, inf / inf) to clear, and on the CPU the full-size pass is skipped without one.
+    q = (x / torch.where(usable, scale, math.inf).unsqueeze(1)).round_().clamp_(-qmax, qmax)
+    if x.device.type != "cpu" or not bool(finite.all()):  # (no host sync on an accelerator)
+        q = torch.where(finite.unsqueeze(1), q, 0.0)
     scale = torch.where(finite, scale, math.nan)  # the NaN that carries a non-finite block
     return q, scale
 
 
 def _pack(q: torch.Tensor, bits: int) -> torch.Tensor:
     """Integer-valued fp32 codes -> int8 codes (bits=8) or offset-binary nibble pairs (bits=4)."""
+    codes = q.to(torch.int8).reshape(-1)
     if bits == 8:
-        return q.to(torch.int8).reshape(-1)
-    u = (q + 8).to(torch.uint8).reshape(-1, 2)
+        return codes
+    u = codes.add_(8).view(torch.uint8).view(-1, 2)  # [1, 15]; the byte ops are 4x cheaper than fp32 ones
     return u[:, 0] | (u[:, 1] << 4)
 
 
@@ -219,15 +223,19 @@ def _unpack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     if bits == 8:
         return codes.view(torch.int8).to(torch.float32)
     codes = codes.view(torch.uint8)
-    lo = (codes & 15).to(torch.float32)
-    hi = (codes >> 4).to(torch.float32)
-    return torch.stack((lo, hi), dim=-1).flatten(-2).sub_(8)
+    nibbles = torch.stack((codes & 15, codes >> 4), dim=-1).flatten(-2)  # uint8, interleaved
+    return nibbles.view(torch.int8).sub_(8).to(torch.float32)
 
 
-def _padded_fp32(x: torch.Tensor, numel: int) -> torch.Tensor:
-    """``x`` as fp32, zero-padded to ``numel`` elements (a fresh tensor)."""
+def _padded_fp32(x: torch.Tensor, numel: int, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """``x`` (+ ``residual``) as fp32, zero-padded to ``numel`` elements (a fresh tensor)."""
+    n = x.numel()
+    if residual is not None and n == numel:
+        return torch.add(x.reshape(-1), residual.view(-1), out=torch.empty(n, device=x.device))
     out = torch.zeros(numel, dtype=torch.float32, device=x.device)
-    out[: x.numel()] = x.reshape(-1)
+    out[:n] = x.reshape(-1)
+    if residual is not None:
+        out[:n] += residual.view(-1)
     return out
 
 
@@ -244,8 +252,7 @@ def quantize(x: torch.Tensor, *, bits: int, block_size: int = DEFAULT_BLOCK_SIZE
         :class:`Quantized` with ``numel = x.numel()``. Round trip: ``dequantize(quantize(x))``.
     """
     qmax = _check(bits, block_size)
-    if not x.is_floating_point():
-        raise TypeError(f"quantize expects a floating-point tensor, got dtype {x.dtype}")
+    _check_float(x)
     n = x.numel()
     blocks = -(-n // block_size)
     xf = _padded_fp32(x, blocks * block_size) if n % block_size or x.dtype != torch.float32 else x.reshape(-1)
@@ -271,11 +278,21 @@ def quantize_with_feedback(x: torch.Tensor, residual: torch.Tensor, *, bits: int
     See Note [Error feedback]. ``residual`` is fp32, shaped like ``x``, zeros at the start, and
     kept by the caller between calls (e.g. in optimizer state, per fragment).
     """
+    qmax = _check(bits, block_size)
+    _check_float(x)
     _check_residual(residual, x.numel(), "residual")
-    y = x.reshape(-1).to(torch.float32) + residual.view(-1)
-    q = quantize(y, bits=bits, block_size=block_size)
-    residual.view(-1).copy_(y.sub_(dequantize(q)))
-    return q
+    n = x.numel()
+    blocks = -(-n // block_size)
+    y = _padded_fp32(x, blocks * block_size, residual)
+    q, scales = _quantize_blocks(y.view(blocks, block_size), qmax)
+    sent = q.mul(scales.unsqueeze(1)).view(-1)[:n]  # == dequantize of the result
+    torch.sub(y[:n], sent, out=residual.view(-1))
+    return Quantized(_pack(q, bits), scales, n, bits, block_size)
+
+
+def _check_float(x: torch.Tensor) -> None:
+    if not x.is_floating_point():
+        raise TypeError(f"quantize expects a floating-point tensor, got dtype {x.dtype}")
 
 
 def _check_residual(residual: torch.Tensor, numel: int, name: str) -> None:
@@ -336,13 +353,11 @@ def _from_segments(buf: torch.Tensor, plan: _Plan) -> torch.Tensor:
 
 def _stage_send(flat: torch.Tensor, plan: _Plan, residual: torch.Tensor | None) -> torch.Tensor:
     """Stage 1: quantise the padded (flat + residual), update the residual; the all-to-all input."""
-    y = _padded_fp32(flat, plan.n * plan.chunk)
-    if residual is not None:
-        y[: plan.numel] += residual.view(-1)
+    y = _padded_fp32(flat, plan.n * plan.chunk, residual)
     q, scales = _quantize_blocks(y.view(-1, plan.block_size), _QMAX[plan.bits])
     if residual is not None:
         sent = q.mul(scales.unsqueeze(1)).view(-1)[: plan.numel]
-        residual.view(-1).copy_(y[: plan.numel].sub_(sent))
+        torch.sub(y[: plan.numel], sent, out=residual.view(-1))
     return _to_segments(q, scales, plan.n, plan)
 
 
