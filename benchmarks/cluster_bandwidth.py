@@ -1,6 +1,6 @@
 """Effective bandwidth of a gloo all-reduce across the simulated cluster's shaped link.
 
-For each configured rate, a 2-node cluster (launch/cluster.py) runs a 2-node torchrun job that
+For each configured rate, a 2-node cluster (tools/netcluster.py) runs a 2-node torchrun job that
 all-reduces a float32 payload of P bytes ``iters`` times after a warm-up. A ring all-reduce over n
 ranks sends ``2 (n - 1) / n * P`` bytes per rank, so with time t per call:
 
@@ -84,7 +84,7 @@ def measure(rate: str, *, nodes: int = 2, seconds_per_call: float = 0.5, iters: 
             timeout: float = 180.0) -> dict:
     """Build a cluster at ``rate``, run the worker under torchrun on every node, return rank 0's JSON."""
     sys.path.insert(0, str(ROOT))
-    from launch.cluster import Cluster, format_rate, parse_rate
+    from tools.netcluster import Cluster, format_rate, parse_rate
 
     bps = parse_rate(rate)
     # Payload sized so one call takes about seconds_per_call at line rate (a whole number of MiB).
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     sys.path.insert(0, str(ROOT))
-    from launch.cluster import unavailable_reason
+    from tools.netcluster import unavailable_reason
 
     reason = unavailable_reason()
     if reason:
@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         load = os.getloadavg()[0]
         notes = (
             "\n\nRun as root. CPU only (no GPU), gloo, one rank per node. Two network-namespace nodes behind a "
-            "bridge (`launch/cluster.py`), each node's link shaped with tbf in both directions. "
+            "bridge (`tools/netcluster.py`), each node's link shaped with tbf in both directions. "
             "busbw = 2(n-1)/n x payload / time (= payload / time for n = 2), time = slowest rank's. "
             "Wire tx is eth0's tx_bytes inside node 0's namespace over the timed loop; veth hands "
             "over GSO super-packets, so that counter holds about one header per 64 KiB, while tbf "

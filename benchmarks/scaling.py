@@ -1,5 +1,5 @@
 """Throughput, scaling and bytes per step of the real trainer (``lookahead-dist train``) on the
-simulated cluster (``launch/cluster.py``): DDP, ZeRO-2, FSDP2 with and without Lookahead, local-SGD
+simulated cluster (``tools/netcluster.py``): DDP, ZeRO-2, FSDP2 with and without Lookahead, local-SGD
 Lookahead (k, sharded, bf16, hierarchical), torch ``PostLocalSGDOptimizer`` and accelerate
 ``LocalSGD``, each on 1/2/4 nodes (one rank per node unless the row says otherwise) behind a
 ``--rate`` link, same model, same per-rank batch (weak scaling: global batch = per-rank x ranks).
@@ -78,7 +78,7 @@ def _exe() -> str:
 
 def run_all(specs: list[Spec], nodes: list[int], *, rate: str, model: list[str], per_rank_batch: int,
             timeout: float, echo: bool, port: int = 29700) -> list[dict]:
-    from launch.cluster import Cluster, torchrun_argv
+    from tools.netcluster import Cluster, torchrun_argv
     from benchmarks.throughput import error_line
 
     out_dir = Path(tempfile.mkdtemp(prefix="lkd-scaling-"))
@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.from_json:
         results = json.loads(Path(args.from_json).read_text())
     else:
-        from launch.cluster import unavailable_reason
+        from tools.netcluster import unavailable_reason
 
         reason = unavailable_reason()
         if reason:

@@ -1,6 +1,6 @@
 """Throughput driver: each configured row on 1/2/4 simulated nodes over a shaped link, as a table.
 
-For every node count N (one cluster from launch/cluster.py per N, one rank per node) and every row
+For every node count N (one cluster from tools/netcluster.py per N, one rank per node) and every row
 (a training mode with its options), the training command runs under multi-node torchrun; the last
 JSON line that rank 0 prints is its result. Columns:
 
@@ -109,7 +109,7 @@ def last_json(text: str) -> dict | None:
 
 def run_matrix(rows: list[Row], nodes: list[int], *, rate: str, delay_ms: float, steps: int, template: str,
                extra: dict[str, str], timeout: float, master_port: int = 29600, echo: bool = False) -> list[dict]:
-    from launch.cluster import Cluster, torchrun_argv
+    from tools.netcluster import Cluster, torchrun_argv
 
     results = []
     port = master_port
@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     sys.path.insert(0, str(ROOT))
-    from launch.cluster import unavailable_reason
+    from tools.netcluster import unavailable_reason
 
     try:
         rows = split_rows(args.rows)

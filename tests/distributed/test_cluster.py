@@ -1,4 +1,4 @@
-"""The simulated cluster (launch/cluster.py): a real 2-node torchrun job across shaped namespaces,
+"""The simulated cluster (tools/netcluster.py): a real 2-node torchrun job across shaped namespaces,
 teardown on success, failure, Ctrl-C and SIGKILL, and the clean refusal without privileges.
 
 Skipped unless this host can build namespaces (root with CAP_NET_ADMIN/CAP_SYS_ADMIN, ip, tc).
@@ -20,14 +20,14 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from launch import cluster as cl  # noqa: E402
+from tools import netcluster as cl  # noqa: E402
 
 pytestmark = [
     pytest.mark.distributed,
     pytest.mark.skipif(cl.unavailable_reason() is not None,
                        reason=f"cannot build network namespaces here: {cl.unavailable_reason()}"),
 ]
-TOOL = [sys.executable, str(ROOT / "launch" / "cluster.py")]
+TOOL = [sys.executable, str(ROOT / "tools" / "netcluster.py")]
 
 
 def _host_links() -> set[str]:

@@ -152,7 +152,7 @@ def train_rank(rank: int, world: int, run: RunConfig, progress: bool | None = No
         "comm_payload_bytes_per_step": max(r["payload"] for r in per_rank) / run.steps,
         "comm_calls_per_step": max(r["calls"] for r in per_rank) / run.steps,
         "comm_bytes_by_op": {op: v / run.steps for op, v in per_rank[0]["by_op"].items()},
-        # Measured at the network interface (GLOO_SOCKET_IFNAME, e.g. inside launch/cluster.py's
+        # Measured at the network interface (GLOO_SOCKET_IFNAME, e.g. inside tools/netcluster.py's
         # nodes; bytes of all processes of the node), per step, max over ranks; None elsewhere.
         "wire_tx_bytes_per_step": (None if any(r["wire"] is None for r in per_rank)
                                    else max(r["wire"] for r in per_rank) / run.steps),

@@ -1,5 +1,8 @@
 """A small multi-node cluster on one machine: network namespaces behind a shaped virtual switch.
 
+A tool for measuring communication (benchmarks/scaling.py, benchmarks/cluster_bandwidth.py,
+tests/distributed/test_cluster.py); import it as ``tools.netcluster`` from the repository root.
+
 Topology (a star, all of it outside the host's own network namespace)::
 
     node i  (netns <prefix>-n<i>)             switch (netns <prefix>-sw)
@@ -22,12 +25,12 @@ it runs from ``finally``, and SIGINT/SIGTERM/SIGHUP are turned into exceptions s
 
 Command line (root, or CAP_NET_ADMIN + CAP_SYS_ADMIN, and ``ip``/``tc`` from iproute2)::
 
-    python launch/cluster.py --nodes 2 --rate 1gbit -- \\
+    python tools/netcluster.py --nodes 2 --rate 1gbit -- \\
         torchrun --nnodes {nnodes} --nproc-per-node 1 --node-rank {node_rank} \\
                  --master-addr {master_addr} --master-port {master_port} train.py
-    python launch/cluster.py --nodes 2 --rate 100mbit --torchrun train.py --steps 10
-    python launch/cluster.py --nodes 4 --rate 1gbit --torchrun lookahead-dist train --mode ddp
-    python launch/cluster.py --cleanup          # remove leftovers of crashed runs
+    python tools/netcluster.py --nodes 2 --rate 100mbit --torchrun train.py --steps 10
+    python tools/netcluster.py --nodes 4 --rate 1gbit --torchrun lookahead-dist train --mode ddp
+    python tools/netcluster.py --cleanup          # remove leftovers of crashed runs
 
 ``{node_rank} {nnodes} {master_addr} {master_port} {ifname} {addr}`` in the command are replaced
 per node; node<i> resolves to node i's address inside the nodes; the same values are exported as NODE_RANK, NNODES, MASTER_ADDR, MASTER_PORT,
@@ -588,7 +591,7 @@ def torchrun_argv(command: Sequence[str], nproc_per_node: int = 1) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="cluster.py", description="Run a command on N network-namespace 'nodes' behind a shaped link.",
+        prog="netcluster.py", description="Run a command on N network-namespace 'nodes' behind a shaped link.",
         epilog="Placeholders in COMMAND: {node_rank} {nnodes} {master_addr} {master_port} {ifname} {addr}.")
     parser.add_argument("--nodes", type=int, default=2, help="number of nodes (1-%d)" % MAX_NODES)
     parser.add_argument("--rate", default="1gbit", help="link rate per node and direction: 100mbit, 1gbit, "
@@ -615,11 +618,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         command = command[1:]
     reason = unavailable_reason()
     if reason:
-        print(f"cluster.py: cannot build a cluster on this host: {reason}", file=sys.stderr)
+        print(f"netcluster.py: cannot build a cluster on this host: {reason}", file=sys.stderr)
         return EXIT_UNAVAILABLE
     if args.cleanup:
         removed = cleanup_stale(all_owners=args.all)
-        print(f"cluster.py: removed {len(removed)} namespace(s)" + (": " + " ".join(removed) if removed else ""))
+        print(f"netcluster.py: removed {len(removed)} namespace(s)" + (": " + " ".join(removed) if removed else ""))
         return 0
     if not command:
         parser.error("no command given (put it after --)")
@@ -635,26 +638,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             try:
                 cluster.up()
-                print(f"cluster.py: up: {cluster.describe()}", file=sys.stderr, flush=True)
+                print(f"netcluster.py: up: {cluster.describe()}", file=sys.stderr, flush=True)
                 results = cluster.run(command, timeout=args.timeout, grace=args.grace,
                                       log_dir=args.log_dir, echo=not args.quiet)
             finally:
                 cluster.down()
         except ClusterUnavailable as e:
-            print(f"cluster.py: cannot build a cluster on this host: {e}", file=sys.stderr)
+            print(f"netcluster.py: cannot build a cluster on this host: {e}", file=sys.stderr)
             return EXIT_UNAVAILABLE
         except ClusterError as e:
-            print(f"cluster.py: {e}", file=sys.stderr)
+            print(f"netcluster.py: {e}", file=sys.stderr)
             return 1
         except TimeoutError as e:
-            print(f"cluster.py: timeout: {e}", file=sys.stderr)
+            print(f"netcluster.py: timeout: {e}", file=sys.stderr)
             return EXIT_TIMEOUT
         except Interrupted as e:
-            print(f"cluster.py: interrupted by {e}; cluster torn down", file=sys.stderr)
+            print(f"netcluster.py: interrupted by {e}; cluster torn down", file=sys.stderr)
             return EXIT_INTERRUPTED
     for r in results:
         status = "killed" if r.returncode is None else f"exit {r.returncode}"
-        print(f"cluster.py: node {r.node_rank}: {status} after {r.seconds:.1f} s (log {r.log_path})",
+        print(f"netcluster.py: node {r.node_rank}: {status} after {r.seconds:.1f} s (log {r.log_path})",
               file=sys.stderr)
     failed = [r for r in results if r.returncode != 0]
     if not failed:
