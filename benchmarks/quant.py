@@ -25,7 +25,12 @@ import time
 
 import torch
 
-from lookahead_dist._quant import dequantize, quantize, quantize_with_feedback, quantized_nbytes
+from lookahead_dist._quant import (
+    dequantize,
+    quantize,
+    quantize_with_feedback,
+    quantized_nbytes,
+)
 
 
 def _time(fn, reps: int) -> float:
@@ -54,17 +59,18 @@ def main(argv: list[str] | None = None) -> None:
         r = rows.setdefault("bf16 cast", {"q": [], "dq": [], "qdq": [], "fb": []})
         r["q"].append(_time(lambda: x.bfloat16(), args.reps))
         xb = x.bfloat16()
-        r["dq"].append(_time(lambda: xb.float(), args.reps))
+        r["dq"].append(_time(xb.float, args.reps))
         r["qdq"].append(_time(lambda: x.bfloat16().float(), args.reps))
         r["fb"].append(float("nan"))
         for bits, block in configs:
             r = rows.setdefault(f"int{bits} B={block}", {"q": [], "dq": [], "qdq": [], "fb": []})
             q = quantize(x, bits=bits, block_size=block)
             e = torch.zeros_like(x)
-            r["q"].append(_time(lambda: quantize(x, bits=bits, block_size=block), args.reps))
-            r["dq"].append(_time(lambda: dequantize(q), args.reps))
-            r["qdq"].append(_time(lambda: dequantize(quantize(x, bits=bits, block_size=block)), args.reps))
-            r["fb"].append(_time(lambda: quantize_with_feedback(x, e, bits=bits, block_size=block), args.reps))
+            kw = {"bits": bits, "block_size": block}
+            r["q"].append(_time(lambda kw=kw: quantize(x, **kw), args.reps))
+            r["dq"].append(_time(lambda q=q: dequantize(q), args.reps))
+            r["qdq"].append(_time(lambda kw=kw: dequantize(quantize(x, **kw)), args.reps))
+            r["fb"].append(_time(lambda e=e, kw=kw: quantize_with_feedback(x, e, **kw), args.reps))
 
     def bytes_per_elem(name: str) -> float:
         if name == "bf16 cast":

@@ -126,15 +126,15 @@ from lookahead_dist._comm import CommStats
 __all__ = [
     "DEFAULT_BLOCK_SIZE",
     "Quantized",
-    "quantize",
+    "QuantizedAllReduceWork",
     "dequantize",
+    "quantize",
     "quantize_with_feedback",
-    "scale_overhead",
-    "quantized_nbytes",
-    "reduce_chunk_numel",
     "quantized_all_reduce",
     "quantized_all_reduce_async",
-    "QuantizedAllReduceWork",
+    "quantized_nbytes",
+    "reduce_chunk_numel",
+    "scale_overhead",
 ]
 
 DEFAULT_BLOCK_SIZE = 512
@@ -509,6 +509,10 @@ def quantized_all_reduce_async(flat: torch.Tensor, group: dist.ProcessGroup, *, 
             "torch.distributed.new_group(ranks) and pass it as `group`"
         )
     plan = _validate(flat, group, bits, block_size, residual, owner_residual, out)
+    if plan.numel == 0:  # the same on every rank: nothing to send
+        done: Future = Future()
+        done.set_result((flat.new_empty(0) if out is None else out, None))
+        return QuantizedAllReduceWork(done, flat.device)
     send = _stage_send(flat, plan, residual)
     _record(stats, plan, label)
     worker = _worker_for(group, create=True)
@@ -564,6 +568,8 @@ def quantized_all_reduce(flat: torch.Tensor, group: dist.ProcessGroup | None, *,
         The reduced fp32 tensor (``out`` if given).
     """
     plan = _validate(flat, group, bits, block_size, residual, owner_residual, out)
+    if plan.numel == 0:  # the same on every rank: nothing to send
+        return flat.new_empty(0) if out is None else out
     worker = _worker_for(group, create=False) if not _is_default_group(group) else None
     if worker is not None:  # keep the order of collectives on the worker's group
         return quantized_all_reduce_async(flat, group, bits=bits, block_size=block_size, average=average,

@@ -60,6 +60,8 @@ def _body(rank: int, world: int) -> dict:
     x = data(rank, 0, 1000)
     out = quantized_all_reduce(x, None, bits=8, block_size=8, average=False, out=x)
     res["sum_in_place"] = (out is x, x.numpy().copy())
+    st = CommStats()
+    res["empty"] = (quantized_all_reduce(torch.zeros(0), None, bits=8, stats=st).numel(), st.total("calls"))
     # 3. a NaN on the last rank reaches every rank, in its block only
     x = data(rank, 0, 100)
     if rank == world - 1:
@@ -172,6 +174,11 @@ def test_sum_variant_in_place(ranks):
         is_x, got = res["sum_in_place"]
         assert is_x
         np.testing.assert_array_equal(got, want)
+
+
+def test_empty_buffer_sends_nothing(ranks):
+    _, results = ranks
+    assert all(res["empty"] == (0, 0) for res in results)
 
 
 def test_nan_on_one_rank_reaches_every_rank_in_its_block(ranks):

@@ -205,10 +205,10 @@ def test_reduce_chunk_numel():
 @pytest.mark.parametrize(
     "kwargs,match",
     [
-        (dict(bits=3), "bits must be 8 or 4, got 3"),
-        (dict(bits=8, block_size=7), "block_size must be a positive even number of elements, got 7"),
-        (dict(bits=4, block_size=0), "got 0; the default is 512"),
-        (dict(bits=4, block_size=True), "got True"),
+        ({"bits": 3}, "bits must be 8 or 4, got 3"),
+        ({"bits": 8, "block_size": 7}, "block_size must be a positive even number of elements, got 7"),
+        ({"bits": 4, "block_size": 0}, "got 0; the default is 512"),
+        ({"bits": 4, "block_size": True}, "got True"),
     ],
 )
 def test_bad_arguments(kwargs, match):
