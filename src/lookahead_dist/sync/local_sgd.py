@@ -134,6 +134,8 @@ class LocalSGDOptions:
         init: ``"broadcast"`` | ``"check"`` | ``"none"``: Note [Same starting weights].
         on_ddp_sync: ``"warn"`` | ``"raise"``: Note [DDP still all-reducing].
         bucket_cap_mb: largest flat communication bucket, in MiB (a larger tensor gets its own).
+        manager: a ``torchft.Manager``: the sync goes through it and survives lost replica groups
+            (:mod:`lookahead_dist.sync.ft`, ``docs/fault-tolerance.md``; extra ``[ft]``).
     """
 
     process_group: dist.ProcessGroup | None = None
@@ -147,6 +149,7 @@ class LocalSGDOptions:
     init: InitMode = "broadcast"
     on_ddp_sync: DDPPolicy = "warn"
     bucket_cap_mb: float = 25.0
+    manager: Any = None
     _buffers: list[torch.Tensor] | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -187,6 +190,10 @@ class LocalSGDOptions:
                 raise TypeError(f"LocalSGDOptions `buffers` must hold tensors, got {bad[:3]}")
             # An iterator (module.buffers()) would be spent after one read: keep the list.
             self.buffers = self._buffers = bufs
+        if self.manager is not None:
+            from .ft import check_options
+
+            check_options(self)
         for name in ("process_group", "intra_group"):
             pg = getattr(self, name)
             if pg is not None and not isinstance(pg, dist.ProcessGroup):
@@ -225,6 +232,10 @@ def make_local_sgd(local_sgd: bool | LocalSGDOptions, process_group: Any = None)
         options = LocalSGDOptions(process_group=process_group)
     else:
         raise TypeError(f"Lookahead `local_sgd` must be a bool or LocalSGDOptions, got {local_sgd!r}")
+    if options.manager is not None:
+        from .ft import FaultTolerantLocalSGD
+
+        return FaultTolerantLocalSGD(options)  # type: ignore[return-value]
     return LocalSGD(options)
 
 
