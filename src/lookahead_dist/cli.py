@@ -6,7 +6,8 @@
     lookahead-dist compare                                # AdamW vs Lookahead under every mode
     lookahead-dist compare --quick --json results.json    # CI-sized, also as JSON
 
-Exit status: 0 success, 1 a run failed (or was unavailable for ``train``), 2 bad command line.
+Exit status: 0 success, 1 a run failed (or was unavailable for ``train``, or the ``demo`` extra is
+not installed), 2 bad command line.
 Ranks are spawned on this machine (gloo on CPU, NCCL on CUDA GPUs); under ``torchrun`` the
 command runs as one rank of the launcher's job instead (``torchrun --nproc-per-node 2 --no-python
 lookahead-dist train ...``).
@@ -35,6 +36,9 @@ DEFAULT_RUNS = ("ddp:adamw", "ddp:lookahead", "zero2:lookahead", "fsdp2:lookahea
 #: Defaults of the training shape (``train`` and ``compare``) and their ``--quick`` values.
 DEFAULTS = {"steps": 300, "batch_size": 32, "eval_batches": 8}
 QUICK = {"steps": 20, "batch_size": 8, "eval_batches": 2}
+#: Modules the demo needs beyond the library's own dependency (torch), and the extra that installs them.
+DEMO_REQUIRES = ("tqdm",)
+DEMO_EXTRA = "demo"
 
 
 class UsageError(Exception):
@@ -349,6 +353,12 @@ def _execute(args: argparse.Namespace, configs: list[Any], *, keep_going: bool) 
     return status
 
 
+def _missing_demo_modules() -> list[str]:
+    import importlib.util
+
+    return [name for name in DEMO_REQUIRES if importlib.util.find_spec(name) is None]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``lookahead-dist`` console script; returns the exit status."""
     parser = build_parser()
@@ -362,6 +372,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             configs = _configs(args, args.runs or [_run_spec(s) for s in DEFAULT_RUNS])
     except UsageError as exc:
         args.subparser.error(str(exc))  # prints the command's usage and the message, exits 2
+    missing = _missing_demo_modules()
+    if missing:
+        _error(f"`lookahead-dist {args.command}` needs {', '.join(missing)}, which the core install (torch "
+               f"only) leaves out; install the demo extra: pip install 'lookahead-dist[{DEMO_EXTRA}]'")
+        return 1
     try:
         return _execute(args, configs, keep_going=args.command == "compare")
     except KeyboardInterrupt:

@@ -207,3 +207,15 @@ def test_json_dash_prints_json_only(stub_runs, capsys):
     assert doc["command"] == "compare"
     assert [r["name"] for r in doc["runs"]] == ["ddp/adamw", "fsdp2/lookahead"]
     assert doc["runs"][1]["config"]["model"]["d_model"] == 128
+
+
+def test_missing_demo_extra_exits_1_naming_it(stub_runs, monkeypatch, capsys):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # as if tqdm were not installed
+    assert cli.main(["train", "--mode", "ddp", "--device", "cpu"]) == 1
+    err = capsys.readouterr().err
+    assert "needs tqdm" in err and "pip install 'lookahead-dist[demo]'" in err
+    assert stub_runs == []
+    code, out, _ = _exit_code(["train", "--help"], capsys)  # --help needs nothing beyond torch
+    assert code == 0 and "--mode" in out
