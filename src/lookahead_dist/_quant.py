@@ -195,14 +195,15 @@ class Quantized:
 # -- the block kernels (2-D: one row per block) ------------------------------------------------
 def _quantize_blocks(x: torch.Tensor, qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``x`` fp32 ``(blocks, B)`` -> integer codes as fp32 ``(blocks, B)`` and fp32 scales ``(blocks,)``."""
-    absmax = x.abs().amax(dim=1)  # NaN if the block holds a NaN, inf if it holds an inf
+    buf = x.abs()
+    absmax = buf.amax(dim=1)  # NaN if the block holds a NaN, inf if it holds an inf
     finite = torch.isfinite(absmax)
     scale = absmax / qmax
     usable = finite & (scale > 0)
     # Divide (not multiply by a reciprocal): correctly rounded, so a reference can reproduce it.
     # Dividing by inf sends the blocks with scale 0 to codes 0; only a non-finite block leaves
     # NaNs (NaN / inf, inf / inf) to clear, and on the CPU the full-size pass is skipped without one.
-    q = (x / torch.where(usable, scale, math.inf).unsqueeze(1)).round_().clamp_(-qmax, qmax)
+    q = torch.div(x, torch.where(usable, scale, math.inf).unsqueeze(1), out=buf).round_().clamp_(-qmax, qmax)
     if x.device.type != "cpu" or not bool(finite.all()):  # (no host sync on an accelerator)
         q = torch.where(finite.unsqueeze(1), q, 0.0)
     scale = torch.where(finite, scale, math.nan)  # the NaN that carries a non-finite block
@@ -285,9 +286,10 @@ def quantize_with_feedback(x: torch.Tensor, residual: torch.Tensor, *, bits: int
     blocks = -(-n // block_size)
     y = _padded_fp32(x, blocks * block_size, residual)
     q, scales = _quantize_blocks(y.view(blocks, block_size), qmax)
-    sent = q.mul(scales.unsqueeze(1)).view(-1)[:n]  # == dequantize of the result
+    codes = _pack(q, bits)
+    sent = q.mul_(scales.unsqueeze(1)).view(-1)[:n]  # == dequantize of the result
     torch.sub(y[:n], sent, out=residual.view(-1))
-    return Quantized(_pack(q, bits), scales, n, bits, block_size)
+    return Quantized(codes, scales, n, bits, block_size)
 
 
 def _check_float(x: torch.Tensor) -> None:
@@ -336,7 +338,7 @@ def _plan(numel: int, n: int, bits: int, block_size: int) -> _Plan:
 
 
 def _to_segments(q: torch.Tensor, scales: torch.Tensor, rows: int, plan: _Plan) -> torch.Tensor:
-    """Pack codes and scales of ``rows`` chunks into a ``(rows, seg_bytes)`` uint8 buffer."""
+    """Pack the fp32 codes and the scales of ``rows`` chunks into a ``(rows, seg_bytes)`` uint8 buffer."""
     buf = torch.empty(rows, plan.seg_bytes, dtype=torch.uint8, device=q.device)
     buf[:, : plan.code_bytes] = _pack(q, plan.bits).view(torch.uint8).view(rows, plan.code_bytes)
     buf[:, plan.code_bytes:] = scales.view(torch.uint8).view(rows, plan.scale_bytes)
@@ -355,10 +357,11 @@ def _stage_send(flat: torch.Tensor, plan: _Plan, residual: torch.Tensor | None) 
     """Stage 1: quantise the padded (flat + residual), update the residual; the all-to-all input."""
     y = _padded_fp32(flat, plan.n * plan.chunk, residual)
     q, scales = _quantize_blocks(y.view(-1, plan.block_size), _QMAX[plan.bits])
+    send = _to_segments(q, scales, plan.n, plan)
     if residual is not None:
-        sent = q.mul(scales.unsqueeze(1)).view(-1)[: plan.numel]
+        sent = q.mul_(scales.unsqueeze(1)).view(-1)[: plan.numel]  # q is packed: reuse its memory
         torch.sub(y[: plan.numel], sent, out=residual.view(-1))
-    return _to_segments(q, scales, plan.n, plan)
+    return send
 
 
 def _stage_reduce(send: torch.Tensor, plan: _Plan, group, average: bool, owner_residual: torch.Tensor | None,
@@ -375,9 +378,9 @@ def _stage_reduce(send: torch.Tensor, plan: _Plan, group, average: bool, owner_r
     if owner_residual is not None:
         acc += owner_residual.view(-1)
     q, scales = _quantize_blocks(acc.view(-1, plan.block_size), _QMAX[plan.bits])
-    if owner_residual is not None:
-        owner_residual.view(-1).copy_(acc.sub_(q.mul(scales.unsqueeze(1)).view(-1)))
     mine = _to_segments(q, scales, 1, plan)
+    if owner_residual is not None:
+        torch.sub(acc, q.mul_(scales.unsqueeze(1)).view(-1), out=owner_residual.view(-1))
     gathered = torch.empty(plan.n, plan.seg_bytes, dtype=torch.uint8, device=send.device)
     _comm.all_gather(gathered.view(-1), mine.view(-1), group, None, label)
     vals = _from_segments(gathered, plan).view(-1)[: plan.numel]
