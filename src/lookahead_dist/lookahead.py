@@ -236,7 +236,7 @@ class Lookahead(Optimizer):
         self.optimizer = optimizer
         self.pullback: PullbackMode = pullback
         self.slow_dtype = slow_dtype
-        self.on_nonfinite: NonFinitePolicy = on_nonfinite
+        self.nonfinite_policy: NonFinitePolicy = on_nonfinite
         #: Syncs whose outer update was skipped because of NaN/inf (Note [Non-finite syncs]).
         self.nonfinite_syncs = 0
         self._step_calls = 0
@@ -523,7 +523,7 @@ class Lookahead(Optimizer):
         self.nonfinite_syncs += 1
         msg = (f"Lookahead: non-finite values at the sync of step() call {self._step_calls} ({what}); the outer update was skipped, the fast "
                "weights were restored from the slow weights and the inner optimizer state of the unit was reset")
-        if self.on_nonfinite == "raise":
+        if self.nonfinite_policy == "raise":
             raise FloatingPointError(msg)
         self._reset_inner_state(params)
         if not self._nonfinite_warned:
