@@ -506,7 +506,10 @@ class Lookahead(Optimizer):
         """The inner state's part of a sync, called by the strategy once ``params`` hold the new
         slow weights: ``pullback`` (interpolate momentum) or ``reset`` (clear the inner state)."""
         if self._pending:  # entries of tensors stepped since they joined move into the inner state
-            self._place(list(self._pending))
+            # ... except those a "reset" sync of another group just cleared in this step(): they
+            # wait for the inner optimizer's next step (it must see an empty state to re-initialise).
+            waiting = set(self._fresh)
+            self._place([p for p in self._pending if p not in waiting])
         if self.pullback == "pullback":
             self._pull_back_momentum(params, alpha)
         elif self.pullback == "reset":
