@@ -260,6 +260,7 @@ def _configs(args: argparse.Namespace, specs: Sequence[tuple[str, str]]) -> list
         raise UsageError(str(exc).replace("ModelConfig `d_model`", "--d-model").replace("`n_head`", "--heads")) from None
     if batch % nproc:
         raise UsageError(f"--batch-size {batch} is not divisible by --nproc {nproc}")
+    _check_local_sgd_flags(args, specs)
     configs = []
     for mode, optimizer in specs:
         optimizer = optimizer or _default_optimizer(mode)  # `train` without --optimizer
@@ -274,6 +275,20 @@ def _configs(args: argparse.Namespace, specs: Sequence[tuple[str, str]]) -> list
         except ValueError as exc:
             raise UsageError(str(exc)) from None
     return configs
+
+
+# (flag, dest, default) of the local-SGD options, for the check that some run uses them.
+_LOCAL_SGD_FLAGS = (("--outer-momentum", "outer_momentum", 0.0), ("--nesterov", "nesterov", False),
+                    ("--local-sgd-sharded", "sharded", False), ("--comm-dtype", "comm_dtype", "fp32"),
+                    ("--hierarchical", "hierarchical", False))
+
+
+def _check_local_sgd_flags(args: argparse.Namespace, specs: Sequence[tuple[str, str]]) -> None:
+    given = [flag for flag, dest, default in _LOCAL_SGD_FLAGS if getattr(args, dest) != default]
+    if given and not any(mode == "local-sgd" for mode, _ in specs):
+        modes = ", ".join(dict.fromkeys(mode for mode, _ in specs))
+        raise UsageError(f"{', '.join(given)}: option(s) of --mode local-sgd, but no run uses it (mode: {modes}); "
+                         "drop them or use --mode local-sgd")
 
 
 def _local_sgd_options(args: argparse.Namespace, mode: str) -> dict[str, Any]:
