@@ -20,16 +20,21 @@ Flags: --replica --groups --syncs (stop at this many committed syncs) --k --alph
 --outer-momentum --nesterov --batch --seed --step-sleep (seconds of pretend compute per inner step)
 --timeout (collective and RPC timeout, s) --init-sync --log FILE (JSON lines: ready, sync, end)
 --out DIR (final model and optimizer state) --stop-file FILE (a number in it overrides --syncs)
---go-file FILE (wait for it before training: lets a test start every group first).
+--go-file FILE (wait for it before training: lets a test start every group first)
+--crash-in-allreduce N (fault injection: die inside the sync after committed step N).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import sys
 import time
+
+_T0 = time.time()  # before torch is imported: startup_s counts the imports
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import signal  # noqa: E402
+import sys  # noqa: E402
 from datetime import timedelta
 from pathlib import Path
 
@@ -66,6 +71,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", help="save the final model and optimizer state to OUT/final_r<replica>.pt")
     p.add_argument("--stop-file", help="if this file holds a number, it replaces --syncs (read at each sync)")
     p.add_argument("--go-file", help="wait for this file to exist before training")
+    p.add_argument("--crash-in-allreduce", type=int, default=0,
+                   help="fault injection: SIGKILL this process when the sync after committed step N "
+                   "reaches the all-reduce (the quorum has formed with it; 0: never)")
     return p.parse_args(argv)
 
 
@@ -94,7 +102,7 @@ def target_syncs(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    t_start = time.time()
+    t_start = _T0
     from torch.distributed import TCPStore
     from torchft import Manager, ProcessGroupGloo
 
@@ -128,6 +136,16 @@ def main(argv: list[str] | None = None) -> None:
         local_sgd=LocalSGDOptions(manager=manager, outer_momentum=args.outer_momentum, nesterov=args.nesterov),
     )
     ft = opt.local_sgd.ft
+    if args.crash_in_allreduce:
+        send = manager.allreduce
+
+        def allreduce_or_die(tensor, *a, **kw):
+            if manager.current_step() == args.crash_in_allreduce:
+                log("crash", step=manager.current_step())
+                os.kill(os.getpid(), signal.SIGKILL)
+            return send(tensor, *a, **kw)
+
+        manager.allreduce = allreduce_or_die
     log("ready", startup_s=round(time.time() - t_start, 3), step=manager.current_step())
     if args.go_file:
         while not os.path.exists(args.go_file):
