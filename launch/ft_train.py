@@ -21,7 +21,8 @@ Flags: --replica --groups --syncs (stop at this many committed syncs) --k --alph
 --timeout (collective and RPC timeout, s) --init-sync --log FILE (JSON lines: ready, sync, end)
 --out DIR (final model and optimizer state) --stop-file FILE (a number in it overrides --syncs)
 --go-file FILE (wait for it before training: lets a test start every group first)
---crash-in-allreduce N (fault injection: die inside the sync after committed step N).
+--crash-in-allreduce N (fault injection: die inside the sync after committed step N)
+--summarize LOG... (print a run's timeline from its logs).
 """
 
 from __future__ import annotations
@@ -71,6 +72,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", help="save the final model and optimizer state to OUT/final_r<replica>.pt")
     p.add_argument("--stop-file", help="if this file holds a number, it replaces --syncs (read at each sync)")
     p.add_argument("--go-file", help="wait for this file to exist before training")
+    p.add_argument("--summarize", nargs="+", metavar="LOG",
+                   help="print the timeline of a run from its --log files and exit (no training)")
     p.add_argument("--crash-in-allreduce", type=int, default=0,
                    help="fault injection: SIGKILL this process when the sync after committed step N "
                    "reaches the all-reduce (the quorum has formed with it; 0: never)")
@@ -100,8 +103,60 @@ def target_syncs(args: argparse.Namespace) -> int:
     return args.syncs
 
 
+def summarize(paths: list[str]) -> None:
+    """The timeline of a run from its event logs: startups, kills, the survivors' stall, heals, the end."""
+    events = []
+    for path in paths:
+        for line in Path(path).read_text().splitlines():
+            try:
+                events.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass
+    if not events:
+        print("no events")
+        return
+    events.sort(key=lambda e: e["t"])
+    t0 = events[0]["t"]
+    by_pid: dict[int, list[dict]] = {}
+    for e in events:
+        by_pid.setdefault(e["pid"], []).append(e)
+    ended = {pid for pid, es in by_pid.items() if es[-1]["event"] == "end"}
+    deaths = []
+    for pid, es in by_pid.items():
+        r = es[0]["replica"]
+        ready = next((e for e in es if e["event"] == "ready"), None)
+        if ready:
+            print(f"{ready['t'] - t0:+8.2f} s  replica {r} pid {pid}: ready (startup {ready['startup_s']:.2f} s)")
+        heal = next((e for e in es if e["event"] == "sync" and e["healed"]), None)
+        if heal:
+            print(f"{heal['t'] - t0:+8.2f} s  replica {r} pid {pid}: healed from a peer at step {heal['step']} "
+                  f"(that sync took {heal['sync_s']:.2f} s, its quorum {heal['quorum_s']:.2f} s)")
+        if pid not in ended:
+            deaths.append(es[-1]["t"])
+            print(f"{es[-1]['t'] - t0:+8.2f} s  replica {r} pid {pid}: last sign of life ({es[-1]['event']}, "
+                  f"step {es[-1].get('step')}); no end: killed")
+    for pid in sorted(ended):
+        es = [e for e in by_pid[pid] if e["event"] == "sync"]
+        r = by_pid[pid][0]["replica"]
+        gaps = [(b["t"] - a["t"], a, b) for a, b in zip(es, es[1:])]
+        if gaps:
+            gap, a, b = max(gaps, key=lambda g: g[0])
+            typical = sorted(g[0] for g in gaps)[len(gaps) // 2]
+            alone = sum(1 for e in es if e["committed"] and e["participants"] == 1)
+            dropped = sum(1 for e in es if not e["committed"])
+            print(f"          replica {r} pid {pid}: longest gap between syncs {gap:.2f} s "
+                  f"({a['t'] - t0:+.2f} -> {b['t'] - t0:+.2f} s; median {typical:.3f} s); {alone} syncs committed "
+                  f"alone, {dropped} windows dropped")
+        end = by_pid[pid][-1]
+        print(f"{end['t'] - t0:+8.2f} s  replica {r} pid {pid}: end at step {end['step']}, committed "
+              f"{end['committed']}, dropped {end['discarded']}, healed {end['healed']}, checksum {end['checksum']:.12e}")
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.summarize:
+        summarize(args.summarize)
+        return
     t_start = _T0
     from torch.distributed import TCPStore
     from torchft import Manager, ProcessGroupGloo
