@@ -236,9 +236,10 @@ def save_checkpoint(
     root = Path(path)
     tag = _tag(step)
     ckpt = root / tag
-    if rank == 0:
-        ckpt.mkdir(parents=True, exist_ok=True)
-    _barrier(group)
+    steps = _gather_int(step, group)
+    if len(set(steps)) > 1:
+        raise ValueError(f"save_checkpoint: the ranks passed different steps {steps}; every rank must save "
+                         "the same step, at the same point of the loop")
     record: dict[str, Any] = {
         "format": FORMAT,
         "step": step,
@@ -247,6 +248,7 @@ def save_checkpoint(
         "extra": {name: obj.state_dict() for name, obj in extra.items()},
         "rng": _rng_state(),
     }
+    ckpt.mkdir(parents=True, exist_ok=True)
     if _is_deepspeed_engine(model):
         # The engine writes its own sharded files (and ends with a barrier); its `latest` is ours.
         model.save_checkpoint(str(root), tag=tag, client_state={"lookahead_dist_step": step}, save_latest=False)
@@ -320,7 +322,12 @@ def load_latest(
         _warn_if_shared_store()
     root = Path(path)
     step = latest_step(root)
-    _agree(step, group)
+    seen = _gather_int(-1 if step is None else step, group)
+    if len(set(seen)) > 1:
+        raise RuntimeError(
+            f"ranks found different latest checkpoints (step per rank: {['none' if s < 0 else s for s in seen]}); "
+            "the checkpoint directory must be one shared file system that every rank reads"
+        )
     if step is None:
         return 0
     tag = _tag(step)
@@ -383,19 +390,13 @@ def _warn_if_shared_store() -> None:
         )
 
 
-def _agree(step: int | None, group: Any) -> None:
-    """Every rank must have found the same checkpoint (one small all-gather)."""
+def _gather_int(value: int, group: Any) -> list[int]:
+    """Every rank's ``value`` (one small all-gather; ``[value]`` without a process group)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
-        return
+        return [value]
     backend = dist.get_backend(group)
     device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
-    mine = torch.tensor([-1 if step is None else step], dtype=torch.int64, device=device)
+    mine = torch.tensor([value], dtype=torch.int64, device=device)
     rows = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
     dist.all_gather(rows, mine, group=group)
-    seen = [int(r.item()) for r in rows]
-    if len(set(seen)) > 1:
-        shown = ["none" if s < 0 else s for s in seen]
-        raise RuntimeError(
-            f"ranks found different latest checkpoints (step per rank: {shown}); the checkpoint directory "
-            "must be one shared file system that every rank reads"
-        )
+    return [int(r.item()) for r in rows]

@@ -140,3 +140,37 @@ def test_kill9_restart_resumes_bit_identical(runs, mode):
     ckpt = crashed["dir"] / "ckpt"
     assert (ckpt / "latest").read_text() == f"step_{STEPS:08d}"
     assert sorted(p.name for p in ckpt.glob("step_*")) == [f"step_{STEPS - EVERY:08d}", f"step_{STEPS:08d}"]
+
+
+def _disagree(rank: int, world: int, tmp: Path) -> list[str]:
+    from lookahead_dist.checkpointing import load_latest, save_checkpoint
+
+    model = torch.nn.Linear(2, 1)
+    errors = []
+    try:
+        save_checkpoint(tmp / "shared", model, None, 5 + rank)  # ranks at different steps
+    except ValueError as exc:
+        errors.append(str(exc))
+    # A directory per rank, as on nodes without a shared file system: only rank 0's gets `latest`.
+    save_checkpoint(tmp / f"own{rank}", model, None, 5)
+    try:
+        load_latest(tmp / f"own{rank}", model, None)
+    except RuntimeError as exc:
+        errors.append(str(exc))
+    return errors
+
+
+@pytest.mark.timeout(120)
+def test_ranks_that_disagree_fail_clearly(tmp_path):
+    """save_checkpoint with different steps per rank, and load_latest on directories that are not
+    shared, raise on every rank with the per-rank values instead of committing a broken checkpoint."""
+    from ._spawn import run_ranks
+
+    for errors in run_ranks(_disagree, 2, (tmp_path,)):
+        assert errors == [
+            "save_checkpoint: the ranks passed different steps [5, 6]; every rank must save the same step, "
+            "at the same point of the loop",
+            "ranks found different latest checkpoints (step per rank: [5, 'none']); the checkpoint directory "
+            "must be one shared file system that every rank reads",
+        ]
+    assert not (tmp_path / "shared" / "latest").exists()
