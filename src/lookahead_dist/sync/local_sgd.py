@@ -86,34 +86,65 @@ once) or raises ``RuntimeError`` (``"raise"``). Cheaper still: train the plain m
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import math
 import warnings
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.distributed as dist
 
-from .. import _comm
+from .. import _comm, _sync
 from .._comm import CommStats, ShardLayout, flat_view
 from .._keys import SLOW_KEY
 from .._sync import local_tensor
+from . import streaming
 from .base import SyncHost, SyncStrategy
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
 
-__all__ = ["LocalSGDOptions", "LocalSGD", "OUTER_MOMENTUM_KEY", "make_local_sgd"]
+__all__ = [
+    "EF_OWNER_KEY",
+    "EF_RESIDUAL_KEY",
+    "INFLIGHT_DUE_KEY",
+    "INFLIGHT_KEY",
+    "OUTER_MOMENTUM_KEY",
+    "OUTER_STATE_PREFIX",
+    "OUTER_STEPS_KEY",
+    "LocalSGD",
+    "LocalSGDOptions",
+    "make_local_sgd",
+]
 
 #: Per-parameter state key of the outer momentum (shaped like the slow weight; only when
 #: ``outer_momentum > 0``).
 OUTER_MOMENTUM_KEY = "lookahead_outer_momentum"
+#: Per-parameter state (``fragment_sync_delay > 0``): the averaged pseudo-gradient of a fragment
+#: whose collective was in flight at ``state_dict()``, shaped like the slow weight; applied at its
+#: due step after a resume (Note [Checkpoints in flight]).
+INFLIGHT_KEY = "lookahead_inflight"
+#: Per-parameter int: counted steps until ``INFLIGHT_KEY`` is applied; 0 = nothing in flight.
+INFLIGHT_DUE_KEY = "lookahead_inflight_due"
+#: Per-parameter fp32 error-feedback residual of the values this rank sends (int8/int4 with
+#: ``error_feedback=True``), shaped like the slow weight.
+EF_RESIDUAL_KEY = "lookahead_ef_residual"
+#: Per-parameter fp32 error-feedback residual of the reduced chunk this rank owns (1-D, about 1/N
+#: of the slow weight).
+EF_OWNER_KEY = "lookahead_ef_owner"
+#: Prefix of the per-parameter mirror of a user outer optimizer's state (``outer_optimizer=``):
+#: its key ``momentum_buffer`` is kept as ``lookahead_outer_state_momentum_buffer``.
+OUTER_STATE_PREFIX = "lookahead_outer_state_"
+#: Per-parameter int: outer-optimizer steps taken for this tensor (0: its mirror holds placeholders).
+OUTER_STEPS_KEY = "lookahead_outer_steps"
 
 InitMode = Literal["broadcast", "check", "none"]
 DDPPolicy = Literal["warn", "raise"]
 _COMM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_QUANT_BITS = {"int8": 8, "int4": 4}
 
 
 @dataclass
@@ -125,7 +156,8 @@ class LocalSGDOptions:
         outer_momentum: beta in [0, 1) of Note [The outer step]; 0 = Lookahead (default).
         nesterov: Nesterov outer momentum (DiLoCo); needs ``outer_momentum > 0``.
         sharded: keep 1/N of the slow weights and outer momenta per rank (Note [What goes on the wire]).
-        comm_dtype: dtype of the pseudo-gradient on the wire (``torch.bfloat16``/``float16``);
+        comm_dtype: dtype of the pseudo-gradient on the wire (``torch.bfloat16``/``float16``), or
+            ``"int8"``/``"int4"``: blockwise absmax-quantised, summed in fp32 (Note [Quantised sync]);
             None sends the slow weights' dtype. Not with ``sharded=True`` unless ``intra_group`` is set.
         module: the trained module (or its DDP wrapper): its buffers are averaged at each sync,
             and a DDP wrapper is watched for per-step gradient all-reduces.
@@ -134,6 +166,24 @@ class LocalSGDOptions:
         init: ``"broadcast"`` | ``"check"`` | ``"none"``: Note [Same starting weights].
         on_ddp_sync: ``"warn"`` | ``"raise"``: Note [DDP still all-reducing].
         bucket_cap_mb: largest flat communication bucket, in MiB (a larger tensor gets its own).
+        num_fragments: F, the step unit is split into F fragments synced at staggered steps, each
+            moving 1/F of the model; ``k % F == 0`` (Note [Fragments], Note [Streaming schedule]).
+        fragment_sync_delay: tau, counted steps between a fragment's launch and its application
+            (0: blocking); ``tau < k / F``. torchtitan/torchft name it alike.
+        fragment_update_alpha: a in [0, 1]: at the apply step the fragment's fast weights become
+            ``a * theta_local + (1 - a) * phi_new`` (Note [What the tau steps keep]).
+        fragments: explicit fragments, a list (one per fragment) of lists of module FQN prefixes;
+            needs ``module``. Overrides the equal-bytes split; ``num_fragments`` is its length.
+        outer_optimizer: a callable ``params -> torch.optim.Optimizer`` (``params``: one param-group
+            dict per Lookahead param group) stepped on the (sharded) slow weights with the averaged
+            pseudo-gradient as ``.grad``; replaces the built-in outer step (``alpha``,
+            ``outer_momentum``, ``nesterov``). Reach it as ``opt.local_sgd.outer_optimizer``.
+        quant_block_size: elements per fp32 scale with ``comm_dtype="int8"/"int4"`` (even, default 512).
+        error_feedback: with ``comm_dtype="int8"/"int4"``, keep each rank's quantisation error and
+            add it to the next send (per parameter, checkpointed); default True.
+        timeout: seconds (or a ``datetime.timedelta``) a sync waits for its collectives before
+            raising ``TimeoutError`` naming the sync, the step and the group; None: the process
+            group's own timeout.
         manager: a ``torchft.Manager``: the sync goes through it and survives lost replica groups
             (:mod:`lookahead_dist.sync.ft`, ``docs/fault-tolerance.md``; extra ``[ft]``).
     """
@@ -149,6 +199,14 @@ class LocalSGDOptions:
     init: InitMode = "broadcast"
     on_ddp_sync: DDPPolicy = "warn"
     bucket_cap_mb: float = 25.0
+    num_fragments: int = 1
+    fragment_sync_delay: int = 0
+    fragment_update_alpha: float = 0.0
+    fragments: list[list[str]] | None = None
+    outer_optimizer: Callable[[list[dict[str, Any]]], torch.optim.Optimizer] | None = None
+    quant_block_size: int = 512
+    error_feedback: bool = True
+    timeout: float | datetime.timedelta | None = None
     manager: Any = None
     _buffers: list[torch.Tensor] | None = field(default=None, init=False, repr=False)
 
@@ -165,15 +223,18 @@ class LocalSGDOptions:
             raise ValueError("LocalSGDOptions `nesterov=True` needs `outer_momentum` > 0, got 0.0")
         if not isinstance(self.sharded, bool):
             raise TypeError(f"LocalSGDOptions `sharded` must be a bool, got {self.sharded!r}")
-        if self.comm_dtype is not None and self.comm_dtype not in _COMM_DTYPES:
+        if self.comm_dtype is not None and self.comm_dtype not in _COMM_DTYPES and not (
+                isinstance(self.comm_dtype, str) and self.comm_dtype in _QUANT_BITS):
             raise ValueError(
-                f"LocalSGDOptions `comm_dtype` must be None or one of {_COMM_DTYPES}, got {self.comm_dtype!r}")
+                f"LocalSGDOptions `comm_dtype` must be None, one of {_COMM_DTYPES} or 'int8'/'int4', got "
+                f"{self.comm_dtype!r}")
         if self.sharded and self.intra_group is None and self.comm_dtype not in (None, torch.float32):
             raise ValueError(
                 f"LocalSGDOptions `comm_dtype={self.comm_dtype}` needs the full slow weights on each rank to "
                 "send progress; with `sharded=True` the fast weights themselves are reduce-scattered. Use "
                 "sharded=False, or an intra_group (hierarchical sharding sends progress)"
             )
+        self._check_streaming()
         if self.init not in ("broadcast", "check", "none"):
             raise ValueError(f"LocalSGDOptions `init` must be 'broadcast', 'check' or 'none', got {self.init!r}")
         if self.on_ddp_sync not in ("warn", "raise"):
@@ -199,6 +260,63 @@ class LocalSGDOptions:
             if pg is not None and not isinstance(pg, dist.ProcessGroup):
                 raise TypeError(f"LocalSGDOptions `{name}` must be a torch.distributed.ProcessGroup or None, "
                                 f"got {type(pg).__name__}")
+
+    def _check_streaming(self) -> None:
+        """Checks of the streaming, quantisation, outer-optimizer and timeout fields."""
+        for name in ("num_fragments", "fragment_sync_delay", "quant_block_size"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise TypeError(f"LocalSGDOptions `{name}` must be an int, got {v!r}")
+        if self.num_fragments < 1:
+            raise ValueError(f"LocalSGDOptions `num_fragments` must be >= 1, got {self.num_fragments}")
+        if self.fragment_sync_delay < 0:
+            raise ValueError(f"LocalSGDOptions `fragment_sync_delay` must be >= 0, got {self.fragment_sync_delay}")
+        a = self.fragment_update_alpha
+        if isinstance(a, bool) or not isinstance(a, (int, float)) or math.isnan(a) or not 0.0 <= a <= 1.0:
+            raise ValueError(f"LocalSGDOptions `fragment_update_alpha` must be a float in [0, 1], got {a!r}")
+        self.fragment_update_alpha = float(a)
+        if self.fragments is not None:
+            fr = self.fragments
+            if (isinstance(fr, (str, bytes)) or not isinstance(fr, (list, tuple)) or not fr
+                    or any(isinstance(g, (str, bytes)) or not isinstance(g, (list, tuple)) or not g
+                           or not all(isinstance(x, str) and x for x in g) for g in fr)):
+                raise TypeError(
+                    "LocalSGDOptions `fragments` must be a non-empty list of non-empty lists of module FQN "
+                    f"prefixes (str), one list per fragment, e.g. [['layers.0', 'layers.1'], ['layers.2']]; got {fr!r}")
+            if self.module is None:
+                raise ValueError("LocalSGDOptions `fragments` names module parameters: pass `module=` too")
+            if self.num_fragments not in (1, len(fr)):
+                raise ValueError(f"LocalSGDOptions `num_fragments={self.num_fragments}` disagrees with the "
+                                 f"{len(fr)} lists in `fragments`; drop num_fragments")
+            self.fragments = [list(g) for g in fr]
+            self.num_fragments = len(fr)
+        if self.outer_optimizer is not None:
+            if not callable(self.outer_optimizer) or isinstance(self.outer_optimizer, torch.optim.Optimizer):
+                raise TypeError(
+                    "LocalSGDOptions `outer_optimizer` must be a callable params -> torch.optim.Optimizer, e.g. "
+                    "lambda ps: torch.optim.SGD(ps, lr=0.7, momentum=0.9, nesterov=True); got "
+                    f"{type(self.outer_optimizer).__name__}")
+            if self.outer_momentum or self.nesterov:
+                raise ValueError(
+                    "LocalSGDOptions `outer_optimizer` replaces the built-in outer step; drop `outer_momentum`/"
+                    f"`nesterov` (got outer_momentum={self.outer_momentum}, nesterov={self.nesterov}) and give "
+                    "them to the outer optimizer")
+        if self.quant_block_size < 2 or self.quant_block_size % 2:
+            raise ValueError(f"LocalSGDOptions `quant_block_size` must be an even number >= 2, got "
+                             f"{self.quant_block_size}")
+        if not isinstance(self.error_feedback, bool):
+            raise TypeError(f"LocalSGDOptions `error_feedback` must be a bool, got {self.error_feedback!r}")
+        t = self.timeout
+        if t is not None:
+            secs = t.total_seconds() if isinstance(t, datetime.timedelta) else t
+            if isinstance(secs, bool) or not isinstance(secs, (int, float)) or not secs > 0 or math.isinf(secs):
+                raise ValueError(f"LocalSGDOptions `timeout` must be None, a number of seconds > 0 or a "
+                                 f"datetime.timedelta, got {t!r}")
+
+    @property
+    def quant_bits(self) -> int | None:
+        """8 or 4 with ``comm_dtype="int8"/"int4"``, else None."""
+        return _QUANT_BITS.get(self.comm_dtype) if isinstance(self.comm_dtype, str) else None
 
     @classmethod
     def from_mesh(cls, mesh: DeviceMesh, across: str | int = 0, within: str | int | None = None,
@@ -262,6 +380,75 @@ class _Plan:
     stage_dtype: torch.dtype         # the slow weights' dtype: the update arithmetic's
     fast_dtype: torch.dtype
     device: torch.device
+    params: list[torch.Tensor] = field(default_factory=list)  # the bucket's parameters, in order
+    slow_t: list[torch.Tensor] = field(default_factory=list)  # the slow weights themselves
+    names: list[str] = field(default_factory=list)            # "param_groups[g][i]", for messages
+    quant: ShardLayout | None = None  # int8/int4: the send tensors over the reduce group (Note [Quantised sync])
+
+
+@dataclass
+class _Unit:
+    """A step unit split into fragments, each a list of buckets; built once per parameter set."""
+
+    params: list[torch.Tensor]
+    n: int
+    index: int                       # the param group's index (-1: a subset, from sync_now)
+    fragments: list[list[_Plan]]
+    frag_params: list[list[torch.Tensor]]
+
+
+@dataclass
+class _Launched:
+    """One bucket's collective in flight (see ``LocalSGD._launch``)."""
+
+    plan: _Plan
+    work: Any
+    buf: torch.Tensor                # receives the reduced values (the stage dtype)
+    wire: torch.Tensor               # what the collective works on (buf, or a cast of it)
+    extra: Any                       # flat: per-tensor stage views; sharded: the full stage; hier: own views
+    qstage: torch.Tensor | None = None   # int8/int4: the fp32 buffer of the quantised reduce
+    owner_res: torch.Tensor | None = None
+
+
+@dataclass
+class _Reduced:
+    """One bucket's reduced result: the averaged pseudo-gradient ``d`` (aligned with plan.slow)."""
+
+    plan: _Plan
+    d: list[torch.Tensor]
+    bad: int | None                  # index of a non-finite tensor (flat) / 0 (sharded), or None
+    seg: torch.Tensor | None = None  # buffers the sharded gather may reuse
+    full: torch.Tensor | None = None
+
+
+class _BlockLayout(ShardLayout):
+    """A :class:`ShardLayout` whose segments are padded to a multiple of the quantisation block.
+
+    The quantised reduce splits its flat buffer into N equal chunks of whole blocks; with this
+    layout chunk r is exactly segment r, i.e. chunk r of every tensor, so the residual of the chunk
+    a rank owns is a per-parameter tensor (chunk r of each), like a sharded slow weight.
+    """
+
+    def __init__(self, numels: list[int], n: int, multiple: int) -> None:
+        super().__init__(numels, n)
+        seg = -(-max(self.segment, 1) // multiple) * multiple
+        self.segment = seg
+        self.pads = [seg - sum(c[r] for c in self.chunks) for r in range(n)]
+        self.numel = n * seg
+        self.split_sizes = [s for r in range(n) for s in ([c[r] for c in self.chunks] + [self.pads[r]])]
+
+
+def _chunked(views: list[torch.Tensor], n: int) -> list[torch.Tensor]:
+    """``[chunk r of views[i] for r in range(n) for i]``: the order of ``ShardLayout.chunk_views``."""
+    parts = [v.tensor_split(n) for v in views]
+    return [c[r] for r in range(n) for c in parts]
+
+
+def _shaped_like(d: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """The 1-D memory-order values ``d`` as a tensor shaped and strided like ``s`` (no copy)."""
+    if s.is_contiguous():
+        return d.view(s.shape)
+    return torch.as_strided(d, s.shape, s.stride(), d.storage_offset())
 
 
 class LocalSGD(SyncStrategy):
@@ -269,6 +456,7 @@ class LocalSGD(SyncStrategy):
 
     Built by ``Lookahead(..., local_sgd=True | LocalSGDOptions(...))``; reach it as
     ``opt.local_sgd`` (e.g. ``opt.local_sgd.stats``, a :class:`~lookahead_dist._comm.CommStats`).
+    Streaming (fragments, delayed application) follows :mod:`lookahead_dist.sync.streaming`.
     """
 
     def __init__(self, options: LocalSGDOptions) -> None:
@@ -298,15 +486,40 @@ class LocalSGD(SyncStrategy):
         self.beta = o.outer_momentum
         self.nesterov = o.nesterov
         self.cap_bytes = int(o.bucket_cap_mb * 2**20)
+        self.num_fragments = o.num_fragments
+        self.delay = o.fragment_sync_delay
+        self.merge_alpha = o.fragment_update_alpha
+        self.timeout = o.timeout
         self.stats = CommStats()
-        self._plans: dict[torch.Tensor, tuple[list, int, list[_Plan]]] = {}
+        self._units: dict[torch.Tensor, _Unit] = {}
+        self._inflight: dict[torch.Tensor, streaming.InFlight] = {}
         self._buffers_aligned = False
         self._ddp_syncs = 0
         self._ddp_warned = False
         self._ddp_handle = None
         if o.module is not None and _is_ddp(o.module):
             self._watch_ddp(o.module)
-        self.state_keys = (OUTER_MOMENTUM_KEY,) if self.beta > 0 else ()
+        # int8/int4: the quantised reduce runs on a worker thread, on a process group of its own.
+        self.quant_bits = o.quant_bits
+        self._qgroup = None
+        self.quant_size, self.quant_rank = self.group_size, dist.get_rank(self.group)
+        if self.quant_bits is not None:
+            self._qgroup = dist.new_group(_ranks(self.group), use_local_synchronization=True)
+        self._ef = self.quant_bits is not None and o.error_feedback
+        # outer_optimizer=: built over proxies that alias the slow weights at each outer step.
+        self._proxies: dict[torch.Tensor, torch.Tensor] = {}
+        self._outer_opt: torch.optim.Optimizer | None = None
+        self._outer_spec: dict[str, Any] | None = None
+        keys: list[str] = []
+        if self.beta > 0:
+            keys.append(OUTER_MOMENTUM_KEY)
+        if self.delay > 0:
+            keys += [INFLIGHT_KEY, INFLIGHT_DUE_KEY]
+        if self._ef:
+            keys += [EF_RESIDUAL_KEY, EF_OWNER_KEY]
+        if o.outer_optimizer is not None:
+            keys.append(OUTER_STEPS_KEY)
+        self.state_keys = tuple(keys)
 
     communicates = True
 
@@ -317,12 +530,38 @@ class LocalSGD(SyncStrategy):
             self._ddp_handle = None
 
     def reset_cache(self) -> None:
-        self._plans = {}
+        # Work in flight belongs to the state being replaced (load_state_dict): its collectives
+        # finish on their own; a fragment due after a resume comes back from per-parameter state.
+        self._units = {}
+        self._inflight = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_units"], state["_inflight"] = {}, {}
+        return state
+
+    @property
+    def outer_optimizer(self) -> torch.optim.Optimizer | None:
+        """The optimizer built by ``LocalSGDOptions(outer_optimizer=...)`` (for an LR scheduler), or None.
+
+        Its parameters are placeholders that alias the slow weights while it steps (Note [Outer
+        optimizer]); its per-parameter state is mirrored into the Lookahead state dict.
+        """
+        return self._outer_opt
+
+    def in_flight(self) -> list[tuple[int, int]]:
+        """``(fragment, steps until applied)`` of each fragment whose result is not applied yet."""
+        return [(r.fragment, r.due_in) for r in self._inflight.values()]
+
+    def pending(self) -> bool:
+        """True while a launched collective has not completed (non-blocking check, for tests)."""
+        return any(r.pending() for r in self._inflight.values())
 
     # -- construction: same starting point on every rank ---------------------------------------
     @torch.no_grad()
     def align(self, params: Iterable[torch.Tensor]) -> None:
         """Make (or check) ``params`` -- and, the first time, the buffers -- equal on every rank."""
+        params = list(params)
         tensors = [local_tensor(p).detach() for p in params]
         if not self._buffers_aligned:
             tensors += [b.detach() for b in self.options.buffer_list()]
@@ -333,6 +572,8 @@ class LocalSGD(SyncStrategy):
                 self._broadcast(tensors, group)
             elif self.options.init == "check":
                 self._check_equal(tensors, group)
+        if self.options.outer_optimizer is not None:
+            self._add_outer_group(params)
 
     def _device(self, tensors: list[torch.Tensor]) -> torch.device:
         return tensors[0].device if tensors else torch.device("cpu")
@@ -379,19 +620,33 @@ class LocalSGD(SyncStrategy):
                 f"{_ranks_of(group, [0])[0]}; seed the model identically or use init='broadcast'"
             )
 
-    # -- slow weights --------------------------------------------------------------------------
-    def new_entry(self, p: torch.Tensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        """This rank's slow weight for ``p`` (a full copy, or sharded: its own 1-D chunk) and,
-        with outer momentum, a zero momentum of the same shape (allocated now so that state-dict
-        templates made before the first sync carry it)."""
+    # -- per-parameter state -------------------------------------------------------------------
+    def new_entry(self, p: torch.Tensor, dtype: torch.dtype) -> dict[str, Any]:
+        """This rank's slow weight for ``p`` (a full copy, or sharded: its own 1-D chunk) and every
+        other key the options need, allocated now so that state-dict templates made before the
+        first sync (DCP) carry them: the outer momentum, the in-flight buffer and its due count,
+        the error-feedback residuals, the outer optimizer's mirrored state."""
         src = local_tensor(p).detach()
         if self.sharded:
             src = flat_view(src).tensor_split(self.shard_size)[self.shard_rank]
         slow = src.to(dtype=dtype, copy=True)
-        entry = {SLOW_KEY: slow}
+        entry: dict[str, Any] = {SLOW_KEY: slow}
         if self.beta > 0:
             entry[OUTER_MOMENTUM_KEY] = torch.zeros_like(slow)
+        if self.delay > 0:
+            entry[INFLIGHT_KEY] = torch.zeros_like(slow)
+            entry[INFLIGHT_DUE_KEY] = 0
+        if self._ef:
+            entry[EF_RESIDUAL_KEY] = torch.zeros_like(slow, dtype=torch.float32)
+            entry[EF_OWNER_KEY] = torch.zeros(self._owner_numel(slow.numel()), dtype=torch.float32,
+                                              device=slow.device)
+        if self.options.outer_optimizer is not None:
+            entry.update(self._outer_placeholders(slow))
+            entry[OUTER_STEPS_KEY] = 0
         return entry
+
+    def _owner_numel(self, numel: int) -> int:
+        return _comm.chunk_sizes(numel, self.quant_size)[self.quant_rank]
 
     def expected_shape(self, p: torch.Tensor) -> torch.Size:
         local = local_tensor(p)
@@ -402,15 +657,70 @@ class LocalSGD(SyncStrategy):
     def restore_entry(self, p: torch.Tensor, saved: dict[str, Any], dtype: torch.dtype,
                       name: str) -> dict[str, Any]:
         out = super().restore_entry(p, saved, dtype, name)
+        shape = self.expected_shape(p)
+        device = local_tensor(p).device
         if self.beta > 0 and OUTER_MOMENTUM_KEY in saved:  # the slow weight's dtype
             out[OUTER_MOMENTUM_KEY] = self._restore_tensor(p, saved[OUTER_MOMENTUM_KEY], dtype, name,
                                                            OUTER_MOMENTUM_KEY)
+        if self.delay > 0:
+            if INFLIGHT_KEY in saved:
+                out[INFLIGHT_KEY] = self._restore_tensor(p, saved[INFLIGHT_KEY], dtype, name, INFLIGHT_KEY)
+            else:
+                out[INFLIGHT_KEY] = torch.zeros(shape, dtype=dtype, device=device)
+            out[INFLIGHT_DUE_KEY] = int(saved.get(INFLIGHT_DUE_KEY, 0))
+        if self._ef:
+            out[EF_RESIDUAL_KEY] = (
+                self._restore_tensor(p, saved[EF_RESIDUAL_KEY], torch.float32, name, EF_RESIDUAL_KEY)
+                if EF_RESIDUAL_KEY in saved else torch.zeros(shape, dtype=torch.float32, device=device))
+            owner = torch.Size([self._owner_numel(shape.numel())])
+            value = saved.get(EF_OWNER_KEY)
+            if value is None:
+                out[EF_OWNER_KEY] = torch.zeros(owner, dtype=torch.float32, device=device)
+            elif not isinstance(value, torch.Tensor) or value.shape != owner:
+                got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+                raise ValueError(
+                    f"Lookahead checkpoint: {name} `{EF_OWNER_KEY}` is {got} where this rank's chunk of the "
+                    f"quantised reduce needs {tuple(owner)}; was it saved with another world size, "
+                    "sharding or comm_dtype?")
+            else:
+                out[EF_OWNER_KEY] = value.to(device=device, dtype=torch.float32, copy=True)
+        if self.options.outer_optimizer is not None:
+            out.update(self._restore_outer(p, saved, name))
         return out
 
-    def _plans_for(self, host: SyncHost, params: list[torch.Tensor]) -> list[_Plan]:
-        cached = self._plans.get(params[0])
-        if cached is not None and cached[0] is params and cached[1] == len(params):
-            return cached[2]
+    # -- fragments and buckets -----------------------------------------------------------------
+    def _unit(self, host: SyncHost, params: list[torch.Tensor]) -> _Unit:
+        unit = self._units.get(params[0])
+        if unit is not None and unit.params is params and unit.n == len(params):
+            return unit
+        index = next((i for i, g in enumerate(host.param_groups) if g["params"] is params), -1)
+        where = f"param group {index}" if index >= 0 else "a param-group subset"
+        slow = [host.state_entry(p)[SLOW_KEY] for p in params]
+        F = self.num_fragments
+        if self.options.fragments is not None:
+            names = self._param_names()
+            split = streaming.fragments_from_prefixes([names.get(id(p)) for p in params],
+                                                      self.options.fragments, where)
+        else:
+            split = streaming.split_fragments(
+                [local_tensor(p).numel() * s.element_size() for p, s in zip(params, slow)], F)
+        labels = [f"param_groups[{index}][{i}]" for i in range(len(params))]
+        fragments = [self._build_plans(host, [params[i] for i in idx], [labels[i] for i in idx]) for idx in split]
+        unit = _Unit(params, len(params), index, fragments, [[params[i] for i in idx] for idx in split])
+        self._units[params[0]] = unit
+        if self.delay > 0 and params[0] not in self._inflight:
+            self._resume_inflight(host, unit)
+        return unit
+
+    def _param_names(self) -> dict[int, str]:
+        module = self.options.module
+        if _is_ddp(module):
+            module = module.module
+        return {id(p): name for name, p in module.named_parameters()}
+
+    def _build_plans(self, host: SyncHost, params: list[torch.Tensor], names: list[str]) -> list[_Plan]:
+        if not params:
+            return []
         n, r = self.shard_size, self.shard_rank
         fast = [local_tensor(p) for p in params]
         entries = [host.state_entry(p) for p in params]
@@ -436,89 +746,280 @@ class LocalSGD(SyncStrategy):
             fv = [flat_view(fast[i]) for i in idx]
             layout = ShardLayout([f.numel() for f in fv], n)
             chunks = [f.tensor_split(n) for f in fv]
+            sv = [flat_view(slow[i]) for i in idx]
             plans.append(_Plan(
                 layout=layout,
                 fast=fv,
                 fast_chunks=[c[rr] for rr in range(n) for c in chunks],
                 fast_own=[c[r] for c in chunks],
-                slow=[flat_view(slow[i]) for i in idx],
+                slow=sv,
                 mom=[flat_view(mom[i]) for i in idx] if self.beta > 0 else [],
                 stage_dtype=slow[idx[0]].dtype,
                 fast_dtype=fast[idx[0]].dtype,
                 device=fast[idx[0]].device,
+                params=[params[i] for i in idx],
+                slow_t=[slow[i] for i in idx],
+                names=[names[i] for i in idx],
+                quant=(_BlockLayout([s.numel() for s in sv], self.quant_size, self.options.quant_block_size)
+                       if self.quant_bits is not None else None),
             ))
-        self._plans[params[0]] = (params, len(params), plans)
         return plans
 
-    # -- the sync ------------------------------------------------------------------------------
+    # -- the schedule (Note [Streaming schedule] in streaming.py) ------------------------------
+    @torch.no_grad()
+    def advance(self, host: SyncHost, params: list[torch.Tensor], n: int, k: int, alpha: float) -> None:
+        """After each counted step of a unit: apply a fragment that is due, launch the one whose turn it is."""
+        unit = self._unit(host, params)
+        streaming.check_schedule(k, self.num_fragments, self.delay, f"param group {unit.index}")
+        rec = self._inflight.get(params[0])
+        if rec is not None:
+            rec.due_in -= 1
+            if rec.due_in <= 0:
+                del self._inflight[params[0]]
+                self._complete(host, rec, alpha)
+        f = streaming.launch_fragment(n, k, self.num_fragments)
+        if f is None:
+            return
+        describe = self._describe(host, unit, f, n, k)
+        if self.delay == 0:
+            self._sync_now(host, unit, [f], alpha, describe)
+        else:
+            self._inflight[params[0]] = self._launch_fragment(host, unit, f, describe)
+
     @torch.no_grad()
     def sync(self, host: SyncHost, params: list[torch.Tensor], alpha: float) -> None:
-        """Average the fast weights of ``params`` over the group, outer step, fast <- slow."""
-        self._check_ddp()
-        plans = self._plans_for(host, params)
-        groups = host.param_groups
-        buffer_work = self._launch_buffers() if groups and params is groups[0]["params"] else None
-        inflight: deque = deque()
-        for plan in plans:
-            if len(inflight) == 2:  # double buffering: pack bucket j+2 only after j is applied
-                self._finish(inflight.popleft(), alpha)
-            inflight.append(self._launch(plan))
-        while inflight:
-            self._finish(inflight.popleft(), alpha)
-        if buffer_work is not None:
-            self._finish_buffers(buffer_work)
-        host.on_synced(params, alpha)
+        """Sync the whole unit now (``sync_now()``): a fragment in flight is applied first, then
+        every fragment is averaged and stepped, blocking."""
+        unit = self._unit(host, params)
+        rec = self._inflight.pop(params[0], None)
+        if rec is not None:
+            self._complete(host, rec, alpha)
+        self._sync_now(host, unit, range(len(unit.fragments)), alpha,
+                       self._describe(host, unit, None, None, None))
 
+    def _describe(self, host: SyncHost, unit: _Unit, f: int | None, n: int | None, k: int | None) -> str:
+        what = (f"the sync of param group {unit.index}" if f is None else
+                f"the sync of fragment {f} of {self.num_fragments} of param group {unit.index}")
+        step = getattr(host, "_step_calls", None)
+        when = f" at step() call {step}" if step is not None else ""
+        if n is not None:
+            when += f" (count {n} of k={k})"
+        return f"{what}{when}, on the process group of ranks {_ranks(self.group)}"
+
+    def _sync_now(self, host: SyncHost, unit: _Unit, fragments: Iterable[int], alpha: float, describe: str) -> None:
+        """Blocking: launch, wait and apply the buckets of ``fragments`` (two buckets in flight)."""
+        for f in fragments:
+            self._fragment_start(host, unit, f, describe)
+            ok: list[torch.Tensor] = []
+            bad: list[tuple[list[torch.Tensor], str]] = []
+            inflight: deque = deque()
+            for plan in unit.fragments[f]:
+                if len(inflight) == 2:  # double buffering: pack bucket j+2 only after j is applied
+                    self._apply(host, self._reduce(host, inflight.popleft(), describe), alpha, describe, ok, bad)
+                inflight.append(self._launch(host, plan, describe))
+            while inflight:
+                self._apply(host, self._reduce(host, inflight.popleft(), describe), alpha, describe, ok, bad)
+            self._after(host, ok, bad, alpha)
+
+    def _fragment_start(self, host: SyncHost, unit: _Unit, f: int, describe: str) -> None:
+        """Once per cycle, with fragment 0: the DDP check and the (blocking) buffer average."""
+        if f != 0:
+            return
+        self._check_ddp()
+        groups = host.param_groups
+        if groups and unit.params is groups[0]["params"]:
+            self._average_buffers(describe)
+
+    def _launch_fragment(self, host: SyncHost, unit: _Unit, f: int, describe: str) -> streaming.InFlight:
+        self._fragment_start(host, unit, f, describe)
+        launched = [self._launch(host, plan, describe) for plan in unit.fragments[f]]
+        return streaming.InFlight(fragment=f, due_in=self.delay, launched=launched, describe=describe,
+                                  works=[item.work for item in launched])
+
+    def _complete(self, host: SyncHost, rec: streaming.InFlight, alpha: float) -> None:
+        """Wait for a fragment launched ``tau`` steps ago and apply it."""
+        if rec.reduced is None:
+            rec.reduced = [self._reduce(host, item, rec.describe) for item in rec.launched]
+        ok: list[torch.Tensor] = []
+        bad: list[tuple[list[torch.Tensor], str]] = []
+        for red in rec.reduced:
+            self._apply(host, red, alpha, rec.describe, ok, bad)
+            if rec.parked:
+                for p in red.plan.params:
+                    host.state_entry(p)[INFLIGHT_DUE_KEY] = 0
+        self._after(host, ok, bad, alpha)
+
+    def _after(self, host: SyncHost, ok: list[torch.Tensor], bad: list, alpha: float) -> None:
+        if ok:
+            host.on_synced(ok, alpha)
+        for params, what in bad:  # Note [Non-finite syncs] in lookahead.py
+            host.on_nonfinite(params, what)
+
+    # -- checkpoints in flight -----------------------------------------------------------------
+    @torch.no_grad()
+    def flush(self, host: SyncHost) -> None:
+        """Wait for the collectives in flight and park their results in per-parameter state, *without*
+        applying them: they are applied at their due step, also after a resume (Note [Checkpoints in
+        flight])."""
+        for rec in self._inflight.values():
+            if rec.reduced is None:
+                rec.reduced = [self._reduce(host, item, rec.describe) for item in rec.launched]
+            for red in rec.reduced:
+                for i, p in enumerate(red.plan.params):
+                    entry = host.state_entry(p)
+                    if not rec.parked:
+                        flat_view(entry[INFLIGHT_KEY]).copy_(red.d[i])
+                        if red.bad is not None:
+                            flat_view(entry[INFLIGHT_KEY]).fill_(math.nan)
+                    entry[INFLIGHT_DUE_KEY] = rec.due_in
+            rec.parked = True
+
+    def _resume_inflight(self, host: SyncHost, unit: _Unit) -> None:
+        """Rebuild the fragment in flight at a checkpoint from per-parameter state (after a load)."""
+        for f, plans in enumerate(unit.fragments):
+            due = {host.state_entry(p).get(INFLIGHT_DUE_KEY, 0) for plan in plans for p in plan.params}
+            if due == {0} or not due:
+                continue
+            if len(due) != 1:
+                raise ValueError(
+                    f"Lookahead checkpoint: the tensors of fragment {f} of param group {unit.index} disagree on "
+                    f"`{INFLIGHT_DUE_KEY}` ({sorted(due)}); the checkpoint is inconsistent")
+            reduced = []
+            for plan in plans:
+                d = [flat_view(host.state_entry(p)[INFLIGHT_KEY]) for p in plan.params]
+                reduced.append(_Reduced(plan, d, _sync.first_nonfinite(d)))
+            self._inflight[unit.params[0]] = streaming.InFlight(
+                fragment=f, due_in=due.pop(), launched=[], reduced=reduced, parked=True,
+                describe=self._describe(host, unit, f, None, None) + " (resumed from a checkpoint)")
+            return
+
+    # -- one bucket: launch, reduce, apply -----------------------------------------------------
     def _wire(self, t: torch.Tensor) -> torch.Tensor:
         cd = self.options.comm_dtype
-        return t if cd is None or cd == t.dtype else t.to(cd)
+        return t if cd is None or isinstance(cd, str) or cd == t.dtype else t.to(cd)
 
-    def _launch(self, plan: _Plan) -> tuple:
+    def _launch(self, host: SyncHost, plan: _Plan, describe: str) -> _Launched:
         lay, dt, dev = plan.layout, plan.stage_dtype, plan.device
         if self.mode == "flat":
             stage = torch.empty(lay.numel, dtype=dt, device=dev)
             views = list(stage.split(lay.segment_sizes))
             torch._foreach_copy_(views, plan.fast)
             torch._foreach_sub_(views, plan.slow)  # progress theta_i - phi
+            if plan.quant is not None:
+                return self._launch_quant(host, plan, stage, views, False)
             wire = self._wire(stage)
-            return plan, _comm.all_reduce(wire, self.group, self.stats, "params"), stage, wire, views
+            return _Launched(plan, _comm.all_reduce(wire, self.group, self.stats, "params"), stage, wire, views)
+        poisoned = _sync.first_nonfinite(plan.fast) is not None  # Note [Non-finite syncs, sharded]
         if self.mode == "sharded":
             stage = torch.empty(lay.numel, dtype=dt, device=dev)
             torch._foreach_copy_(lay.chunk_views(stage), plan.fast_chunks)
             for pad in lay.pad_views(stage):
                 pad.zero_()
+            if poisoned:
+                stage.fill_(math.nan)
             seg = torch.empty(lay.segment, dtype=dt, device=dev)
             work = _comm.reduce_scatter(seg, stage, self.group, self.stats, "params")
-            return plan, work, seg, seg, stage
+            return _Launched(plan, work, seg, seg, stage)
         # hier_sharded: identical replicas inside the group; this rank carries chunk r across groups.
         seg = torch.zeros(lay.segment, dtype=dt, device=dev)
         views = lay.own_views(seg, self.shard_rank)
         torch._foreach_copy_(views, plan.fast_own)
         torch._foreach_sub_(views, plan.slow)
+        if poisoned:
+            seg.fill_(math.nan)
+        if plan.quant is not None:
+            return self._launch_quant(host, plan, seg, views, poisoned)
         wire = self._wire(seg)
-        return plan, _comm.all_reduce(wire, self.group, self.stats, "params"), seg, wire, views
+        return _Launched(plan, _comm.all_reduce(wire, self.group, self.stats, "params"), seg, wire, views)
 
-    def _finish(self, launched: tuple, alpha: float) -> None:
-        plan, work, buf, wire, extra = launched
-        if work is not None:
-            work.wait()
-        if wire is not buf:
-            buf.copy_(wire)
-        if self.mode == "flat":
-            buf.mul_(-1.0 / self.group_size)  # d = phi - mean_i theta_i
-            self._outer(plan, extra, alpha)
-            torch._foreach_copy_(plan.fast, plan.slow)
-            return
-        if self.mode == "sharded":
+    def _launch_quant(self, host: SyncHost, plan: _Plan, buf: torch.Tensor, views: list[torch.Tensor],
+                      poisoned: bool) -> _Launched:
+        """Note [Quantised sync]: the progress ``views`` into the block layout, launch the quantised mean."""
+        from .. import _quant
+
+        ql, q = plan.quant, self.quant_size
+        qstage = torch.zeros(ql.numel, dtype=torch.float32, device=plan.device)
+        torch._foreach_copy_(ql.chunk_views(qstage), _chunked(views, q))
+        if poisoned:  # every block, so that every owner sees it
+            qstage.fill_(math.nan)
+        residual = owner = None
+        if self._ef:
+            entries = [host.state_entry(p) for p in plan.params]
+            residual = torch.zeros(ql.numel, dtype=torch.float32, device=plan.device)
+            res_views = _chunked([flat_view(e[EF_RESIDUAL_KEY]) for e in entries], q)
+            torch._foreach_copy_(ql.chunk_views(residual), res_views)
+            owner = torch.zeros(ql.segment, dtype=torch.float32, device=plan.device)
+            torch._foreach_copy_(ql.own_views(owner, self.quant_rank), [e[EF_OWNER_KEY] for e in entries])
+        work = _quant.quantized_all_reduce_async(
+            qstage, self._qgroup, bits=self.quant_bits, block_size=self.options.quant_block_size,
+            average=True, residual=residual, owner_residual=owner, out=qstage, stats=self.stats, label="params")
+        if residual is not None:  # updated at launch (the send is quantised on this thread)
+            torch._foreach_copy_(res_views, ql.chunk_views(residual))
+        return _Launched(plan, work, buf, buf, views, qstage=qstage, owner_res=owner)
+
+    def _reduce(self, host: SyncHost, item: _Launched, describe: str) -> _Reduced:
+        """Wait for one bucket's collective; the averaged pseudo-gradient ``d = phi - mean theta``."""
+        plan, buf = item.plan, item.buf
+        streaming.wait_work(item.work, self.timeout, describe)
+        if item.qstage is not None:  # already the mean (of progress): back into the stage layout
+            ql = plan.quant
+            torch._foreach_copy_(_chunked(item.extra, self.quant_size), ql.chunk_views(item.qstage))
+            if item.owner_res is not None:
+                torch._foreach_copy_([host.state_entry(p)[EF_OWNER_KEY] for p in plan.params],
+                                     ql.own_views(item.owner_res, self.quant_rank))
+            buf.neg_()
+        else:
+            if item.wire is not buf:
+                buf.copy_(item.wire)
             buf.mul_(-1.0 / self.group_size)
+        if self.mode == "flat":
+            return _Reduced(plan, item.extra, _sync.first_nonfinite(item.extra))
+        if self.mode == "sharded":
             d = plan.layout.own_views(buf, self.shard_rank)
             torch._foreach_add_(d, plan.slow)  # d = phi - mean_i theta_i, on the owned chunk
-            self._outer(plan, d, alpha)
-            self._gather(plan, buf, extra)
+            return _Reduced(plan, d, _sync.first_nonfinite([buf]), buf, item.extra)
+        check = item.extra if item.qstage is not None else [buf]  # the pads of a quantised seg are not reduced
+        return _Reduced(plan, item.extra, _sync.first_nonfinite(check), buf, None)
+
+    def _apply(self, host: SyncHost, red: _Reduced, alpha: float, describe: str, ok: list, bad: list) -> None:
+        """Outer step on the owned slow weights, then the merge into the fast weights (or, on NaN/inf,
+        fast <- slow and no outer step)."""
+        plan, d = red.plan, red.d
+        if red.bad is not None:
+            if self._ef:  # a residual that absorbed a NaN would poison every later send
+                for p in plan.params:
+                    e = host.state_entry(p)
+                    e[EF_RESIDUAL_KEY].zero_()
+                    e[EF_OWNER_KEY].zero_()
+            if self.mode == "flat":
+                torch._foreach_copy_(plan.fast, plan.slow)
+                what = f"averaged pseudo-gradient of {plan.names[red.bad]}, shape {tuple(plan.params[red.bad].shape)}"
+            else:
+                self._gather(plan, red.seg, red.full, describe, merge=False)
+                what = f"averaged fast weights of {plan.names[0]}..{plan.names[-1]}: non-finite on some rank"
+            bad.append((plan.params, f"{what}; {describe}"))
             return
-        buf.mul_(-1.0 / self.group_size)
-        self._outer(plan, extra, alpha)
-        self._gather(plan, buf, None)
+        if self.options.outer_optimizer is not None:
+            self._outer_user(host, plan, d)
+        else:
+            self._outer(plan, d, alpha)
+        if self.mode == "flat":
+            self._merge(plan.fast, plan.slow)
+        else:
+            self._gather(plan, red.seg, red.full, describe)
+        ok += plan.params
+
+    def _merge(self, fast: list[torch.Tensor], new: list[torch.Tensor], alpha_local: float | None = None) -> None:
+        """``fast <- a * fast + (1 - a) * new``, ``a = fragment_update_alpha`` (a copy when a = 0)."""
+        a = self.merge_alpha if alpha_local is None else alpha_local
+        if not fast:
+            return
+        if a == 0.0:
+            torch._foreach_copy_(fast, new)
+            return
+        if new[0].dtype != fast[0].dtype:
+            new = [t.to(fast[0].dtype) for t in new]
+        torch._foreach_lerp_(fast, new, 1.0 - a)
 
     def _outer(self, plan: _Plan, d: list[torch.Tensor], alpha: float) -> None:
         """Note [The outer step], in place on the owned slow weights; ``d`` may be overwritten."""
@@ -533,10 +1034,11 @@ class LocalSGD(SyncStrategy):
         else:
             torch._foreach_add_(plan.slow, plan.mom, alpha=-alpha)
 
-    def _gather(self, plan: _Plan, seg: torch.Tensor, full: torch.Tensor | None) -> None:
-        """fast <- slow on every rank of the shard group: all-gather the owned chunks."""
+    def _gather(self, plan: _Plan, seg: torch.Tensor | None, full: torch.Tensor | None, describe: str,
+                merge: bool = True) -> None:
+        """fast <- slow on every rank of the shard group: all-gather the owned chunks, then merge."""
         lay = plan.layout
-        if seg.dtype != plan.fast_dtype:  # gather in the parameters' dtype: what they will hold
+        if seg is None or seg.dtype != plan.fast_dtype:  # gather in the parameters' dtype
             seg = torch.empty(lay.segment, dtype=plan.fast_dtype, device=plan.device)
             full = None
         if full is None or full.dtype != plan.fast_dtype:
@@ -545,25 +1047,102 @@ class LocalSGD(SyncStrategy):
         torch._foreach_copy_(own, plan.slow)
         if lay.pads[self.shard_rank]:
             seg[lay.segment - lay.pads[self.shard_rank]:].zero_()
-        _comm.all_gather(full, seg, self.shard_group, self.stats, "params")
-        torch._foreach_copy_(plan.fast_chunks, lay.chunk_views(full))
+        work = _comm.all_gather(full, seg, self.shard_group, self.stats, "params", async_op=True)
+        streaming.wait_work(work, self.timeout, describe)
+        self._merge(plan.fast_chunks, lay.chunk_views(full), None if merge else 0.0)
+
+    # -- outer_optimizer= (Note [Outer optimizer]) ---------------------------------------------
+    def _add_outer_group(self, params: list[torch.Tensor]) -> None:
+        proxies = []
+        for p in params:
+            if p not in self._proxies:
+                local = local_tensor(p)
+                self._proxies[p] = torch.empty(0, dtype=local.dtype, device=local.device)
+            proxies.append(self._proxies[p])
+        if self._outer_opt is None:
+            opt = self.options.outer_optimizer([{"params": proxies}])
+            if not isinstance(opt, torch.optim.Optimizer):
+                raise TypeError(f"LocalSGDOptions `outer_optimizer` must return a torch.optim.Optimizer, got "
+                                f"{type(opt).__name__}")
+            self._outer_opt = opt
+        else:
+            self._outer_opt.add_param_group({"params": proxies})
+
+    def _outer_placeholders(self, slow: torch.Tensor) -> dict[str, Any]:
+        """Template slots for the outer optimizer's state, shaped as a probe step reveals them."""
+        if self._outer_spec is None:
+            self._outer_spec = {}
+            try:  # a twin of the outer optimizer on a 2-element probe: which keys, which shapes
+                probe = torch.zeros(2)
+                opt = self._outer_opt
+                popt = type(opt)([probe], **opt.defaults)
+                probe.grad = torch.zeros(2)
+                popt.step()
+                for key, v in popt.state[probe].items():
+                    if isinstance(v, torch.Tensor) and v.shape == probe.shape:
+                        self._outer_spec[key] = "param"
+                    elif isinstance(v, torch.Tensor) and v.dim() == 0:
+                        self._outer_spec[key] = torch.zeros_like(v)
+            except Exception:  # noqa: BLE001 - an optimizer that cannot step on a CPU probe: no slots
+                self._outer_spec = {}
+        out: dict[str, Any] = {}
+        for key, kind in self._outer_spec.items():
+            out[OUTER_STATE_PREFIX + key] = torch.zeros_like(slow) if kind == "param" else kind.clone()
+        return out
+
+    def _restore_outer(self, p: torch.Tensor, saved: dict[str, Any], name: str) -> dict[str, Any]:
+        steps = int(saved.get(OUTER_STEPS_KEY, 0))
+        device = local_tensor(p).device
+        shape = self.expected_shape(p)
+        out: dict[str, Any] = {OUTER_STEPS_KEY: steps}
+        live: dict[str, Any] = {}
+        for key, v in saved.items():
+            if not (isinstance(key, str) and key.startswith(OUTER_STATE_PREFIX)):
+                continue
+            if isinstance(v, torch.Tensor):
+                if v.dim() > 0 and v.numel() != shape.numel():
+                    raise ValueError(
+                        f"Lookahead checkpoint: {name} `{key}` has shape {tuple(v.shape)} where the slow weight "
+                        f"has {tuple(shape)}; was it saved with another world size or sharding?")
+                v = v.to(device=device, copy=True).reshape(shape) if v.dim() > 0 else v.clone()
+            out[key] = v
+            live[key[len(OUTER_STATE_PREFIX):]] = v
+        proxy = self._proxies.get(p)
+        if steps > 0 and proxy is not None and self._outer_opt is not None:
+            self._outer_opt.state[proxy] = live
+        for key, v in self._outer_placeholders(torch.zeros(shape, device=device)).items():
+            out.setdefault(key, v)
+        return out
+
+    def _outer_user(self, host: SyncHost, plan: _Plan, d: list[torch.Tensor]) -> None:
+        """One step of the user's outer optimizer on the bucket's slow weights, gradient ``d``."""
+        opt = self._outer_opt
+        proxies = [self._proxies[p] for p in plan.params]
+        for px, s, g in zip(proxies, plan.slow_t, d):
+            px.data = s  # alias: the step updates the slow weight in place
+            px.grad = _shaped_like(g, s)
+        opt.step()
+        for px, p in zip(proxies, plan.params):
+            px.grad = None
+            entry = host.state_entry(p)
+            for key, v in opt.state.get(px, {}).items():
+                entry[OUTER_STATE_PREFIX + key] = v
+            entry[OUTER_STEPS_KEY] = entry.get(OUTER_STEPS_KEY, 0) + 1
 
     # -- buffers -------------------------------------------------------------------------------
-    def _launch_buffers(self) -> list | None:
+    def _average_buffers(self, describe: str) -> None:
         bufs = [b for b in self.options.buffer_list() if b.is_floating_point()]
         if not bufs:
-            return None
+            return
         launched = []
         for ts, flat in self._packed([b.detach() for b in bufs]):
             launched.append((ts, flat, _comm.all_reduce(flat, self.group, self.stats, "buffers")))
-        return launched
-
-    def _finish_buffers(self, launched: list) -> None:
         for ts, flat, work in launched:
-            work.wait()
+            streaming.wait_work(work, self.timeout, f"the buffer average of {describe}")
             flat.div_(self.group_size)
             if self.intra is not None:  # mean of equal-sized group means = mean over all ranks
-                _comm.all_reduce(flat, self.intra, self.stats, "buffers", async_op=False)
+                work = _comm.all_reduce(flat, self.intra, self.stats, "buffers")
+                streaming.wait_work(work, self.timeout, f"the intra-group buffer average of {describe}")
                 flat.div_(dist.get_world_size(self.intra))
             torch._foreach_copy_(ts, [v.view_as(t) for v, t in zip(flat.split([t.numel() for t in ts]), ts)])
 
@@ -582,14 +1161,16 @@ class LocalSGD(SyncStrategy):
             params = group["params"]
             if not params or any(host.slow_weight(p) is None for p in params):
                 continue
-            for plan in self._plans_for(host, params):
-                lay = plan.layout
-                seg = torch.zeros(lay.segment, dtype=plan.stage_dtype, device=plan.device)
-                torch._foreach_copy_(lay.own_views(seg, self.shard_rank), plan.slow)
-                full = torch.empty(lay.numel, dtype=plan.stage_dtype, device=plan.device)
-                _comm.all_gather(full, seg, self.shard_group, self.stats, "slow_weights")
-                fast += plan.fast_chunks
-                slow += lay.chunk_views(full)
+            for plans in self._unit(host, params).fragments:
+                for plan in plans:
+                    lay = plan.layout
+                    seg = torch.zeros(lay.segment, dtype=plan.stage_dtype, device=plan.device)
+                    torch._foreach_copy_(lay.own_views(seg, self.shard_rank), plan.slow)
+                    full = torch.empty(lay.numel, dtype=plan.stage_dtype, device=plan.device)
+                    work = _comm.all_gather(full, seg, self.shard_group, self.stats, "slow_weights", async_op=True)
+                    streaming.wait_work(work, self.timeout, "the slow-weight gather of use_slow_weights()")
+                    fast += plan.fast_chunks
+                    slow += lay.chunk_views(full)
         return fast, slow
 
     # -- DDP that still all-reduces ------------------------------------------------------------
@@ -618,7 +1199,7 @@ class LocalSGD(SyncStrategy):
             raise RuntimeError(msg)
         if not self._ddp_warned:
             self._ddp_warned = True
-            warnings.warn(msg, UserWarning, stacklevel=4)
+            warnings.warn(msg, UserWarning, stacklevel=6)
 
 
 def _ranks_of(group: dist.ProcessGroup | None, group_ranks: list[int]) -> list[int]:
