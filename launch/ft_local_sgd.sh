@@ -2,7 +2,7 @@
 # Fault-tolerant local SGD on one machine: a torchft lighthouse and NUM_REPLICA_GROUPS replica
 # groups, each one launch/ft_train.py process (Lookahead(AdamW) with LocalSGDOptions(manager=...)).
 #   launch/ft_local_sgd.sh                                      # 2 groups, 20 committed syncs
-#   NUM_REPLICA_GROUPS=3 launch/ft_local_sgd.sh --syncs 50 --step-sleep 0.05
+#   NUM_REPLICA_GROUPS=3 launch/ft_local_sgd.sh --syncs 50 --batch 18 --step-sleep 0.05
 #   KILL_GROUP=1 KILL_AT=5 RESTART_AFTER=3 launch/ft_local_sgd.sh --syncs 60 --step-sleep 0.05
 #       # fault drill: kill -9 group 1 once group 0 has committed 5 syncs, start it again 3 s later
 # Environment: NUM_REPLICA_GROUPS (2), LIGHTHOUSE_PORT (29510), HEARTBEAT_MS (5000: how long the
@@ -56,7 +56,7 @@ if [ -n "${KILL_GROUP:-}" ]; then
   watch=0; [ "$KILL_GROUP" = 0 ] && watch=1  # count the syncs of a group that is not killed
   until grep -qE "\"event\": \"sync\", \"replica\": $watch, \"pid\": [0-9]+, \"step\": ${KILL_AT:-5}," \
       "$LOG_DIR/events_r$watch.jsonl" 2>/dev/null; do
-    kill -0 "${group_pid[$watch]}" 2>/dev/null || { echo "[ft] group $watch exited early" >&2; break; }
+    kill -0 "${group_pid[$watch]}" 2>/dev/null || { echo "[ft] group $watch exited before sync $KILL_AT; see $LOG_DIR" >&2; exit 1; }
     sleep 0.05
   done
   kill -9 "${group_pid[$KILL_GROUP]}" && echo "[ft] kill -9 group $KILL_GROUP ($(date +%T.%N | cut -c1-12))" >&2

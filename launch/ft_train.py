@@ -158,6 +158,8 @@ def main(argv: list[str] | None = None) -> None:
         summarize(args.summarize)
         return
     t_start = _T0
+    if args.batch % args.groups:
+        raise SystemExit(f"ft_train.py: --batch {args.batch} must be divisible by --groups {args.groups}")
     from torch.distributed import TCPStore
     from torchft import Manager, ProcessGroupGloo
 
