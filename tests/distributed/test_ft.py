@@ -150,9 +150,11 @@ def test_kill_one_replica_group_survivor_goes_on_restarted_group_heals(tmp_path,
             crash = _wait(lambda: [e for e in _events(logs[1]) if e["event"] == "crash"], "the crash", procs)
             t_kill = crash[0]["t"]
         assert b.wait(timeout=30) == -signal.SIGKILL
-        alone = _wait(lambda: (lambda s: s if len(s) >= ALONE else None)(
-            [e for e in syncs(0) if e["t"] > t_kill and e["committed"] and e["participants"] == 1]),
-            "the survivor's syncs alone", procs)
+        def syncs_alone() -> list[dict] | None:
+            got = [e for e in syncs(0) if e["t"] > t_kill and e["committed"] and e["participants"] == 1]
+            return got if len(got) >= ALONE else None
+
+        alone = _wait(syncs_alone, "the survivor's syncs alone", procs)
         t_restart = time.time()
         b2 = start(1)
         healed = _wait(lambda: [e for e in syncs(1, b2.pid) if e["healed"]], "the restarted group to heal", procs)
@@ -169,7 +171,7 @@ def test_kill_one_replica_group_survivor_goes_on_restarted_group_heals(tmp_path,
         lighthouse.shutdown()
 
     ev0, ev1 = syncs(0), syncs(1)
-    ready1 = [e for e in _events(logs[1]) if e["event"] == "ready" and e["pid"] == b2.pid][0]
+    ready1 = next(e for e in _events(logs[1]) if e["event"] == "ready" and e["pid"] == b2.pid)
 
     # 1. Before the kill the run is the undisturbed run, bit for bit.
     ref, _ = _replay(SEED, KILL_AT + 3)
@@ -190,7 +192,7 @@ def test_kill_one_replica_group_survivor_goes_on_restarted_group_heals(tmp_path,
     discarded = len([e for e in ev0 if e["t"] > t_kill and not e["committed"]])
 
     # 3. The restarted group healed at its first sync, and from then on both hold the same weights.
-    first = [e for e in ev1 if e["pid"] == b2.pid][0]
+    first = next(e for e in ev1 if e["pid"] == b2.pid)
     assert first["healed"] and first["committed"], first
     by_step0 = {e["step"]: e["checksum"] for e in ev0 if e["committed"]}
     joint = [e for e in ev1 if e["pid"] == b2.pid and e["committed"]]

@@ -71,7 +71,7 @@ from .base import SyncHost, SyncStrategy
 if TYPE_CHECKING:
     from .local_sgd import LocalSGDOptions
 
-__all__ = ["FaultTolerantLocalSGD", "FTStats", "STATE_DICT_KEY", "check_options"]
+__all__ = ["STATE_DICT_KEY", "FTStats", "FaultTolerantLocalSGD", "check_options"]
 
 #: Key under which a Lookahead registers its state with the manager.
 STATE_DICT_KEY = "lookahead"
