@@ -247,6 +247,8 @@ def test_one_manager_per_lookahead():
     (dict(sharded=True), ValueError, "sharded=True` is not supported with a torchft `manager`"),
     (dict(comm_dtype=torch.bfloat16), ValueError, "comm_dtype=torch.bfloat16` is not supported"),
     (dict(process_group=object()), ValueError, "`process_group` cannot be combined with `manager`"),
+    (dict(num_fragments=2), ValueError, "`num_fragments=2` is not supported with a torchft `manager`"),
+    (dict(timeout=5.0), ValueError, "`timeout=5.0` is not supported .* timeouts on the Manager"),
 ])
 def test_unsupported_options_are_refused(kwargs, exc, match):
     with pytest.raises(exc, match=match):

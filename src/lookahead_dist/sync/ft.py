@@ -50,7 +50,9 @@ needs because its quorum overlaps inner steps) are not needed and not called.
 What is not supported: ``sharded=True`` (torchft's gloo process group has no reduce-scatter, and
 sharded slow weights across replica groups would make healing from one peer impossible);
 ``process_group``/``intra_group`` (the manager's process group replaces them); ``comm_dtype``
-other than float32; streaming.
+other than float32; streaming (``num_fragments``, ``fragments``, ``fragment_sync_delay``,
+``fragment_update_alpha``); ``outer_optimizer``; ``timeout`` (the manager's and its process
+group's timeouts apply).
 """
 
 from __future__ import annotations
@@ -95,6 +97,14 @@ def check_options(o: LocalSGDOptions) -> None:
     if o.comm_dtype not in (None, torch.float32):
         raise ValueError(f"LocalSGDOptions `comm_dtype={o.comm_dtype}` is not supported with a torchft `manager`; "
                          "use comm_dtype=None")
+    # Streaming and the other blocking-mode extras are not implemented on the managed path.
+    for name, default in (("num_fragments", 1), ("fragments", None), ("fragment_sync_delay", 0),
+                          ("fragment_update_alpha", 0.0), ("outer_optimizer", None), ("timeout", None)):
+        value = getattr(o, name, default)
+        if value != default if default is not None else value is not None:
+            hint = ("set the timeouts on the Manager and its ProcessGroupGloo instead" if name == "timeout"
+                    else "use the blocking managed sync (leave it at its default)")
+            raise ValueError(f"LocalSGDOptions `{name}={value!r}` is not supported with a torchft `manager`; {hint}")
 
 
 @dataclass
