@@ -776,7 +776,7 @@ class LocalSGD(SyncStrategy):
             rec.due_in -= 1
             if rec.due_in <= 0:
                 del self._inflight[params[0]]
-                self._complete(host, rec, alpha)
+                self._complete(host, unit, rec, alpha)
         f = streaming.launch_fragment(n, k, self.num_fragments)
         if f is None:
             return
@@ -793,7 +793,7 @@ class LocalSGD(SyncStrategy):
         unit = self._unit(host, params)
         rec = self._inflight.pop(params[0], None)
         if rec is not None:
-            self._complete(host, rec, alpha)
+            self._complete(host, unit, rec, alpha)
         self._sync_now(host, unit, range(len(unit.fragments)), alpha,
                        self._describe(host, unit, None, None, None))
 
@@ -819,7 +819,7 @@ class LocalSGD(SyncStrategy):
                 inflight.append(self._launch(host, plan, describe))
             while inflight:
                 self._apply(host, self._reduce(host, inflight.popleft(), describe), alpha, describe, ok, bad)
-            self._after(host, ok, bad, alpha)
+            self._after(host, unit, ok, bad, alpha, describe)
 
     def _fragment_start(self, host: SyncHost, unit: _Unit, f: int, describe: str) -> None:
         """Once per cycle, with fragment 0: the DDP check and the (blocking) buffer average."""
@@ -836,7 +836,7 @@ class LocalSGD(SyncStrategy):
         return streaming.InFlight(fragment=f, due_in=self.delay, launched=launched, describe=describe,
                                   works=[item.work for item in launched])
 
-    def _complete(self, host: SyncHost, rec: streaming.InFlight, alpha: float) -> None:
+    def _complete(self, host: SyncHost, unit: _Unit, rec: streaming.InFlight, alpha: float) -> None:
         """Wait for a fragment launched ``tau`` steps ago and apply it."""
         if rec.reduced is None:
             rec.reduced = [self._reduce(host, item, rec.describe) for item in rec.launched]
@@ -847,13 +847,22 @@ class LocalSGD(SyncStrategy):
             if rec.parked:
                 for p in red.plan.params:
                     host.state_entry(p)[INFLIGHT_DUE_KEY] = 0
-        self._after(host, ok, bad, alpha)
+        self._after(host, unit, ok, bad, alpha, rec.describe)
 
-    def _after(self, host: SyncHost, ok: list[torch.Tensor], bad: list, alpha: float) -> None:
-        if ok:
-            host.on_synced(ok, alpha)
-        for params, what in bad:  # Note [Non-finite syncs] in lookahead.py
-            host.on_nonfinite(params, what)
+    def _after(self, host: SyncHost, unit: _Unit, ok: list[torch.Tensor], bad: list, alpha: float,
+               describe: str) -> None:
+        if not bad:
+            if ok:
+                host.on_synced(ok, alpha)
+            return
+        # Note [Non-finite syncs, fragments]: the whole unit restarts from its slow weights.
+        for plans in unit.fragments:
+            for plan in plans:
+                if self.mode == "flat":
+                    torch._foreach_copy_(plan.fast, plan.slow)
+                else:
+                    self._gather(plan, None, None, describe, merge=False)
+        host.on_nonfinite(unit.params, bad[0][1])
 
     # -- checkpoints in flight -----------------------------------------------------------------
     @torch.no_grad()
@@ -992,10 +1001,8 @@ class LocalSGD(SyncStrategy):
                     e[EF_RESIDUAL_KEY].zero_()
                     e[EF_OWNER_KEY].zero_()
             if self.mode == "flat":
-                torch._foreach_copy_(plan.fast, plan.slow)
                 what = f"averaged pseudo-gradient of {plan.names[red.bad]}, shape {tuple(plan.params[red.bad].shape)}"
             else:
-                self._gather(plan, red.seg, red.full, describe, merge=False)
                 what = f"averaged fast weights of {plan.names[0]}..{plan.names[-1]}: non-finite on some rank"
             bad.append((plan.params, f"{what}; {describe}"))
             return
