@@ -7,6 +7,7 @@ below is the outer step of Note [The outer step] worked by hand in float64.
 
 from __future__ import annotations
 
+import copy
 import warnings
 from unittest import mock
 
@@ -202,6 +203,45 @@ def test_heal_loads_the_peer_and_contributes_nothing(quorum):
     # The inner optimizer state is the peer's too.
     torch.testing.assert_close(inner.state[w]["momentum_buffer"], sd["state"][0]["momentum_buffer"])
     assert opt.local_sgd.ft.healed == 1 and opt.local_sgd.ft.committed == 1
+
+
+def test_heal_makes_every_param_group_window_stale():
+    """Two param groups sync at the same step; the heal happens at the first group's quorum. The
+    second group's fast weights are then the peer's too, so it must send zeros as well."""
+
+    def two_groups(fm):
+        w1, w2 = torch.nn.Parameter(W0.clone()), torch.nn.Parameter(2 * W0.clone())
+        opt = Lookahead(torch.optim.SGD([{"params": [w1]}, {"params": [w2]}], lr=LR), k=K, alpha=ALPHA,
+                        local_sgd=LocalSGDOptions(manager=fm.m))
+        return w1, w2, opt
+
+    def window(w1, w2, opt):
+        for g in GRADS[:K]:
+            w1.grad, w2.grad = g.clone(), g.clone()
+            opt.step()
+
+    pm = FakeManager()
+    p1, p2, peer = two_groups(pm)
+    captured = []  # the peer's state as torchft sends it: taken inside its first unit's quorum
+
+    def capture():
+        if not captured:
+            captured.append(copy.deepcopy(peer.state_dict()))
+
+    pm.on_quorum = capture
+    window(p1, p2, peer)
+    sd = captured[0]
+    fm = FakeManager()
+    w1, w2, opt = two_groups(fm)
+    fm.on_quorum = lambda: (fm.fns[STATE_DICT_KEY][0](sd), setattr(fm, "on_quorum", None))
+    window(w1, w2, opt)
+    assert fm.calls.count("start_quorum") == 2 and len(fm.sent) == 2
+    assert not fm.sent[0].any() and not fm.sent[1].any()
+    assert opt.local_sgd.ft.healed == 1
+    # The mean over contributors is the peer's progress (PEER_PROGRESS) for both groups.
+    for i, w in enumerate((w1, w2)):
+        phi = sd["state"][i]["lookahead_slow"] + ALPHA * PEER_PROGRESS  # beta = 0: phi - alpha * d
+        torch.testing.assert_close(w.detach(), phi, rtol=1e-12, atol=1e-12)
 
 
 def test_nonfinite_average_skips_the_outer_step_everywhere():

@@ -16,8 +16,10 @@ At the k-th step of a unit, on every live replica group:
    load function (and the user's, for the model), so it now holds that peer's fast weights,
    slow weights, outer momentum, counters and inner optimizer state.
 2. Each group packs its *progress* :math:`\theta_i - \phi` (flat, per device and dtype) with one
-   extra element, its weight :math:`w_i` (1, or 0 for a group that has just healed: its window
-   was spent on stale weights and its fast weights are now a copy of its source's), and
+   extra element, its weight :math:`w_i` (1, or 0 for a group that has healed since the unit's
+   last sync: its window was spent on stale weights and its fast weights are now a copy of its
+   source's; this holds for every param group of the Lookahead, not only the one whose quorum
+   healed), and
    ``m.allreduce`` averages the packs over the participants. The ratio of the two averages is
    the mean progress of the groups that did the window's work,
    :math:`\sum_i w_i(\theta_i - \phi) / \sum_i w_i`, whatever the number of participants or
@@ -159,6 +161,8 @@ class FaultTolerantLocalSGD(SyncStrategy):
         self.state_keys = (_outer_key(),) if self.beta > 0 else ()
         self._host: SyncHost | None = None
         self._healed_now = False
+        # ids of the units (first tensors) whose current window predates a heal: weight 0 at their next sync
+        self._stale: set[int] = set()
 
     # -- state ---------------------------------------------------------------------------------
     def new_entry(self, p: torch.Tensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -201,6 +205,9 @@ class FaultTolerantLocalSGD(SyncStrategy):
         assert self._host is not None
         self._host.load_state_dict(state_dict)  # type: ignore[attr-defined]
         self._healed_now = True
+        # Every unit's fast weights are now the peer's: a unit that syncs later (another param
+        # group, maybe another k) would send progress the peer already counts.
+        self._stale = {id(g["params"][0]) for g in self._host.param_groups if g["params"]}
 
     # -- the sync ------------------------------------------------------------------------------
     def advance(self, host: SyncHost, params: list[torch.Tensor], n: int, k: int, alpha: float) -> None:
@@ -221,9 +228,10 @@ class FaultTolerantLocalSGD(SyncStrategy):
             wait()
         t1 = time.perf_counter()
         healed = self._healed_now
+        stale = id(params[0]) in self._stale
         first_unit = bool(host.param_groups) and params is host.param_groups[0]["params"]
         buffers = [b for b in self.options.buffer_list() if b.is_floating_point()] if first_unit else []
-        packs = self._pack(host, params, buffers, weight=0.0 if healed else 1.0)
+        packs = self._pack(host, params, buffers, weight=0.0 if stale else 1.0)
         works = []
         for pk in packs:
             works.append(m.allreduce(pk.flat))
@@ -236,6 +244,7 @@ class FaultTolerantLocalSGD(SyncStrategy):
         t3 = time.perf_counter()
         # A heal under the async quorum happens inside should_commit: read the state only now.
         healed = healed or self._healed_now
+        self._stale.discard(id(params[0]))
         fast = [local_tensor(p) for p in params]
         entries = [host.state_entry(p) for p in params]
         slow = [local_tensor(e[SLOW_KEY]) for e in entries]
