@@ -26,10 +26,10 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
-from lookahead_dist import Lookahead, LocalSGDOptions
+from lookahead_dist import LocalSGDOptions, Lookahead
 from tests.distributed._spawn import run_ranks
 
 pytestmark = pytest.mark.distributed

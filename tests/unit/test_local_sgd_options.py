@@ -181,3 +181,194 @@ def test_process_group_given_twice_must_agree(one_rank_group):
                   process_group=dist.group.WORLD)
     opt = Lookahead(torch.optim.SGD([w], lr=0.1), process_group=other)  # a group implies the mode
     assert opt.local_sgd is not None and opt.local_sgd.group is other
+
+
+# -- streaming: options, schedule, fragments, suggestion --------------------------------------------
+from lookahead_dist.sync import streaming  # noqa: E402
+from lookahead_dist.sync.local_sgd import (  # noqa: E402
+    EF_OWNER_KEY,
+    EF_RESIDUAL_KEY,
+    INFLIGHT_DUE_KEY,
+    INFLIGHT_KEY,
+    OUTER_STATE_PREFIX,
+    OUTER_STEPS_KEY,
+)
+
+
+@pytest.mark.parametrize(
+    "kwargs,exc,needle",
+    [
+        (dict(num_fragments=0), ValueError, "`num_fragments` must be >= 1, got 0"),
+        (dict(num_fragments=2.0), TypeError, "`num_fragments` must be an int, got 2.0"),
+        (dict(fragment_sync_delay=-1), ValueError, "`fragment_sync_delay` must be >= 0, got -1"),
+        (dict(fragment_sync_delay=True), TypeError, "`fragment_sync_delay` must be an int, got True"),
+        (dict(fragment_update_alpha=1.5), ValueError, "`fragment_update_alpha` must be a float in [0, 1], got 1.5"),
+        (dict(fragment_update_alpha=math.nan), ValueError, "got nan"),
+        (dict(fragments=[["a"]]), ValueError, "pass `module=` too"),
+        (dict(fragments="a", module=torch.nn.Linear(1, 1)), TypeError, "list of non-empty lists"),
+        (dict(fragments=[["a"], []], module=torch.nn.Linear(1, 1)), TypeError, "list of non-empty lists"),
+        (dict(fragments=[["a"], ["b"]], num_fragments=3, module=torch.nn.Linear(1, 1)), ValueError,
+         "`num_fragments=3` disagrees with the 2 lists"),
+        (dict(outer_optimizer=torch.optim.SGD([torch.zeros(1)], lr=1.0)), TypeError, "got SGD"),
+        (dict(outer_optimizer=lambda ps: None, outer_momentum=0.9), ValueError, "drop `outer_momentum`"),
+        (dict(comm_dtype="int2"), ValueError, "'int2'"),
+        (dict(comm_dtype="int8", sharded=True), ValueError, "comm_dtype=int8` needs the full slow weights"),
+        (dict(quant_block_size=7), ValueError, "`quant_block_size` must be an even number >= 2, got 7"),
+        (dict(error_feedback=1), TypeError, "`error_feedback` must be a bool, got 1"),
+        (dict(timeout=0), ValueError, "`timeout` must be None, a number of seconds > 0"),
+        (dict(timeout="1s"), ValueError, "got '1s'"),
+    ],
+)
+def test_streaming_options_name_the_bad_value(kwargs, exc, needle):
+    with pytest.raises(exc) as info:
+        LocalSGDOptions(**kwargs)
+    assert needle in str(info.value)
+
+
+def test_explicit_fragments_set_num_fragments():
+    o = LocalSGDOptions(fragments=[("0",), ["2", "4.weight"]], module=torch.nn.Linear(1, 1))
+    assert o.num_fragments == 2 and o.fragments == [["0"], ["2", "4.weight"]]
+    assert LocalSGDOptions(comm_dtype="int4").quant_bits == 4 and LocalSGDOptions().quant_bits is None
+
+
+def test_split_fragments_midpoint_rule():
+    # Equal tensors: exact halves / quarters.
+    assert streaming.split_fragments([4, 4, 4, 4], 2) == [[0, 1], [2, 3]]
+    assert streaming.split_fragments([4, 4, 4, 4], 4) == [[0], [1], [2], [3]]
+    # Tensor i goes to floor(F * midpoint_i / total): midpoints 24, 52, 72, 90 of 92 bytes.
+    assert streaming.split_fragments([48, 8, 32, 4], 2) == [[0], [1, 2, 3]]
+    # A tensor bigger than total / F leaves a neighbour empty; order is kept.
+    assert streaming.split_fragments([100, 1, 1], 3) == [[], [0], [1, 2]]
+    assert streaming.split_fragments([0, 0], 2) == [[0], [1]]
+
+
+def test_schedule_launches_and_errors():
+    # k=8, F=4: fragment 1 at n=2, 2 at n=4, 3 at n=6, 0 at n=8.
+    assert [streaming.launch_fragment(n, 8, 4) for n in range(1, 9)] == [None, 1, None, 2, None, 3, None, 0]
+    assert [streaming.launch_fragment(n, 4, 1) for n in range(1, 5)] == [None, None, None, 0]
+    assert streaming.check_schedule(8, 4, 1, "param group 0") == 2
+    with pytest.raises(ValueError, match=r"`num_fragments=3` needs k \(param group 0: lookahead_k=8\) to be a multiple"):
+        streaming.check_schedule(8, 3, 0, "param group 0")
+    with pytest.raises(ValueError, match=r"`fragment_sync_delay=2` must be < k / num_fragments = 8 / 4 = 2"):
+        streaming.check_schedule(8, 4, 2, "param group 0")
+
+
+def test_fragments_from_prefixes():
+    names = ["0.weight", "0.bias", "2.weight", "20.weight"]
+    assert streaming.fragments_from_prefixes(names, [["0"], ["2", "20"]], "u") == [[0, 1], [2, 3]]
+    with pytest.raises(ValueError, match=r"'20.weight' \(u\) matches no fragment"):
+        streaming.fragments_from_prefixes(names, [["0"], ["2"]], "u")
+    with pytest.raises(ValueError, match=r"'0.bias' \(u\) matches fragments \[0, 1\]"):
+        streaming.fragments_from_prefixes(names, [["0"], ["0.bias", "2", "20"]], "u")
+    with pytest.raises(ValueError, match="tensor 1 of u is not a parameter of `module`"):
+        streaming.fragments_from_prefixes(["0.weight", None], [["0"]], "u")
+
+
+def test_suggest_schedule_formula():
+    # 2 ranks, 100 MB fp32 on 100 MB/s: a whole-model all-reduce puts 100 MB on the wire (1 s).
+    s = streaming.suggest_schedule(100e6, 100e6, 0.1, k=16, verbose=False)
+    f = s.num_fragments
+    assert s.fragment_seconds == pytest.approx(1.0 / f)
+    assert s.fragment_sync_delay < 16 // f
+    assert s.blocking_utilisation == pytest.approx(1.6 / 2.6)
+    # Fast link: the fragment hides behind one step; the smallest staleness wins.
+    fast = streaming.suggest_schedule(25e6, 125e6, 0.05, k=16, verbose=False)
+    assert (fast.num_fragments, fast.fragment_sync_delay, fast.utilisation) == (4, 1, 1.0)
+    # 4-bit values (+ scales) are 1/8 of the bytes: smaller fragments suffice.
+    q = streaming.suggest_schedule(100e6, 100e6, 0.1, k=16, bits=4, verbose=False)
+    assert q.utilisation >= s.utilisation
+    with pytest.raises(ValueError, match="link_bytes_per_s=0"):
+        streaming.suggest_schedule(1e6, 0, 0.1, k=4)
+    with pytest.raises(ValueError, match="`bits` must be 32, 16, 8 or 4, got 2"):
+        streaming.suggest_schedule(1e6, 1e6, 0.1, k=4, bits=2)
+
+
+# -- streaming on a one-rank group -----------------------------------------------------------------
+def _net(seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+
+
+def _train(model, opt, start, stop, sched=None):
+    for t in range(start, stop):
+        g = torch.Generator().manual_seed(t)
+        x, y = torch.randn(5, 3, generator=g), torch.randn(5, 2, generator=g)
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+        if sched is not None:
+            sched.step()
+
+
+def test_k_not_divisible_by_fragments_fails_at_the_first_step(one_rank_group):
+    model = _net()
+    opt = Lookahead(torch.optim.SGD(model.parameters(), lr=0.1), k=6,
+                    local_sgd=LocalSGDOptions(num_fragments=4))
+    with pytest.raises(ValueError, match="`num_fragments=4` needs k .param group 0: lookahead_k=6."):
+        _train(model, opt, 0, 1)
+
+
+@pytest.mark.parametrize("opts", [dict(), dict(num_fragments=2, fragment_sync_delay=1), dict(sharded=True)])
+def test_builtin_outer_step_is_bitwise_torch_sgd(one_rank_group, opts):
+    runs = []
+    for outer in (dict(outer_momentum=0.9, nesterov=True),
+                  dict(outer_optimizer=lambda ps: torch.optim.SGD(ps, lr=0.7, momentum=0.9, nesterov=True))):
+        model = _net()
+        opt = Lookahead(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.5), k=4, alpha=0.7,
+                        local_sgd=LocalSGDOptions(**outer, **opts))
+        _train(model, opt, 0, 10)
+        runs.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+def test_explicit_fragments_sync_their_modules(one_rank_group):
+    model = _net()
+    opt = Lookahead(torch.optim.SGD(model.parameters(), lr=0.1), k=4, local_sgd=LocalSGDOptions(
+        module=model, fragments=[["2"], ["0"]]))
+    stats, per_step = opt.local_sgd.stats, []
+    for t in range(4):
+        before = stats.total("payload", label="params")
+        _train(model, opt, t, t + 1)
+        per_step.append(stats.total("payload", label="params") - before)
+    # Fragment 1 (module "0": 3*4+4 values) at n=2, fragment 0 (module "2": 4*2+2) at n=4.
+    assert per_step == [0, 16 * 4, 0, 10 * 4]
+
+
+def test_dcp_template_before_the_first_sync_and_resume_in_flight(one_rank_group, tmp_path):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    def build():
+        model = _net()
+        opt = Lookahead(torch.optim.AdamW(model.parameters(), lr=0.01), k=4, alpha=0.5, local_sgd=LocalSGDOptions(
+            num_fragments=2, fragment_sync_delay=1, comm_dtype="int8", quant_block_size=4,
+            outer_optimizer=lambda ps: torch.optim.Adam(ps, lr=0.1, eps=1e-3)))
+        return model, opt
+
+    # A template of a fresh optimizer (DCP's fake step) already has every key the strategy needs.
+    model, opt = build()
+    template = get_optimizer_state_dict(model, opt)
+    keys = set(template["state"]["0.weight"])
+    assert {INFLIGHT_KEY, INFLIGHT_DUE_KEY, EF_RESIDUAL_KEY, EF_OWNER_KEY, OUTER_STEPS_KEY,
+            OUTER_STATE_PREFIX + "exp_avg", OUTER_STATE_PREFIX + "exp_avg_sq", OUTER_STATE_PREFIX + "step"} <= keys
+
+    straight, straight_opt = build()
+    _train(straight, straight_opt, 0, 12)
+    model, opt = build()
+    _train(model, opt, 0, 6)  # fragment 1 launched at step 6, due at step 7
+    assert opt.local_sgd.in_flight() == [(1, 1)]
+    dcp.save({"model": model.state_dict(), "optim": get_optimizer_state_dict(model, opt)},
+             checkpoint_id=str(tmp_path / "ckpt"))
+    model2, opt2 = build()
+    state = {"model": model2.state_dict(), "optim": get_optimizer_state_dict(model2, opt2)}
+    dcp.load(state, checkpoint_id=str(tmp_path / "ckpt"))
+    model2.load_state_dict(state["model"])
+    set_optimizer_state_dict(model2, opt2, state["optim"])
+    _train(model2, opt2, 6, 12)
+    for a, b in zip(model2.parameters(), straight.parameters()):
+        assert torch.equal(a, b)
+    with opt2.use_slow_weights():
+        slow2 = [p.detach().clone() for p in model2.parameters()]
+    with straight_opt.use_slow_weights():
+        assert all(torch.equal(a, b) for a, b in zip(slow2, straight.parameters()))

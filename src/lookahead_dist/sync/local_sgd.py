@@ -81,6 +81,79 @@ mode would save nothing. When ``module`` is such a DDP (over ranks of ``process_
 inside an ``intra_group`` is the hierarchical set-up and is fine), a forward pre-hook counts the
 forwards that will synchronise, and the next sync emits a ``UserWarning`` (``on_ddp_sync="warn"``,
 once) or raises ``RuntimeError`` (``"raise"``). Cheaper still: train the plain module.
+
+Note [Quantised sync]
+---------------------
+``comm_dtype="int8"`` / ``"int4"`` sends the progress in blockwise absmax-quantised form
+(:mod:`lookahead_dist._quant`: one fp32 scale per ``quant_block_size`` values, symmetric grids of
+255 / 15 levels, int4 packed two per byte). An all-reduce cannot add quantised values, so each
+bucket runs the quantised mean of ``_quant``: all-to-all of the quantised chunks, dequantise and
+add in fp32 on the chunk's owner, divide by N, requantise, all-gather. On 2 ranks the wire bytes
+are ``bits/32 * (1 + 32/(bits * B))`` of an fp32 all-reduce (0.25 x 1.0078 for int8, 0.125 x
+1.0156 for int4 at B = 512), plus padding to whole blocks. The bucket is laid out like a
+:class:`ShardLayout` whose segments are padded to whole blocks (``_BlockLayout``), so the chunk a
+rank owns in the reduce is its 1/N chunk of every tensor.
+
+With ``error_feedback=True`` (default) each rank adds the quantisation error of its previous
+send to the next one (``lookahead_ef_residual``, shaped like the slow weight), and the owner of a
+chunk does the same for the requantised mean (``lookahead_ef_owner``, 1/N of it): the sums of the
+values sent track the sums of the true values. Both residuals are per-parameter state: they are
+checkpointed and, with fragments, naturally kept per fragment. A sync skipped for NaN/inf zeroes
+them. Quantisation needs progress, so it runs in the flat and the hierarchical-sharded modes; the
+plain sharded mode (which reduce-scatters weights) refuses it, like bf16. The reduce runs on a
+worker thread over a process group of its own (``new_group`` of the same ranks, made at
+construction), also when ``fragment_sync_delay=0``.
+
+Note [Outer optimizer]
+----------------------
+``outer_optimizer=lambda ps: torch.optim.SGD(ps, lr=0.7, momentum=0.9, nesterov=True)`` is called
+once, at construction, with one param-group dict per Lookahead param group. Its parameters are
+*proxies*: empty tensors that, at each outer step, alias this rank's slow weights
+(``proxy.data = slow``; a chunk when sharded) and get the averaged pseudo-gradient
+``d = phi - mean theta`` as ``.grad``; the step updates the slow weights in place. So the
+optimizer exists before the first step (build an LR scheduler on ``opt.local_sgd.outer_optimizer``
+right away), survives ``load_state_dict`` (which replaces the slow tensors), and its state is keyed
+by objects that never change. Its per-parameter state is mirrored into the Lookahead state under
+``lookahead_outer_state_<key>`` (same tensor objects), with ``lookahead_outer_steps`` counting its
+steps, so checkpoints and DCP carry it with the slow weights; template slots are allocated with the
+slow weights, shaped as a twin optimizer on a 2-element probe reveals them (state of another shape
+appears after the first outer step). The learning rate and other hyperparameters live in its
+``param_groups``: checkpoint the LR scheduler as usual. Each bucket steps once per sync of its
+fragment; tensors of other fragments have ``grad=None`` and are skipped. ``alpha`` is then unused by
+the outer step (it still drives ``pullback="pullback"``). The built-in step (Note [The outer step])
+equals ``SGD(lr=alpha, momentum=outer_momentum, nesterov=nesterov)`` here (tested).
+
+Note [Checkpoints in flight]
+----------------------------
+``state_dict()`` calls ``flush()``, which *waits* for a fragment's collective in flight but does
+not apply it: the averaged pseudo-gradient is parked in per-parameter state (``lookahead_inflight``,
+shaped like the slow weight, allocated with it when ``fragment_sync_delay > 0``) with the steps
+left until it is due (``lookahead_inflight_due``), next to the error-feedback residuals and the
+outer optimizer's state. The run goes on unchanged (the parked copy equals the in-memory result),
+and a resumed run rebuilds the fragment in flight from that state and applies it at the same step:
+bit-identical to not stopping (tested with fp32, sharded, and int8 + error feedback + Adam as
+outer optimizer). No collective is re-issued at load.
+
+Note [Non-finite syncs in local SGD]
+------------------------------------
+Every rank must skip the same outer updates, with no extra collective. Flat modes check the
+averaged pseudo-gradient, identical on every rank. In the sharded modes each rank only sees its own
+chunk of the average, so a rank whose local fast weights hold NaN/inf (one foreach max-norm at
+launch) fills the whole send buffer with NaN: every chunk of the reduced result is then NaN on
+every rank, and all ranks decide alike. The guard's unit is a bucket's result, but on a hit the
+*whole step unit* restarts from its slow weights (every fragment: a NaN in one fragment reaches all
+of them through the next forward pass) and ``host.on_nonfinite`` resets the unit's inner state.
+A sum of finite values that overflows is not covered in the sharded modes.
+
+Note [Timeouts]
+---------------
+Every collective of a sync is issued ``async_op=True`` and waited with ``work.wait(timeout)``
+(``LocalSGDOptions(timeout=...)``; None waits as long as the process group allows, gloo's default
+being 30 minutes). A peer that hangs, dies or skips the sync makes the wait raise
+``TimeoutError`` naming the sync (fragment, param group), the ``step()`` call that launched it and
+the ranks of the group; other failures become ``RuntimeError`` with the same context. On NCCL,
+``wait(timeout)`` blocks the host until the collective ends (without a timeout it only orders the
+streams).
 """
 
 from __future__ import annotations
@@ -855,7 +928,7 @@ class LocalSGD(SyncStrategy):
             if ok:
                 host.on_synced(ok, alpha)
             return
-        # Note [Non-finite syncs, fragments]: the whole unit restarts from its slow weights.
+        # Note [Non-finite syncs in local SGD]: the whole unit restarts from its slow weights.
         for plans in unit.fragments:
             for plan in plans:
                 if self.mode == "flat":
@@ -918,7 +991,7 @@ class LocalSGD(SyncStrategy):
                 return self._launch_quant(host, plan, stage, views, False)
             wire = self._wire(stage)
             return _Launched(plan, _comm.all_reduce(wire, self.group, self.stats, "params"), stage, wire, views)
-        poisoned = _sync.first_nonfinite(plan.fast) is not None  # Note [Non-finite syncs, sharded]
+        poisoned = _sync.first_nonfinite(plan.fast) is not None  # Note [Non-finite syncs in local SGD]
         if self.mode == "sharded":
             stage = torch.empty(lay.numel, dtype=dt, device=dev)
             torch._foreach_copy_(lay.chunk_views(stage), plan.fast_chunks)

@@ -241,9 +241,13 @@ def suggest_schedule(param_bytes: float, link_bytes_per_s: float, step_time_s: f
         verbose: print the suggestion.
 
     Example:
-        >>> s = suggest_schedule(25e6, 25e6, 0.05, k=16, verbose=False)  # 100 MB/s... 25 MB model
-        >>> (s.num_fragments, s.fragment_sync_delay)
-        (2, 7)
+        >>> # a 25 MB (fp32) model, 2 ranks on a 1 Gbit/s link, 50 ms per inner step, k = 16
+        >>> s = suggest_schedule(25e6, 125e6, 0.05, k=16, verbose=False)
+        >>> (s.num_fragments, s.fragment_sync_delay, round(s.fragment_seconds, 3))
+        (4, 1, 0.05)
+        >>> print(s)  # doctest: +NORMALIZE_WHITESPACE
+        num_fragments=4, fragment_sync_delay=1: one fragment takes 50.0 ms on the link; exposed
+        communication 0.0 ms per k steps; expected utilisation 100.0% (blocking sync: 80.0%)
     """
     if k < 1 or param_bytes < 0 or link_bytes_per_s <= 0 or step_time_s <= 0 or group_size < 1:
         raise ValueError(
