@@ -67,7 +67,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def event(args: argparse.Namespace, rank: int, what: str, **fields: object) -> None:
     if args.events:
         extra = " ".join(f"{k}={v}" for k, v in fields.items())
-        print(f"EVENT t={time.time():.3f} rank={rank} {what} {extra}".rstrip(), flush=True)
+        line = f"EVENT t={time.time():.3f} rank={rank} {what} {extra}".rstrip() + "\n"
+        os.write(sys.stdout.fileno(), line.encode())  # one write: ranks sharing a pipe never interleave
 
 
 def build(args: argparse.Namespace, rank: int, world: int):

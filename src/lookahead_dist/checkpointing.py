@@ -338,7 +338,13 @@ def load_latest(
             f"or was saved by fewer ranks than this job's {world}. Delete {root / LATEST} to start afresh, or "
             "point it at a complete checkpoint"
         )
-    record = torch.load(file, map_location=map_location, weights_only=False)
+    try:
+        record = torch.load(file, map_location=map_location, weights_only=False)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same advice
+        older = sorted(p.name for p in root.iterdir() if p.is_dir() and _TAG.match(p.name) and p.name < tag)
+        hint = f"write {older[-1]} into {root / LATEST}" if older else f"delete {root / LATEST} to start afresh"
+        raise RuntimeError(f"checkpoint file {file} cannot be read ({type(exc).__name__}: {exc}); it is damaged. "
+                           f"To resume from the checkpoint before it, {hint}") from exc
     if not isinstance(record, dict) or record.get("format") != FORMAT:
         raise ValueError(f"{file} is not a lookahead_dist.checkpointing file (format "
                          f"{record.get('format') if isinstance(record, dict) else type(record).__name__!r})")

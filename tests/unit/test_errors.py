@@ -364,6 +364,13 @@ def _checkpoint_cases() -> list[Case]:
         (tmp / "step_00000002" / "rank_0.pt").unlink()
         load_latest(tmp, model, opt)
 
+    def corrupt(tmp: Path) -> None:
+        model, opt = _saved(tmp)
+        save_checkpoint(tmp, model, opt, 3)
+        path = tmp / "step_00000003" / "rank_0.pt"
+        path.write_bytes(path.read_bytes()[:100])  # damaged after the commit (disk, copy, ...)
+        load_latest(tmp, model, opt)
+
     def extra_names(tmp: Path) -> None:
         model, opt = _saved(tmp)
         sched = torch.optim.lr_scheduler.StepLR(opt, 1)
@@ -430,6 +437,8 @@ def _checkpoint_cases() -> list[Case]:
              world_size, "4 ranks"),
         Case("ckpt-missing-rank-file", "checkpoint", "load_latest(...) when CKPT/step_00000002/rank_0.pt is gone",
              missing_rank_file, "rank 0"),
+        Case("ckpt-corrupt-file", "checkpoint", "load_latest(...) when CKPT/step_00000003/rank_0.pt is truncated",
+             corrupt, "rank_0.pt"),
         Case("ckpt-extra-names", "checkpoint", 'load_latest(..., extra={"sched": s}) of a save without extra',
              extra_names, "['sched']"),
         Case("ckpt-latest-garbage", "checkpoint", "CKPT/latest holds global_step7 (not ours)", latest_garbage,
