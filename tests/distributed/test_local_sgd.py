@@ -359,7 +359,10 @@ def _hier_body(rank: int, world_size: int) -> dict:
     out = {}
     for name, opts in {"flat": dict(outer_momentum=0.5),
                        "sharded": dict(outer_momentum=0.5, sharded=True, bucket_cap_mb=1e-4),
-                       "sharded_bf16": dict(sharded=True, comm_dtype=torch.bfloat16)}.items():
+                       "sharded_bf16": dict(sharded=True, comm_dtype=torch.bfloat16),
+                       "flat_int8": dict(comm_dtype="int8", quant_block_size=8),
+                       "sharded_int8_stream": dict(sharded=True, comm_dtype="int8", quant_block_size=8,
+                                                   fragment_sync_delay=1)}.items():
         ddp = DDP(make_model(rank), process_group=mesh.get_group("intra"))  # DP every step inside a group
         options = LocalSGDOptions.from_mesh(mesh, across="inter", within="intra", module=ddp, **opts)
         opt = Lookahead(sgd(ddp.parameters()), k=3, alpha=0.5, local_sgd=options)
@@ -370,6 +373,7 @@ def _hier_body(rank: int, world_size: int) -> dict:
         out[name] = {
             "group": group, "fast": flat(ddp.module), "slow": slow_flat(ddp.module, opt),
             "inter_payload": stats.total("payload", label="params", op="all_reduce"),
+            "quant_payload": stats.total("payload", label="params", op="all_to_all"),
             "intra_gather": stats.total("payload", label="params", op="all_gather"),
             "slow_bytes": state_bytes(opt, SLOW_KEY), "param_bytes": param_bytes(ddp.module),
         }
@@ -399,10 +403,11 @@ def test_hierarchical_two_groups_of_two():
     data = [[0, 1], [2, 3]]  # group g = ranks 2g, 2g+1 (DDP averages their gradients)
     sims = {name: simulate(data, 7, 3, 0.5, beta=beta) for name, beta in (("m", 0.5), ("0", 0.0))}
     for rank, r in enumerate(res):
-        for name, sim in (("flat", "m"), ("sharded", "m"), ("sharded_bf16", "0"), ("fsdp", "m"), ("fsdp_sharded", "m")):
+        for name, sim in (("flat", "m"), ("sharded", "m"), ("sharded_bf16", "0"), ("flat_int8", "0"),
+                          ("fsdp", "m"), ("fsdp_sharded", "m")):
             fast, slow, _ = sims[sim]
             v = r[name]
-            atol = 2e-3 if "bf16" in name else 2e-6
+            atol = 2e-3 if "bf16" in name or "int8" in name else 2e-6
             np.testing.assert_allclose(v["fast"], fast[rank // 2], rtol=0, atol=atol, err_msg=name)
             np.testing.assert_allclose(v["slow"], slow, rtol=0, atol=atol, err_msg=name)
         pb, syncs = r["flat"]["param_bytes"], 7 // 3
@@ -413,9 +418,17 @@ def test_hierarchical_two_groups_of_two():
         assert r["sharded"]["intra_gather"] == syncs * pb
         assert r["sharded"]["slow_bytes"] == pb // 2
         assert r["sharded_bf16"]["inter_payload"] == syncs * pb // 4
+        # int8 across groups: an all-to-all and an all-gather of quantised chunks, no fp32 all-reduce;
+        # sharded inside the group, each rank quantises only its half.
+        assert r["flat_int8"]["inter_payload"] == r["sharded_int8_stream"]["inter_payload"] == 0
+        assert 0 < r["sharded_int8_stream"]["quant_payload"] * 2 == r["flat_int8"]["quant_payload"]
         # FSDP2 holds half of each parameter (rows); sharding the slow weights over the other group
         # as well leaves a quarter.
         assert r["fsdp"]["slow_bytes"] == pb // 2 and r["fsdp_sharded"]["slow_bytes"] == pb // 4
+    # Streaming int8 across groups: every rank ends with the same slow weights, replicas agree in a group.
+    for r in res:
+        np.testing.assert_array_equal(r["sharded_int8_stream"]["slow"], res[0]["sharded_int8_stream"]["slow"])
+    assert np.array_equal(res[2]["sharded_int8_stream"]["fast"], res[3]["sharded_int8_stream"]["fast"])
     # The groups really differ mid-cycle, and agree inside a group.
     assert np.array_equal(res[0]["flat"]["fast"], res[1]["flat"]["fast"])
     assert np.abs(res[0]["flat"]["fast"] - res[2]["flat"]["fast"]).max() > 1e-3
