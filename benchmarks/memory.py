@@ -21,7 +21,6 @@ import gc
 import json
 import os
 import re
-import socket
 import sys
 import tempfile
 from typing import Any
@@ -30,6 +29,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
+
+from lookahead_dist.distributed import free_port
 
 TITLE = "Memory per rank"
 WIDTH, DEPTH = 1000, 8  # 8 x (1000*1000 + 1000) = 8.0M parameters
@@ -191,16 +192,10 @@ def _rank_main(rank: int, n: int, port: int, out_dir: str, hosts: list[str]) -> 
         json.dump(out, f)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def spawn_and_collect(rank_main: Any, n: int, *args: Any) -> list[dict[str, Any]]:
     """Run ``rank_main(rank, n, port, out_dir, *args)`` on n processes; each writes rank{r}.json."""
     with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(rank_main, args=(n, _free_port(), tmp, *args), nprocs=n, join=True)
+        mp.spawn(rank_main, args=(n, free_port(), tmp, *args), nprocs=n, join=True)
         per_rank = []
         for r in range(n):
             with open(os.path.join(tmp, f"rank{r}.json")) as f:

@@ -31,6 +31,8 @@ import torch
 import torch.distributed as dist
 from torch.autograd.profiler import record_function
 
+from ._sync import nbytes
+
 __all__ = [
     "CommStats",
     "ShardLayout",
@@ -97,15 +99,11 @@ def _size(group: dist.ProcessGroup | None) -> int:
     return dist.get_world_size(group)
 
 
-def _nbytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
-
-
 def all_reduce(t: torch.Tensor, group: dist.ProcessGroup | None, stats: CommStats | None, label: str,
                async_op: bool = True) -> Work | None:
     """Sum ``t`` in place over ``group``."""
     if stats is not None:
-        stats.record("all_reduce", label, _nbytes(t), _size(group))
+        stats.record("all_reduce", label, nbytes(t), _size(group))
     with record_function(f"lookahead_dist/all_reduce/{label}"):
         return dist.all_reduce(t, group=group, async_op=async_op)
 
@@ -114,7 +112,7 @@ def reduce_scatter(out: torch.Tensor, inp: torch.Tensor, group: dist.ProcessGrou
                    stats: CommStats | None, label: str, async_op: bool = True) -> Work | None:
     """``out`` <- this rank's segment of the sum over ``group`` of ``inp`` (``inp.numel() == N * out.numel()``)."""
     if stats is not None:
-        stats.record("reduce_scatter", label, _nbytes(inp), _size(group))
+        stats.record("reduce_scatter", label, nbytes(inp), _size(group))
     with record_function(f"lookahead_dist/reduce_scatter/{label}"):
         return _REDUCE_SCATTER(out, inp, group=group, async_op=async_op)
 
@@ -123,7 +121,7 @@ def all_gather(out: torch.Tensor, inp: torch.Tensor, group: dist.ProcessGroup | 
                stats: CommStats | None, label: str, async_op: bool = False) -> Work | None:
     """``out`` <- the concatenation over the ranks of ``group`` of their ``inp``."""
     if stats is not None:
-        stats.record("all_gather", label, _nbytes(out), _size(group))
+        stats.record("all_gather", label, nbytes(out), _size(group))
     with record_function(f"lookahead_dist/all_gather/{label}"):
         return _ALL_GATHER(out, inp, group=group, async_op=async_op)
 
@@ -132,7 +130,7 @@ def all_to_all(out: torch.Tensor, inp: torch.Tensor, group: dist.ProcessGroup | 
                stats: CommStats | None, label: str, async_op: bool = False) -> Work | None:
     """Segment s of ``inp`` goes to rank s; ``out``'s segment s comes from rank s (N equal segments)."""
     if stats is not None:
-        stats.record("all_to_all", label, _nbytes(inp), _size(group))
+        stats.record("all_to_all", label, nbytes(inp), _size(group))
     with record_function(f"lookahead_dist/all_to_all/{label}"):
         return dist.all_to_all_single(out, inp, group=group, async_op=async_op)
 
@@ -140,7 +138,7 @@ def all_to_all(out: torch.Tensor, inp: torch.Tensor, group: dist.ProcessGroup | 
 def broadcast(t: torch.Tensor, group: dist.ProcessGroup | None, stats: CommStats | None, label: str) -> None:
     """Overwrite ``t`` with the value on the group's first rank."""
     if stats is not None:
-        stats.record("broadcast", label, _nbytes(t), _size(group))
+        stats.record("broadcast", label, nbytes(t), _size(group))
     src = dist.get_global_rank(group, 0) if group is not None else 0
     with record_function(f"lookahead_dist/broadcast/{label}"):
         dist.broadcast(t, src=src, group=group)

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
-__all__ = ["Bucket", "build_buckets", "local_tensor", "slow_update_", "copy_", "first_nonfinite"]
+__all__ = ["Bucket", "build_buckets", "local_tensor", "nbytes", "slow_update_", "copy_", "first_nonfinite"]
 
 
 def local_tensor(t: torch.Tensor) -> torch.Tensor:
@@ -23,6 +24,17 @@ def local_tensor(t: torch.Tensor) -> torch.Tensor:
     # Duck-typed so that torch.distributed.tensor is imported only when DTensors exist.
     local = getattr(t, "_local_tensor", None)
     return t if local is None else local
+
+
+def nbytes(x: Any) -> int:
+    """Bytes this rank holds for ``x``: a tensor (a DTensor's local shard), or the sum over a list or
+    tuple of them; 0 for anything else."""
+    if isinstance(x, torch.Tensor):
+        t = local_tensor(x)
+        return t.numel() * t.element_size()
+    if isinstance(x, (list, tuple)):
+        return sum(nbytes(v) for v in x)
+    return 0
 
 
 @dataclass

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["init_distributed", "detect_launch", "LaunchInfo", "default_backend"]
+__all__ = ["init_distributed", "detect_launch", "LaunchInfo", "default_backend", "free_port"]
 
 # (rank, size, local rank) variable names of each MPI flavour, in lookup order.
 _MPI_VARS = (
@@ -84,9 +84,13 @@ def default_backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
-def _free_port() -> int:
+def free_port(host: str = "") -> int:
+    """A TCP port that is free on ``host`` now (``""``: on every interface), e.g. for MASTER_PORT.
+
+    Another process may take it before it is bound again; fine for a job started right away.
+    """
     with socket.socket() as s:
-        s.bind(("", 0))
+        s.bind((host, 0))
         return s.getsockname()[1]
 
 
@@ -113,7 +117,7 @@ def _mpi_rendezvous(info: LaunchInfo) -> None:
     if info.rank == 0:
         # One host: loopback always works. Several: rank 0's resolvable address (override with MASTER_ADDR).
         addr = "127.0.0.1" if all(h == host for h in hosts) else socket.gethostbyname(host)
-        chosen = (os.environ.get("MASTER_ADDR") or addr, os.environ.get("MASTER_PORT") or str(_free_port()))
+        chosen = (os.environ.get("MASTER_ADDR") or addr, os.environ.get("MASTER_PORT") or str(free_port()))
     else:
         chosen = None
     addr, port = comm.bcast(chosen, root=0)

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from ._sync import local_tensor
+from ._sync import nbytes
 from ._keys import SLOW_KEY, is_lookahead_key
 from .lookahead import Lookahead
 
@@ -44,13 +44,6 @@ def _unwrap(optimizer: Any) -> Any:
     return inner if isinstance(inner, torch.optim.Optimizer) else optimizer
 
 
-def _nbytes(value: Any) -> int:
-    if not isinstance(value, torch.Tensor):
-        return 0
-    t = local_tensor(value)
-    return t.numel() * t.element_size()
-
-
 def optimizer_state_bytes(optimizer: Any) -> StateBytes:
     """Per-rank state bytes of ``optimizer`` (a Lookahead, a plain optimizer, or a ZeroRedundancyOptimizer).
 
@@ -60,11 +53,15 @@ def optimizer_state_bytes(optimizer: Any) -> StateBytes:
     opt = _unwrap(optimizer)
     slow = other = inner = 0
     entries = list(opt.state.values())
-    if isinstance(opt, Lookahead):
-        entries += list(opt._pending.values())
+    if isinstance(opt, Lookahead):  # slow weights that have not joined the inner state yet
+        for group in opt.param_groups:
+            for p in group["params"]:
+                st = opt.state.get(p)
+                if (st is None or SLOW_KEY not in st) and opt.slow_weight(p) is not None:
+                    entries.append(opt.state_entry(p))
     for entry in entries:
         for key, value in entry.items():
-            n = _nbytes(value)
+            n = nbytes(value) if isinstance(value, torch.Tensor) else 0
             if key == SLOW_KEY:
                 slow += n
             elif is_lookahead_key(key):

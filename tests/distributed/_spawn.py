@@ -18,7 +18,6 @@ Exceptions in a rank are re-raised in the test with the rank's traceback; a hang
 from __future__ import annotations
 
 import os
-import socket
 import traceback
 from typing import Any, Callable
 
@@ -26,11 +25,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from lookahead_dist.distributed import free_port
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+__all__ = ["run_ranks", "free_port"]
 
 
 def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, queue: Any) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import pickle
 import queue as queue_mod
-import socket
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -19,6 +18,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from ..distributed import free_port
 
 __all__ = ["RankFailure", "launched_externally", "run_local"]
 
@@ -36,12 +37,6 @@ class RankFailure(RuntimeError):
 def launched_externally() -> bool:
     """True when a launcher (torchrun, mpiexec wrapper, ...) already set up this process as a rank."""
     return all(v in os.environ for v in _LAUNCHER_VARS)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _threads_per_rank(nproc: int) -> int:
@@ -96,7 +91,7 @@ def run_local(fn: Callable[..., Any], nproc: int, args: tuple = (), *, device: s
 
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     threads = _threads_per_rank(nproc)
     procs = [ctx.Process(target=_worker, args=(r, nproc, port, device, threads, fn, args, results), daemon=True)
              for r in range(nproc)]
