@@ -372,3 +372,10 @@ def test_dcp_template_before_the_first_sync_and_resume_in_flight(one_rank_group,
         slow2 = [p.detach().clone() for p in model2.parameters()]
     with straight_opt.use_slow_weights():
         assert all(torch.equal(a, b) for a, b in zip(slow2, straight.parameters()))
+
+
+def test_streaming_docstring_examples():
+    import doctest
+
+    result = doctest.testmod(streaming, optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted > 0 and result.failed == 0
