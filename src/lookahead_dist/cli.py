@@ -28,9 +28,11 @@ __all__ = ["main", "build_parser", "DEFAULT_RUNS"]
 
 # Spelled out here (the tests check them against the demo's) so that parsing and --help do not
 # import the demo package; it is imported once there is something to run.
-MODES = ("ddp", "zero2", "fsdp2", "local-sgd", "post-local-sgd", "accelerate-local-sgd")
+MODES = ("ddp", "zero2", "fsdp2", "local-sgd", "post-local-sgd", "accelerate-local-sgd", "torchft-diloco")
 OPTIMIZERS = ("adamw", "lookahead")
-BASELINE_MODES = ("post-local-sgd", "accelerate-local-sgd")
+BASELINE_MODES = ("post-local-sgd", "accelerate-local-sgd", "torchft-diloco")
+#: Modes that take the fragment schedule flags (--num-fragments, --fragment-sync-delay, --fragment-update-alpha).
+STREAMING_MODES = ("local-sgd", "torchft-diloco")
 #: What ``compare`` runs by default: the AdamW baseline, then Lookahead(AdamW) under every mode.
 DEFAULT_RUNS = ("ddp:adamw", "ddp:lookahead", "zero2:lookahead", "fsdp2:lookahead", "local-sgd:lookahead")
 #: Defaults of the training shape (``train`` and ``compare``) and their ``--quick`` values.
@@ -90,6 +92,23 @@ def _nonnegative_float(text: str) -> float:
     return value
 
 
+def _unit_interval(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
+    if not (0.0 <= value <= 1.0):
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text}")
+    return value
+
+
+def _block_size(text: str) -> int:
+    value = _int_at_least(2)(text)
+    if value % 2:
+        raise argparse.ArgumentTypeError(f"expected an even integer >= 2 (two int4 codes per byte), got {value}")
+    return value
+
+
 def _momentum(text: str) -> float:
     try:
         value = float(text)
@@ -136,8 +155,23 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     ls.add_argument("--nesterov", action="store_true", help="Nesterov outer momentum (DiLoCo)")
     ls.add_argument("--local-sgd-sharded", dest="sharded", action="store_true",
                     help="each rank keeps 1/N of the slow weights (reduce-scatter + all-gather)")
-    ls.add_argument("--comm-dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
-                    help="dtype of the averaged progress on the wire (default: fp32)")
+    ls.add_argument("--comm-dtype", choices=("fp32", "bf16", "fp16", "int8", "int4"), default="fp32",
+                    help="dtype of the averaged progress on the wire; int8/int4: blockwise absmax-quantised, "
+                    "summed in fp32 (default: fp32)")
+    ls.add_argument("--quant-block-size", type=_block_size, default=512,
+                    help="values per fp32 scale with --comm-dtype int8/int4 (even; default: 512)")
+    ls.add_argument("--error-feedback", action=argparse.BooleanOptionalAction, default=True,
+                    help="with --comm-dtype int8/int4, carry each rank's quantisation error into its next send "
+                    "(default: on)")
+    ls.add_argument("--num-fragments", type=_int_at_least(1), default=1,
+                    help="streaming (local-sgd, torchft-diloco): F fragments synced at staggered steps, each 1/F "
+                    "of the model; k must be a multiple of F (default: 1)")
+    ls.add_argument("--fragment-sync-delay", type=_int_at_least(0), default=0,
+                    help="streaming: tau inner steps between a fragment's send and its application; the "
+                    "transfer overlaps them; tau < k / F (default: 0 = blocking)")
+    ls.add_argument("--fragment-update-alpha", type=_unit_interval, default=0.0,
+                    help="streaming: share of the local weights kept when a fragment's result is applied, in "
+                    "[0, 1] (default: 0 = take the new global weights)")
     ls.add_argument("--hierarchical", action="store_true",
                     help="DDP among the ranks of a node (LOCAL_WORLD_SIZE), local SGD across nodes")
 
@@ -198,7 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="ddp: DDP; zero2: DeepSpeed ZeRO-2 (Lookahead as client optimizer); fsdp2: "
                        "fully_shard; local-sgd: no per-step all-reduce, weights averaged every k steps; "
                        "post-local-sgd / accelerate-local-sgd: torch's PostLocalSGDOptimizer / accelerate's "
-                       "LocalSGD around AdamW, for comparison (default: ddp)")
+                       "LocalSGD around AdamW, for comparison; torchft-diloco: torchft's DiLoCo around AdamW "
+                       "(outer SGD lr=--alpha, same --k and fragment flags; each rank a replica group; needs a "
+                       "lighthouse at $TORCHFT_LIGHTHOUSE) (default: ddp)")
     opt = train.add_mutually_exclusive_group()
     opt.add_argument("--optimizer", choices=OPTIMIZERS, default=None,
                      help="adamw, or lookahead = Lookahead(AdamW) (default: lookahead; adamw for the "
@@ -277,26 +313,44 @@ def _configs(args: argparse.Namespace, specs: Sequence[tuple[str, str]]) -> list
     return configs
 
 
-# (flag, dest, default) of the local-SGD options, for the check that some run uses them.
-_LOCAL_SGD_FLAGS = (("--outer-momentum", "outer_momentum", 0.0), ("--nesterov", "nesterov", False),
-                    ("--local-sgd-sharded", "sharded", False), ("--comm-dtype", "comm_dtype", "fp32"),
-                    ("--hierarchical", "hierarchical", False))
+# (flag, dest, default, modes that take it) of the local-SGD options, for the check that some run uses them.
+_LOCAL_SGD_FLAGS = (("--outer-momentum", "outer_momentum", 0.0, STREAMING_MODES),
+                    ("--nesterov", "nesterov", False, STREAMING_MODES),
+                    ("--local-sgd-sharded", "sharded", False, ("local-sgd",)),
+                    ("--comm-dtype", "comm_dtype", "fp32", ("local-sgd",)),
+                    ("--quant-block-size", "quant_block_size", 512, ("local-sgd",)),
+                    ("--error-feedback", "error_feedback", True, ("local-sgd",)),
+                    ("--hierarchical", "hierarchical", False, ("local-sgd",)),
+                    ("--num-fragments", "num_fragments", 1, STREAMING_MODES),
+                    ("--fragment-sync-delay", "fragment_sync_delay", 0, STREAMING_MODES),
+                    ("--fragment-update-alpha", "fragment_update_alpha", 0.0, STREAMING_MODES))
 
 
 def _check_local_sgd_flags(args: argparse.Namespace, specs: Sequence[tuple[str, str]]) -> None:
-    given = [flag for flag, dest, default in _LOCAL_SGD_FLAGS if getattr(args, dest) != default]
-    if given and not any(mode == "local-sgd" for mode, _ in specs):
-        modes = ", ".join(dict.fromkeys(mode for mode, _ in specs))
-        raise UsageError(f"{', '.join(given)}: option(s) of --mode local-sgd, but no run uses it (mode: {modes}); "
-                         "drop them or use --mode local-sgd")
+    used = {mode for mode, _ in specs}
+    for takers in dict.fromkeys(t for *_, t in _LOCAL_SGD_FLAGS):
+        given = [flag for flag, dest, default, t in _LOCAL_SGD_FLAGS
+                 if t == takers and getattr(args, dest) != default]
+        if given and not used & set(takers):
+            modes = ", ".join(dict.fromkeys(mode for mode, _ in specs))
+            hint = (" (torchft's DiLoCo sends fp32 here: its quantisation is Triton-only)"
+                    if "torchft-diloco" in used and "--comm-dtype" in given else "")
+            raise UsageError(f"{', '.join(given)}: option(s) of --mode {' or '.join(takers)}, but no run uses it "
+                             f"(mode: {modes}){hint}; drop them or use --mode {takers[0]}")
 
 
 def _local_sgd_options(args: argparse.Namespace, mode: str) -> dict[str, Any]:
-    # Options of the local-sgd mode; a `compare` mixing modes applies them to its local-sgd runs only.
-    if mode != "local-sgd":
+    # Options of the local-sgd mode (the outer step and the fragment schedule also of torchft-diloco);
+    # a `compare` mixing modes applies each to the runs that take it.
+    if mode not in STREAMING_MODES:
         return {}
-    return dict(outer_momentum=args.outer_momentum, nesterov=args.nesterov, sharded=args.sharded,
-                comm_dtype=args.comm_dtype, hierarchical=args.hierarchical)
+    opts: dict[str, Any] = dict(outer_momentum=args.outer_momentum, nesterov=args.nesterov,
+                                num_fragments=args.num_fragments, fragment_sync_delay=args.fragment_sync_delay,
+                                fragment_update_alpha=args.fragment_update_alpha)
+    if mode == "local-sgd":
+        opts.update(sharded=args.sharded, comm_dtype=args.comm_dtype, hierarchical=args.hierarchical,
+                    quant_block_size=args.quant_block_size, error_feedback=args.error_feedback)
+    return opts
 
 
 # -- running --------------------------------------------------------------------------------------

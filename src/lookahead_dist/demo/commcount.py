@@ -40,7 +40,20 @@ import torch.distributed.distributed_c10d as c10d
 
 from lookahead_dist._comm import wire_factor
 
-__all__ = ["CommCounter", "counting_ddp_hook"]
+__all__ = ["CommCounter", "counting_ddp_hook", "record_external"]
+
+#: Counters inside their ``with`` block, innermost last (see :func:`record_external`).
+_ACTIVE: list["CommCounter"] = []
+
+
+def record_external(name: str, op: str, payload: int, world: int) -> None:
+    """Count a collective that does not go through ``torch.distributed`` (e.g. a torchft
+    ``Manager.allreduce`` on its own process group) in the active counters, under ``name``;
+    ``op`` is ``all_reduce``, ``all_gather``, ``reduce_scatter`` or ``p2p``, ``payload`` in bytes."""
+    kind = {"all_reduce": "allreduce", "all_gather": "gather", "reduce_scatter": "scatter"}.get(op, "p2p")
+    for counter in _ACTIVE:
+        if not counter._paused:
+            counter._record(name, kind, payload, world)
 
 
 def _nbytes(x: Any) -> int:
@@ -164,9 +177,12 @@ class CommCounter:
                 continue
             self._saved.append((module, attr, fn))
             setattr(module, attr, self._wrap(spec, fn))
+        _ACTIVE.append(self)
         return self
 
     def __exit__(self, *exc: Any) -> None:
+        if self in _ACTIVE:
+            _ACTIVE.remove(self)
         for module, name, fn in reversed(self._saved):
             setattr(module, name, fn)
         self._saved.clear()

@@ -11,10 +11,12 @@ from .model import ModelConfig
 __all__ = ["OPTIMIZERS", "RunConfig"]
 
 OPTIMIZERS = ("adamw", "lookahead")
-_MODES = ("ddp", "zero2", "fsdp2", "local-sgd", "post-local-sgd", "accelerate-local-sgd")
+_MODES = ("ddp", "zero2", "fsdp2", "local-sgd", "post-local-sgd", "accelerate-local-sgd", "torchft-diloco")
 #: Baselines from other libraries (plain AdamW, periodic averaging every k steps; benchmarks only).
-BASELINE_MODES = ("post-local-sgd", "accelerate-local-sgd")
-COMM_DTYPES = ("fp32", "bf16", "fp16")
+BASELINE_MODES = ("post-local-sgd", "accelerate-local-sgd", "torchft-diloco")
+COMM_DTYPES = ("fp32", "bf16", "fp16", "int8", "int4")
+#: Modes with a fragment schedule (``num_fragments``, ``fragment_sync_delay``, ``fragment_update_alpha``).
+STREAMING_MODES = ("local-sgd", "torchft-diloco")
 
 
 def _positive_int(name: str, value: Any) -> None:
@@ -44,9 +46,18 @@ class RunConfig:
         outer_momentum: local-sgd: outer momentum beta in [0, 1) (0: Lookahead's own slow step).
         nesterov: local-sgd: Nesterov outer momentum (needs ``outer_momentum > 0``).
         sharded: local-sgd: each rank keeps 1/N of the slow weights (reduce-scatter + all-gather).
-        comm_dtype: local-sgd: dtype of the averaged progress on the wire, ``fp32`` | ``bf16`` | ``fp16``.
+        comm_dtype: local-sgd: dtype of the averaged progress on the wire, ``fp32`` | ``bf16`` | ``fp16``,
+            or ``int8`` | ``int4`` (blockwise absmax-quantised, summed in fp32).
         hierarchical: local-sgd: DDP inside each node (the ``LOCAL_WORLD_SIZE`` ranks of a node),
             local SGD across nodes.
+        num_fragments: local-sgd, torchft-diloco: F, fragments synced at staggered steps (``k % F == 0``).
+        fragment_sync_delay: local-sgd, torchft-diloco: tau, inner steps between a fragment's send and
+            its application (0: blocking; ``tau < k / F``).
+        fragment_update_alpha: local-sgd, torchft-diloco: share of the local weights kept when a
+            fragment's result is applied, in [0, 1].
+        quant_block_size: local-sgd with ``comm_dtype`` int8/int4: values per fp32 scale (even).
+        error_feedback: local-sgd with ``comm_dtype`` int8/int4: carry each rank's quantisation error
+            into its next send.
         corpus: training text, ``pydoc`` (documentation prose) or ``stdlib`` (standard-library source).
     """
 
@@ -69,6 +80,11 @@ class RunConfig:
     sharded: bool = False
     comm_dtype: str = "fp32"
     hierarchical: bool = False
+    num_fragments: int = 1
+    fragment_sync_delay: int = 0
+    fragment_update_alpha: float = 0.0
+    quant_block_size: int = 512
+    error_feedback: bool = True
     corpus: str = "pydoc"
 
     def __post_init__(self) -> None:
@@ -93,12 +109,17 @@ class RunConfig:
             raise ValueError(f"`corpus` must be 'pydoc' or 'stdlib', got {self.corpus!r}")
         if self.comm_dtype not in COMM_DTYPES:
             raise ValueError(f"`comm_dtype` must be one of {', '.join(COMM_DTYPES)}, got {self.comm_dtype!r}")
-        if self.mode != "local-sgd" and (self.outer_momentum or self.nesterov or self.sharded
-                                         or self.comm_dtype != "fp32" or self.hierarchical):
+        if self.mode not in STREAMING_MODES and (self.outer_momentum or self.nesterov):
             raise ValueError(
-                "outer_momentum, nesterov, sharded, comm_dtype and hierarchical are options of mode "
-                f"'local-sgd', not of {self.mode!r}"
+                f"outer_momentum and nesterov are options of modes {', '.join(STREAMING_MODES)}, not of {self.mode!r}"
             )
+        if self.mode != "local-sgd" and (self.sharded or self.comm_dtype != "fp32" or self.hierarchical):
+            hint = (" (torchft's DiLoCo quantises with Triton kernels only, so on the wire it is fp32 here)"
+                    if self.mode == "torchft-diloco" and self.comm_dtype != "fp32" else "")
+            raise ValueError(
+                f"sharded, comm_dtype and hierarchical are options of mode 'local-sgd', not of {self.mode!r}{hint}"
+            )
+        self._check_streaming()
         for name in ("k", "steps", "batch_size", "nproc", "eval_batches"):
             _positive_int(name, getattr(self, name))
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
@@ -117,6 +138,32 @@ class RunConfig:
             )
         if self.device not in ("cpu", "cuda"):
             raise ValueError(f"`device` must be 'cpu' or 'cuda', got {self.device!r}")
+
+    def _check_streaming(self) -> None:
+        for name in ("num_fragments", "quant_block_size"):
+            _positive_int(name, getattr(self, name))
+        tau, F, a = self.fragment_sync_delay, self.num_fragments, self.fragment_update_alpha
+        if isinstance(tau, bool) or not isinstance(tau, int) or tau < 0:
+            raise ValueError(f"`fragment_sync_delay` must be an integer >= 0, got {tau!r}")
+        if isinstance(a, bool) or not isinstance(a, (int, float)) or not 0.0 <= a <= 1.0:
+            raise ValueError(f"`fragment_update_alpha` must be a number in [0, 1], got {a!r}")
+        if not isinstance(self.error_feedback, bool):
+            raise ValueError(f"`error_feedback` must be a bool, got {self.error_feedback!r}")
+        if self.mode not in STREAMING_MODES and (F != 1 or tau or a):
+            raise ValueError(
+                "num_fragments, fragment_sync_delay and fragment_update_alpha are options of modes "
+                f"{', '.join(STREAMING_MODES)}, not of {self.mode!r}"
+            )
+        if self.mode in STREAMING_MODES and isinstance(self.k, int) and self.k >= 1:
+            if self.k % F:
+                raise ValueError(f"`k` ({self.k}) must be a multiple of `num_fragments` ({F}): fragment f syncs "
+                                 f"at step f * k / F of each period; choose F among the divisors of k")
+            if tau >= self.k // F:
+                raise ValueError(f"`fragment_sync_delay` ({tau}) must be < k / num_fragments = {self.k // F}: a "
+                                 "fragment must be applied before it is sent again; lower it or use fewer fragments")
+        if self.comm_dtype not in ("int8", "int4") and (self.quant_block_size != 512 or not self.error_feedback):
+            raise ValueError(f"quant_block_size and error_feedback apply to comm_dtype int8/int4, not to "
+                             f"{self.comm_dtype!r}")
 
     @property
     def name(self) -> str:

@@ -15,6 +15,10 @@ post-local-sgd  baseline: torch's ``PostLocalSGDOptimizer`` (AdamW, ``PeriodicMo
            every k steps, DDP with ``post_localSGD_hook`` from step 0, subgroups of one rank)
 accelerate-local-sgd  baseline: accelerate's ``LocalSGD`` (AdamW inside ``no_sync``, parameters
            averaged one tensor at a time every k steps)
+torchft-diloco  baseline: torchft's ``DiLoCo`` (AdamW inner, outer SGD with lr = alpha; the
+           model cut into F fragments, streaming with the same k, F and tau as local-sgd); each
+           rank is a replica group with its own ``Manager`` (gloo), lighthouse at
+           ``$TORCHFT_LIGHTHOUSE``
 =========  ==============================================================================
 
 Every mode sees the same global batches (see :mod:`.data`), so ddp, zero2 and fsdp2 with the
@@ -23,6 +27,7 @@ same optimizer follow the same trajectory up to reduction order.
 
 from __future__ import annotations
 
+import atexit
 import importlib.util
 import inspect
 import logging
@@ -41,7 +46,7 @@ from .commcount import counting_ddp_hook
 
 __all__ = ["MODES", "ModeUnavailable", "Runner", "build_runner", "local_sgd_supported", "mode_unavailable_reason"]
 
-MODES = ("ddp", "zero2", "fsdp2", "local-sgd", "post-local-sgd", "accelerate-local-sgd")
+MODES = ("ddp", "zero2", "fsdp2", "local-sgd", "post-local-sgd", "accelerate-local-sgd", "torchft-diloco")
 
 
 class ModeUnavailable(RuntimeError):
@@ -67,6 +72,12 @@ def mode_unavailable_reason(mode: str, optimizer: str) -> str | None:
         return "mode 'accelerate-local-sgd' needs accelerate: pip install 'lookahead-dist[accelerate]'"
     if mode == "zero2" and importlib.util.find_spec("deepspeed") is None:
         return "mode 'zero2' needs DeepSpeed: pip install 'lookahead-dist[deepspeed]'"
+    if mode == "torchft-diloco":
+        if importlib.util.find_spec("torchft") is None:
+            return "mode 'torchft-diloco' needs torchft: pip install 'lookahead-dist[ft]'"
+        if not os.environ.get("TORCHFT_LIGHTHOUSE"):
+            return ("mode 'torchft-diloco' needs a torchft lighthouse: start `torchft_lighthouse --min_replicas N "
+                    "--bind [::]:29510` and set TORCHFT_LIGHTHOUSE=http://HOST:29510 for every rank")
     return None
 
 
@@ -79,12 +90,15 @@ class Runner:
         logits: forward for evaluation (called under ``torch.no_grad()``).
         optimizer: the optimizer the user built (the ``Lookahead`` or the plain ``AdamW``).
         train: ``train(mode: bool)`` for the module that is called.
+        finish: called once after the last step, inside the timed loop: waits for communication
+            still in flight (a streaming fragment sent at the last step), so that its time counts.
     """
 
     step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     logits: Callable[[torch.Tensor], torch.Tensor]
     optimizer: torch.optim.Optimizer
     train: Callable[[bool], Any]
+    finish: Callable[[], None] | None = None
 
 
 def _loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -183,9 +197,15 @@ def _local_sgd(model: nn.Module, run: Any, device: torch.device) -> Runner:
         raise ModeUnavailable(mode_unavailable_reason("local-sgd", run.optimizer))
     from ..local_sgd import LocalSGDOptions
 
-    dtypes = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+    dtypes = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": "int8", "int4": "int4"}
     opts = dict(outer_momentum=run.outer_momentum, nesterov=run.nesterov, sharded=run.sharded,
                 comm_dtype=dtypes[run.comm_dtype])
+    # Streaming and quantisation options, passed only when set (so a library without them still runs
+    # the plain modes).
+    for name, default in (("num_fragments", 1), ("fragment_sync_delay", 0), ("fragment_update_alpha", 0.0),
+                          ("quant_block_size", 512), ("error_feedback", True)):
+        if getattr(run, name) != default:
+            opts[name] = getattr(run, name)
     module: nn.Module = model
     if run.hierarchical:
         # Ranks of one node (consecutive, LOCAL_WORLD_SIZE of them) are DDP replicas, synced every
@@ -206,7 +226,14 @@ def _local_sgd(model: nn.Module, run: Any, device: torch.device) -> Runner:
         options = LocalSGDOptions(module=model, **opts)
     # Ranks start from the same weights: same seed here, and Lookahead(local_sgd=...) aligns them.
     opt = _optimizer(module.parameters(), run, local_sgd=options)
-    return Runner(step=_plain_step(module, opt, run.grad_clip), logits=model, optimizer=opt, train=module.train)
+
+    def finish() -> None:
+        strategy = getattr(opt, "local_sgd", None)
+        if strategy is not None and hasattr(strategy, "flush"):
+            strategy.flush(opt)  # waits for a fragment still in flight; applies nothing
+
+    return Runner(step=_plain_step(module, opt, run.grad_clip), logits=model, optimizer=opt, train=module.train,
+                  finish=finish)
 
 
 def _post_local_sgd(model: nn.Module, run: Any, device: torch.device) -> Runner:
@@ -246,8 +273,105 @@ def _accelerate_local_sgd(model: nn.Module, run: Any, device: torch.device) -> R
     return Runner(step=step, logits=model, optimizer=inner, train=ddp.train)
 
 
+def split_modules(model: nn.Module, num_fragments: int) -> list[nn.Module]:
+    """``model`` cut into ``num_fragments`` modules of about equal bytes, in parameter order.
+
+    The pieces are the model's direct parameters and children, a ``ModuleList`` counted child by
+    child; piece i goes to fragment ``floor(F * m_i / B)`` with ``m_i`` the byte offset of its
+    midpoint and ``B`` the total (the rule of Note [Fragments] in
+    :mod:`lookahead_dist.sync.streaming`, at module granularity). Each fragment is a container that
+    shares the model's parameters (no copies); a parameter is in exactly one fragment.
+    """
+    pieces: list[tuple[str, Any]] = []
+    for name, p in model.named_parameters(recurse=False):
+        pieces.append((name, p))
+    for name, child in model.named_children():
+        if isinstance(child, nn.ModuleList):
+            pieces += [(f"{name}_{i}", c) for i, c in enumerate(child)]
+        else:
+            pieces.append((name, child))
+    sizes = [p.numel() * p.element_size() if isinstance(p, nn.Parameter)
+             else sum(q.numel() * q.element_size() for q in p.parameters()) for _, p in pieces]
+    total = sum(sizes)
+    frags = [nn.Module() for _ in range(num_fragments)]
+    offset = 0
+    for (name, piece), size in zip(pieces, sizes):
+        f = min(num_fragments - 1, int(num_fragments * (offset + size / 2) / max(total, 1)))
+        offset += size
+        if isinstance(piece, nn.Parameter):
+            frags[f].register_parameter(name, piece)
+        else:
+            frags[f].add_module(name, piece)
+    return frags
+
+
+def _torchft_diloco(model: nn.Module, run: Any, device: torch.device) -> Runner:
+    """torchft's ``DiLoCo``: each rank is a replica group with its own ``Manager``; AdamW inner steps,
+    the fragments' pseudo-gradients averaged through the manager, outer SGD with lr = alpha (momentum
+    and Nesterov from the flags), so the default equals Lookahead's slow step."""
+    import socket
+    from datetime import timedelta
+
+    from torchft import Manager
+    from torchft.local_sgd import DiLoCo
+
+    lighthouse = os.environ.get("TORCHFT_LIGHTHOUSE")
+    if not lighthouse:
+        raise ModeUnavailable(mode_unavailable_reason("torchft-diloco", run.optimizer))
+    if device.type == "cuda":
+        from torchft import ProcessGroupNCCL as FtGroup
+    else:
+        from torchft import ProcessGroupGloo as FtGroup
+    # The address other replica groups reach this one at: the node address a cluster launcher gives
+    # (tools/netcluster.py sets LKD_NODE_ADDR), localhost when every rank is on this machine.
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size())) == dist.get_world_size()
+    addr = os.environ.get("LKD_NODE_ADDR") or ("localhost" if local else socket.gethostname())
+    timeout = timedelta(seconds=120)
+    # The replica group's own rendezvous store (one process per group here).
+    store = dist.TCPStore(addr, 0, is_master=True, wait_for_workers=False)
+    manager = Manager(pg=FtGroup(timeout=timeout), load_state_dict=None, state_dict=None, min_replica_size=1,
+                      use_async_quorum=False, timeout=timeout, quorum_timeout=timedelta(seconds=600),
+                      connect_timeout=timeout, rank=0, world_size=1, store_addr=addr, store_port=store.port,
+                      lighthouse_addr=lighthouse, replica_id=f"lkd_rank{dist.get_rank()}", hostname=addr,
+                      init_sync=False)  # same seed on every rank: identical initial weights
+    manager.register_state_dict_fn("model", model.load_state_dict, model.state_dict)
+    inner = _optimizer(model.parameters(), run)
+    frags = split_modules(model, run.num_fragments)
+    outer = [torch.optim.SGD(f.parameters(), lr=run.alpha, momentum=run.outer_momentum, nesterov=run.nesterov)
+             for f in frags]
+    diloco = DiLoCo(manager, frags, inner, outer, sync_every=run.k, backup_device=device, pin_memory=False,
+                    use_bucketization=True, fragment_sync_delay=run.fragment_sync_delay,
+                    fragment_update_alpha=run.fragment_update_alpha)
+    diloco.__enter__()  # registers its optimizer hooks for the whole run (the `with` form of its docs)
+    _count_manager_allreduce(manager)
+    # Nothing is in flight after a step that is a multiple of k / F (DiLoCo waits there), so no
+    # `finish`; the manager's server threads stop at exit.
+    def close() -> None:
+        manager.shutdown(wait=False)
+        del store_ref[:]
+
+    store_ref = [store]  # the store's server lives as long as this object: keep it until exit
+    atexit.register(close)
+    return Runner(step=_plain_step(model, inner, run.grad_clip), logits=model, optimizer=inner, train=model.train)
+
+
+def _count_manager_allreduce(manager: Any) -> None:
+    """Route ``manager.allreduce`` through the byte counter (it calls its own process group, which
+    :class:`~.commcount.CommCounter` does not see)."""
+    from .commcount import record_external
+
+    plain = manager.allreduce
+
+    def allreduce(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        record_external("torchft.Manager.allreduce", "all_reduce", tensor.numel() * tensor.element_size(), max(1, manager.num_participants()))
+        return plain(tensor, *args, **kwargs)
+
+    manager.allreduce = allreduce
+
+
 _BUILDERS = {"ddp": _ddp, "zero2": _zero2, "fsdp2": _fsdp2, "local-sgd": _local_sgd,
-             "post-local-sgd": _post_local_sgd, "accelerate-local-sgd": _accelerate_local_sgd}
+             "post-local-sgd": _post_local_sgd, "accelerate-local-sgd": _accelerate_local_sgd,
+             "torchft-diloco": _torchft_diloco}
 
 
 def build_runner(model: nn.Module, run: Any, device: torch.device) -> Runner:

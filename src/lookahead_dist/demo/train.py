@@ -109,6 +109,8 @@ def train_rank(rank: int, world: int, run: RunConfig, progress: bool | None = No
                 bar.update(1)
                 if step % 10 == 0 or step == run.steps - 1:
                     bar.set_postfix(loss=f"{losses[max(0, step - 9):step + 1].mean():.3f}", refresh=False)
+        if runner.finish is not None:  # communication still in flight counts in the time
+            runner.finish()
         with comm.paused():
             dist.barrier()
         seconds = time.perf_counter() - start

@@ -1,0 +1,444 @@
+"""Streaming local SGD vs blocking local SGD, DDP and the peers' local SGD, on the simulated cluster.
+
+The throughput half of issue 9's benchmarks: the real trainer (``lookahead-dist train``) on 2
+nodes of ``tools/netcluster.py`` (one rank each, gloo on CPU), k = 16, per link rate:
+
+1. the **no-communication ceiling** (local SGD with k larger than the run), ``--reps`` times;
+2. a **probe** of one fragment's all-reduce alone on the link (``benchmarks/_allreduce_probe.py``)
+   for F = 1, 2, 4 and each wire format: the time per fragment, and how many inner steps of the
+   ceiling run it spans; it chooses tau (below);
+3. every row ``--reps`` times, the (row, repetition) jobs in one shuffled order (``--seed``);
+4. the ceiling again, ``--reps`` times.
+
+Rows: DDP (AdamW); blocking local SGD (fp32, bf16); streaming with F = 2 and 4 in fp32, bf16,
+int8, int4; torch ``PostLocalSGDOptimizer``; accelerate ``LocalSGD``; torchft ``DiLoCo`` with the
+same F and tau as the fp32 streaming rows (a lighthouse started in node 0 per run); optionally the
+blocking fp32 row on the code of an earlier commit (``--base-commit``: same trainer flags, the
+library from ``git archive``), to check that the blocking path did not change.
+
+tau (``--fragment-sync-delay``) per (F, wire format): the smallest number of inner steps that covers
+the probed transfer, ``ceil(t_fragment / t_step)`` (at least 1), plus ``--tau-margin``, capped at
+``k / F - 1``; ``--tau F=2:7,F=4:3`` fixes it instead.
+
+Each table cell is the median of the repetitions with [min-max]; 'of ceiling' divides by the median
+of all ceiling runs (before and after) of that link. Run as root::
+
+    python -m benchmarks.streaming --rates 1gbit,200mbit --write --plot
+    python -m benchmarks.streaming --rates 200mbit --reps 1 --steps 32 --rows block-fp32,s2-int8   # smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+K = 16
+DTYPES = ("fp32", "bf16", "int8", "int4")
+FRAGMENTS = (2, 4)
+DEFAULT_MODEL = "--layers 6 --d-model 256 --heads 8 --seq-len 64"
+
+
+@dataclass(frozen=True)
+class Spec:
+    key: str
+    label: str
+    args: tuple[str, ...]
+    fragments: int = 1
+    wire: str = "fp32"
+    tau: int = 0
+    base: bool = False  # run on the library of --base-commit
+    torchft: bool = False
+    group: str = ""  # plot group
+
+
+def rows(taus: dict[tuple[int, str], int]) -> list[Spec]:
+    ls = ("--mode", "local-sgd", "--k", str(K))
+    out = [
+        Spec("ddp", "DDP (AdamW)", ("--mode", "ddp", "--no-lookahead"), group="DDP"),
+        Spec("block-fp32", "blocking local SGD, fp32", ls, group="blocking"),
+        Spec("block-bf16", "blocking local SGD, bf16", (*ls, "--comm-dtype", "bf16"), wire="bf16", group="blocking"),
+    ]
+    for f in FRAGMENTS:
+        for dt in DTYPES:
+            tau = taus[(f, dt)]
+            extra = () if dt == "fp32" else ("--comm-dtype", dt)
+            out.append(Spec(f"s{f}-{dt}", f"streaming F={f} tau={tau}, {dt}",
+                            (*ls, "--num-fragments", str(f), "--fragment-sync-delay", str(tau), *extra),
+                            fragments=f, wire=dt, tau=tau, group="streaming"))
+    out += [
+        Spec("torch-plsgd", "torch PostLocalSGDOptimizer", ("--mode", "post-local-sgd", "--k", str(K)), group="peers"),
+        Spec("accel-lsgd", "accelerate LocalSGD", ("--mode", "accelerate-local-sgd", "--k", str(K)), group="peers"),
+    ]
+    for f in FRAGMENTS:
+        tau = taus[(f, "fp32")]
+        out.append(Spec(f"ft-f{f}", f"torchft DiLoCo F={f} tau={tau}, fp32",
+                        ("--mode", "torchft-diloco", "--k", str(K), "--num-fragments", str(f),
+                         "--fragment-sync-delay", str(tau)), fragments=f, tau=tau, torchft=True, group="peers"))
+    out.append(Spec("block-fp32-base", "blocking local SGD, fp32, base commit", ls, base=True, group="blocking"))
+    return out
+
+
+CEILING = Spec("ceiling", "no-communication ceiling", ("--mode", "local-sgd", "--k", "1000000"), group="ceiling")
+
+
+def _exe() -> str:
+    exe = Path(sys.executable).parent / "lookahead-dist"
+    return str(exe) if exe.exists() else (shutil.which("lookahead-dist") or "lookahead-dist")
+
+
+def _lighthouse_exe() -> str:
+    exe = Path(sys.executable).parent / "torchft_lighthouse"
+    return str(exe) if exe.exists() else (shutil.which("torchft_lighthouse") or "torchft_lighthouse")
+
+
+def base_tree(commit: str) -> Path:
+    """The ``src/`` of ``commit`` unpacked into a temporary directory (``git archive``; the checkout
+    is not touched)."""
+    out = Path(tempfile.mkdtemp(prefix="lkd-base-"))
+    data = subprocess.run(["git", "-C", str(ROOT), "archive", commit, "src"], check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(out)], input=data, check=True)
+    return out / "src"
+
+
+@dataclass
+class Job:
+    cluster: object
+    out_dir: Path
+    model: list[str]
+    per_rank_batch: int
+    steps: int
+    timeout: float
+    echo: bool
+    base_src: Path | None
+    ft_tick_ms: int
+    port: int = 29800
+    log: list[str] = field(default_factory=list)
+
+    def run(self, s: Spec, rep: int) -> dict:
+        from benchmarks.throughput import error_line
+        from tools.netcluster import torchrun_argv
+
+        c = self.cluster
+        c.master_port = self.port
+        self.port += 1
+        path = self.out_dir / f"{s.key}-{rep}-{self.port}.json"
+        cmd = [_exe(), "train", *s.args, *self.model, "--steps", str(self.steps), "--batch-size",
+               str(self.per_rank_batch * 2), "--eval-batches", "1", "--device", "cpu", "--no-progress",
+               "--json", str(path)]
+        rec = {"key": s.key, "row": s.label, "rep": rep, "steps": self.steps, "fragments": s.fragments,
+               "wire": s.wire, "tau": s.tau, "command": " ".join(["lookahead-dist", *cmd[1:-2]])}
+        env = dict(os.environ)
+        lighthouse = None
+        if s.base:
+            env["PYTHONPATH"] = str(self.base_src) + os.pathsep + env.get("PYTHONPATH", "")
+        if s.torchft:
+            lh_port = self.port + 5000
+            lighthouse = subprocess.Popen(
+                ["ip", "netns", "exec", c.node_ns(0), _lighthouse_exe(), "--min_replicas", "2",
+                 "--quorum_tick_ms", str(self.ft_tick_ms), "--join_timeout_ms", "10000", "--bind", f"[::]:{lh_port}"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+            env["TORCHFT_LIGHTHOUSE"] = f"http://{c.addr(0)}:{lh_port}"
+            env.setdefault("RUST_LOG", "warn")
+        t0 = time.perf_counter()
+        try:
+            res = c.run(torchrun_argv(cmd), timeout=self.timeout, echo=self.echo, env=env)
+            if path.exists():
+                run = json.loads(path.read_text())["runs"][0]
+                if run.get("skipped"):
+                    rec["error"] = run.get("reason", "skipped")
+                else:
+                    rec.update({k: run[k] for k in ("samples_per_s", "seconds", "comm_bytes_per_step",
+                                                    "wire_tx_bytes_per_step", "train_loss", "val_loss", "params",
+                                                    "comm_bytes_by_op")})
+            else:
+                bad = next((r for r in res if r.returncode != 0), res[0])
+                rec["error"] = f"node {bad.node_rank} exit {bad.returncode}: {error_line(bad.output())[:300]}"
+        except TimeoutError as e:
+            rec["error"] = f"timeout: {e}"
+        finally:
+            if lighthouse is not None:
+                os.killpg(lighthouse.pid, 15)
+                lighthouse.wait(timeout=10)
+        rec["job_seconds"] = time.perf_counter() - t0
+        msg = rec.get("error") or f"{rec['samples_per_s']:.2f} samples/s ({rec['seconds']:.1f} s loop)"
+        print(f"[{time.strftime('%H:%M:%S')} {s.key} rep {rep}] {msg} ({rec['job_seconds']:.0f} s job)",
+              file=sys.stderr, flush=True)
+        return rec
+
+    def probe(self, numel: int, reps: int) -> dict:
+        from tools.netcluster import torchrun_argv
+
+        c = self.cluster
+        c.master_port = self.port
+        self.port += 1
+        out = self.out_dir / f"probe-{self.port}.json"
+        cmd = [str(ROOT / "benchmarks" / "_allreduce_probe.py"), "--numel", str(numel), "--fragments", "1,2,4",
+               "--dtypes", ",".join(DTYPES), "--reps", str(reps), "--out", str(out)]
+        env = dict(os.environ, PYTHONPATH=str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        c.run(torchrun_argv(cmd), timeout=self.timeout, echo=self.echo, env=env)
+        return json.loads(out.read_text())
+
+
+def choose_taus(probe: dict, t_step: float, margin: int, fixed: dict[int, int]) -> dict[tuple[int, str], int]:
+    taus = {}
+    for f in FRAGMENTS:
+        for dt in DTYPES:
+            if f in fixed:
+                taus[(f, dt)] = fixed[f]
+                continue
+            t = statistics.median(probe["times"][f"F={f} {dt}"])
+            taus[(f, dt)] = min(K // f - 1, max(1, math.ceil(t / t_step)) + margin)
+    return taus
+
+
+def run_link(rate: str, args: argparse.Namespace, base_src: Path | None) -> dict:
+    from tools.netcluster import Cluster
+
+    model = args.model.split()
+    out_dir = Path(tempfile.mkdtemp(prefix="lkd-streaming-"))
+    link = {"rate": rate, "load_before": os.getloadavg(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    with Cluster(2, rate, master_port=29800) as c:
+        job = Job(c, out_dir, model, args.per_rank_batch, args.steps, args.timeout, args.echo, base_src,
+                  args.ft_quorum_tick_ms)
+        link["ceiling_before"] = [job.run(CEILING, r) for r in range(args.reps)]
+        ok = [r for r in link["ceiling_before"] if "error" not in r]
+        if not ok:
+            raise RuntimeError(f"{rate}: the ceiling runs failed: {link['ceiling_before'][0].get('error')}")
+        t_step = statistics.median(r["seconds"] for r in ok) / args.steps
+        numel = ok[0]["params"]
+        link["probe"] = job.probe(numel, args.probe_reps)
+        link["t_step"] = t_step
+        taus = choose_taus(link["probe"], t_step, args.tau_margin, args.tau)
+        link["taus"] = {f"F={f} {dt}": t for (f, dt), t in taus.items()}
+        specs = [s for s in rows(taus) if s.key in args.rows]
+        jobs = [(s, r) for s in specs for r in range(args.reps)]
+        random.Random(args.seed).shuffle(jobs)
+        link["order"] = [f"{s.key}#{r}" for s, r in jobs]
+        link["results"] = [job.run(s, r) for s, r in jobs]
+        link["ceiling_after"] = [job.run(CEILING, r) for r in range(args.reps)]
+    link["load_after"] = os.getloadavg()
+    link["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    return link
+
+
+# -- reporting --------------------------------------------------------------------------------------
+def _ceiling(link: dict) -> float:
+    runs = [r["samples_per_s"] for r in link["ceiling_before"] + link["ceiling_after"] if "error" not in r]
+    return statistics.median(runs)
+
+
+def _med(xs: list[float], fmt: str) -> str:
+    if not xs:
+        return "n/a"
+    if len(xs) == 1:
+        return format(xs[0], fmt)
+    return f"{format(statistics.median(xs), fmt)} [{format(min(xs), fmt)}-{format(max(xs), fmt)}]"
+
+
+def _by_row(link: dict) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {}
+    for r in link["results"]:
+        out.setdefault(r["key"], []).append(r)
+    return out
+
+
+def fractions(link: dict) -> dict[str, list[float]]:
+    c = _ceiling(link)
+    return {k: [r["samples_per_s"] / c for r in rs if "error" not in r] for k, rs in _by_row(link).items()}
+
+
+def table(link: dict) -> str:
+    c = _ceiling(link)
+    lines = ["| row | F | tau | wire | samples/s | of ceiling | counted MB/step/rank | wire MB/step (node 0) "
+             "| final train loss |", "|---|---|---|---|---|---|---|---|---|"]
+    for name, runs in (("no-communication ceiling, before", link["ceiling_before"]),
+                       ("no-communication ceiling, after", link["ceiling_after"])):
+        sps = [r["samples_per_s"] for r in runs if "error" not in r]
+        lines.append(f"| {name} | - | - | - | {_med(sps, '.2f')} | {_med([s / c for s in sps], '.3f')} | 0.00 | "
+                     f"{_med([r['wire_tx_bytes_per_step'] / 1e6 for r in runs if 'error' not in r], '.3f')} | "
+                     f"{_med([r['train_loss'] for r in runs if 'error' not in r], '.3f')} |")
+    for key, runs in _by_row(link).items():
+        good = [r for r in runs if "error" not in r]
+        r0 = runs[0]
+        if not good:
+            lines.append(f"| {r0['row']} | {r0['fragments']} | {r0['tau']} | {r0['wire']} | failed: "
+                         f"{r0['error'][:200]} | | | | |")
+            continue
+        sps = [r["samples_per_s"] for r in good]
+        wire = [r["wire_tx_bytes_per_step"] / 1e6 for r in good if r.get("wire_tx_bytes_per_step") is not None]
+        fail = f" ({len(runs) - len(good)} of {len(runs)} failed)" if len(good) < len(runs) else ""
+        lines.append(f"| {r0['row']}{fail} | {r0['fragments']} | {r0['tau']} | {r0['wire']} | {_med(sps, '.2f')} "
+                     f"| {_med([s / c for s in sps], '.3f')} | {statistics.median(r['comm_bytes_per_step'] for r in good) / 1e6:.3f} "
+                     f"| {_med(wire, '.3f')} | {_med([r['train_loss'] for r in good], '.3f')} |")
+    return "\n".join(lines)
+
+
+def probe_table(link: dict) -> str:
+    t_step = link["t_step"]
+    lines = ["| F | wire | all-reduce per fragment (s) | inner steps it spans | tau chosen |", "|---|---|---|---|---|"]
+    for name, ts in link["probe"]["times"].items():
+        f, dt = name[2:].split()
+        tau = link["taus"].get(name, "-")
+        lines.append(f"| {f} | {dt} | {_med(ts, '.3f')} | {statistics.median(ts) / t_step:.2f} | {tau} |")
+    return "\n".join(lines)
+
+
+def targets(links: list[dict]) -> list[str]:
+    out = []
+    by_rate = {l["rate"]: fractions(l) for l in links}
+
+    def best(fr: dict, dt: str) -> tuple[str, float] | None:
+        cand = [(f"F={f}", statistics.median(fr[f"s{f}-{dt}"])) for f in FRAGMENTS if fr.get(f"s{f}-{dt}")]
+        return max(cand, key=lambda x: x[1]) if cand else None
+
+    for rate, dt, goal in (("200mbit", "int8", 0.95), ("200mbit", "fp32", 0.90), ("1gbit", "fp32", 0.95)):
+        fr = by_rate.get(rate)
+        b = best(fr, dt) if fr else None
+        if b is None:
+            out.append(f"- streaming {dt} at {rate}: not measured")
+            continue
+        mark = "met" if b[1] >= goal else "NOT met"
+        out.append(f"- streaming {dt} at {rate}: best {b[1]:.1%} of the ceiling ({b[0]}; target >= {goal:.0%}): "
+                   f"**{mark}**")
+    for rate, fr in by_rate.items():
+        for key in ("block-fp32", "block-bf16"):
+            if fr.get(key) and fr.get("block-fp32-base") and key == "block-fp32":
+                a, b = statistics.median(fr[key]), statistics.median(fr["block-fp32-base"])
+                out.append(f"- {rate}: blocking fp32 {a:.1%} of the ceiling vs {b:.1%} on the base commit "
+                           f"(ratio {a / b:.3f})")
+    return out
+
+
+def plot(links: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [k for k in _by_row(links[0])]
+    labels = {r["key"]: r["row"] for l in links for r in l["results"]}
+    fig, ax = plt.subplots(figsize=(9, 0.42 * len(keys) + 1.5))
+    h = 0.8 / len(links)
+    for i, l in enumerate(links):
+        fr = fractions(l)
+        ys = [j + i * h for j in range(len(keys))]
+        med = [statistics.median(fr[k]) if fr.get(k) else 0 for k in keys]
+        lo = [m - min(fr[k]) if fr.get(k) else 0 for m, k in zip(med, keys)]
+        hi = [max(fr[k]) - m if fr.get(k) else 0 for m, k in zip(med, keys)]
+        ax.barh(ys, med, height=h, xerr=[lo, hi], label=f"{l['rate']} (ceiling {_ceiling(l):.1f} samples/s)",
+                capsize=2)
+    ax.set_yticks([j + h * (len(links) - 1) / 2 for j in range(len(keys))], [labels[k] for k in keys], fontsize=8)
+    ax.invert_yaxis()
+    for x in (0.9, 0.95):
+        ax.axvline(x, color="grey", lw=0.8, ls="--")
+    ax.set_xlabel("samples/s as a fraction of the no-communication ceiling (median, min-max of 3 runs)")
+    ax.set_xlim(0, 1.1)
+    ax.legend(loc="lower right", fontsize=8)
+    ax.set_title("2 nodes x 1 rank, k=16, real trainer on the simulated cluster")
+    fig.tight_layout()
+    path.parent.mkdir(exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
+def report(links: list[dict], args: argparse.Namespace) -> str:
+    parts = []
+    for l in links:
+        lb, la = l["load_before"], l["load_after"]
+        parts.append(f"### {l['rate']} links\n\nRun {l['started']} to {l['finished']}; load average (1/5/15 min) "
+                     f"before {lb[0]:.2f}/{lb[1]:.2f}/{lb[2]:.2f}, after {la[0]:.2f}/{la[1]:.2f}/{la[2]:.2f}. "
+                     f"Ceiling step time {l['t_step'] * 1000:.0f} ms.\n\n" + table(l) +
+                     "\n\nAll-reduce of one fragment alone on the link (probe, "
+                     f"{len(next(iter(l['probe']['times'].values())))} runs, median [min-max]), in inner steps of the "
+                     "ceiling run:\n\n" + probe_table(l))
+    return "\n\n".join(parts) + "\n\nTargets of the issue:\n\n" + "\n".join(targets(links))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--rates", default="1gbit,200mbit")
+    p.add_argument("--rows", default=None, help="comma-separated row keys (default: all)")
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--steps", type=int, default=128)
+    p.add_argument("--per-rank-batch", type=int, default=2)
+    p.add_argument("--model", default=DEFAULT_MODEL, help="model flags of lookahead-dist train")
+    p.add_argument("--tau-margin", type=int, default=1, help="steps added to the smallest hiding tau")
+    p.add_argument("--tau", default=None, help="fix tau per F, e.g. 'F=2:7,F=4:3' (no probe-based choice)")
+    p.add_argument("--probe-reps", type=int, default=3)
+    p.add_argument("--ft-quorum-tick-ms", type=int, default=20, help="torchft lighthouse quorum tick")
+    p.add_argument("--base-commit", default=None, help="commit whose library runs the block-fp32-base row")
+    p.add_argument("--seed", type=int, default=0, help="shuffle order")
+    p.add_argument("--timeout", type=float, default=600.0, help="per job, seconds")
+    p.add_argument("--json-out", default=None)
+    p.add_argument("--from-json", default=None, help="only format results saved with --json-out")
+    p.add_argument("--write", action="store_true", help="write the section into docs/benchmarks.md")
+    p.add_argument("--plot", action="store_true", help="write docs/img/streaming_throughput.png")
+    p.add_argument("--echo", action="store_true")
+    args = p.parse_args(argv)
+    sys.path.insert(0, str(ROOT))
+    all_keys = [s.key for s in rows({(f, dt): 1 for f in FRAGMENTS for dt in DTYPES})]
+    args.rows = args.rows.split(",") if args.rows else [k for k in all_keys if k != "block-fp32-base" or args.base_commit]
+    unknown = set(args.rows) - set(all_keys)
+    if unknown:
+        p.error(f"unknown rows {sorted(unknown)}; rows: {', '.join(all_keys)}")
+    if "block-fp32-base" in args.rows and not args.base_commit:
+        p.error("row block-fp32-base needs --base-commit")
+    args.tau = {int(a.split(":")[0][2:]): int(a.split(":")[1]) for a in args.tau.split(",")} if args.tau else {}
+
+    if args.from_json:
+        links = json.loads(Path(args.from_json).read_text())
+    else:
+        from tools.netcluster import unavailable_reason
+
+        reason = unavailable_reason()
+        if reason:
+            print(f"streaming: cannot build a cluster on this host: {reason}", file=sys.stderr)
+            return 77
+        base_src = base_tree(args.base_commit) if args.base_commit else None
+        links = []
+        for rate in args.rates.split(","):
+            links.append(run_link(rate, args, base_src))
+            if args.json_out:  # after each link: a crash later keeps what was measured
+                Path(args.json_out).write_text(json.dumps(links, indent=1))
+    body = report(links, args)
+    print(body)
+    if args.plot:
+        plot(links, ROOT / "docs" / "img" / "streaming_throughput.png")
+    if args.write:
+        from benchmarks._docs import write_section
+
+        first = next(r for l in links for r in l["results"] if "error" not in r)
+        note = (f"\n\nModel: byte-level transformer LM of `lookahead-dist` ({first['params'] / 1e6:.2f}M parameters, "
+                f"`{args.model}`), {args.per_rank_batch} sequences per rank per step, {args.steps} steps per run, "
+                "AdamW lr 3e-3 inside Lookahead(alpha=0.5) for the local-SGD rows, plain AdamW for DDP and the peers "
+                "(torchft DiLoCo: outer SGD lr=0.5, momentum 0 = the same slow step). k = 16. 2 nodes x 1 rank, "
+                "gloo on CPU, tbf-shaped links without added latency. Each row: 3 runs in shuffled order; "
+                "median [min-max]; 'of ceiling' = samples/s / median of the 6 ceiling runs of that link. "
+                "tau: smallest number of ceiling steps covering the probed fragment all-reduce, + "
+                f"{args.tau_margin}, capped at k/F - 1. torchft lighthouse per run, quorum tick "
+                f"{args.ft_quorum_tick_ms} ms. Per-row command: `lookahead-dist train <row flags> {args.model} "
+                f"--steps {args.steps} --batch-size {2 * args.per_rank_batch}` under torchrun on each node "
+                "(`benchmarks/streaming.py`; every command is in the JSON output).")
+        if args.plot:
+            note += "\n\n![streaming throughput](img/streaming_throughput.png)"
+        rows_arg = f" --rows {','.join(args.rows)}" if args.rows != all_keys else ""
+        write_section("Streaming local SGD throughput on the simulated cluster (real trainer)",
+                      f"python -m benchmarks.streaming --rates {args.rates}{rows_arg}"
+                      + (f" --base-commit {args.base_commit}" if args.base_commit else "") + " --write --plot",
+                      body + note)
+    return 0 if all("error" not in r for l in links for r in l["results"]) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
