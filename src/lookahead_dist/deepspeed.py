@@ -27,7 +27,10 @@ trajectory). :func:`warn_if_universal` says so; :func:`initialize` calls it.
 
 from __future__ import annotations
 
+import copy
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,6 +49,7 @@ __all__ = [
     "warn_if_universal",
     "LOOKAHEAD_CONFIG_KEY",
     "initialize",
+    "wrap_engine",
     "skip_cpu_shm_kernel",
 ]
 
@@ -254,10 +258,12 @@ def _load_config(config: Any) -> dict[str, Any] | None:
 
 
 def skip_cpu_shm_kernel() -> None:
-    """On DeepSpeed's CPU accelerator, do not JIT-build its shared-memory communication kernel.
+    """On DeepSpeed's CPU accelerator, never JIT-build its shared-memory communication kernel.
 
-    DeepSpeed's CPU communication backend compiles that kernel when it starts (minutes on a small
-    machine, a C++ compiler needed, and ranks race on the build lock). The kernel serves only
+    A global, lasting setting (for scripts and tests that call ``deepspeed.initialize``
+    themselves); :func:`initialize` does the same only for the duration of its own call. DeepSpeed's
+    CPU communication backend compiles that kernel when it starts (minutes on a small machine, a
+    C++ compiler needed, and ranks race on the build lock). The kernel serves only
     ``inference_all_reduce``, never training collectives, so marking it unavailable in DeepSpeed's
     own compatibility table changes nothing for training. A no-op on any other accelerator.
     """
@@ -268,89 +274,151 @@ def skip_cpu_shm_kernel() -> None:
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
+@contextmanager
+def _shm_kernel_skipped() -> Iterator[None]:
+    """:func:`skip_cpu_shm_kernel` for the duration of the block, then the table as it was."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    table = deepspeed.ops.__compatible_ops__
+    if get_accelerator().device_name() != "cpu":
+        yield
+        return
+    had, before = "deepspeed_shm_comm" in table, table.get("deepspeed_shm_comm")
+    table["deepspeed_shm_comm"] = False
+    try:
+        yield
+    finally:
+        if had:
+            table["deepspeed_shm_comm"] = before
+        else:
+            table.pop("deepspeed_shm_comm", None)
+
+
+# -- wrapping the optimizer an engine steps ---------------------------------------------------------
+def _stepped_optimizer(engine: Any) -> tuple[Any, torch.optim.Optimizer]:
+    """(holder, optimizer): the torch optimizer the engine steps, and the object whose ``.optimizer`` it is.
+
+    DeepSpeed's wrappers (ZeRO-1/2/3, the bf16 and fp16 optimizers) are not torch optimizers and
+    keep the one they step as ``.optimizer``; without a wrapper the engine steps it directly.
+    """
+    holder: Any = engine
+    opt = getattr(engine, "optimizer", None)
+    while opt is not None and not isinstance(opt, torch.optim.Optimizer):
+        holder, opt = opt, getattr(opt, "optimizer", None)
+    if opt is None:
+        raise ValueError(
+            "the DeepSpeed engine has no optimizer to wrap (built without an optimizer, e.g. ZeRO-3 "
+            'inference): pass optimizer=... or add an "optimizer" block to the DeepSpeed config'
+        )
+    return holder, opt
+
+
+def _check_wrappable(holder: Any, opt: torch.optim.Optimizer) -> None:
+    name = type(holder).__name__
+    if "muon" in type(opt).__name__.lower() and name == "DeepSpeedZeroOptimizer":
+        # DeepSpeed's ZeRO-1/2 decides at every step, from the type of the optimizer it steps
+        # (isinstance(..., MuonWithAuxAdam), 'muon' in its class name), whether to orthogonalise
+        # gradients; a Lookahead in that place would silently turn Muon into momentum SGD.
+        raise NotImplementedError(
+            f"Lookahead around DeepSpeed's {type(opt).__name__} under ZeRO stage 1/2 is not supported: "
+            "DeepSpeed tests the type of the optimizer it steps at every step to run Muon's "
+            "orthogonalisation, which a wrapper would hide. Use ZeRO stage 3, or another optimizer type"
+        )
+    if getattr(holder, "backup_optimizer", None) is not None:
+        raise NotImplementedError(
+            "Lookahead under ZeRO-3 partial optimizer offload (offload_optimizer.ratio < 1) is not "
+            "supported: DeepSpeed steps the sub-groups kept on the accelerator with a second optimizer. "
+            "Offload all of the optimizer (ratio 1) or none of it"
+        )
+    if getattr(holder, "zenflow", False):
+        raise NotImplementedError("Lookahead under DeepSpeed ZenFlow is not supported: ZenFlow steps the "
+                                  "optimizer outside its step() method")
+
+
+def wrap_engine(engine: Any, k: int = 5, alpha: float = 0.5, *, pullback: str = "none",
+                slow_dtype: torch.dtype | None = None) -> Lookahead:
+    """Put a :class:`~lookahead_dist.Lookahead` around the optimizer a built engine steps.
+
+    For an engine from a plain ``deepspeed.initialize`` (:func:`initialize` calls this): whatever
+    optimizer DeepSpeed built or was given -- ``FusedAdam``, ``DeepSpeedCPUAdam`` under optimizer
+    offload, the ``Adagrad`` ZeRO rebuilds over its partitions, a client optimizer -- becomes the
+    Lookahead's inner optimizer, in the place the engine steps it. Everything DeepSpeed decided
+    from the optimizer's type at construction stays as it decided. The slow weights are taken at
+    the next step from the tensors stepped (Note [When a slow weight is taken] in
+    :mod:`lookahead_dist.lookahead`), so wrap before the first step or after loading a checkpoint.
+
+    Returns the Lookahead. Raises ``ValueError`` if the engine has no optimizer or already steps a
+    Lookahead, ``NotImplementedError`` where DeepSpeed needs to see the optimizer's own type at
+    every step (Muon under ZeRO-1/2) or steps part of it elsewhere (ZeRO-3 partial offload, ZenFlow).
+    """
+    holder, opt = _stepped_optimizer(engine)
+    if isinstance(opt, Lookahead):
+        raise ValueError("the DeepSpeed engine already steps a Lookahead; wrap the optimizer once")
+    _check_wrappable(holder, opt)
+    la = Lookahead(opt, k, alpha, pullback=pullback, slow_dtype=slow_dtype)
+    holder.optimizer = la
+    if getattr(engine, "basic_optimizer", None) is opt:
+        engine.basic_optimizer = la
+    return la
+
+
 def initialize(*args: Any, **kwargs: Any) -> tuple[Any, ...]:
     """Drop-in for ``deepspeed.initialize`` that reads a ``"lookahead"`` block from the config.
 
     Same arguments and return values as ``deepspeed.initialize``. With a block such as
-    ``{"lookahead": {"k": 5, "alpha": 0.5}}`` in the config (dict or JSON path):
-
-    - the optimizer (the client ``optimizer=``, an optimizer factory, or the one DeepSpeed builds
-      from its ``"optimizer"`` block) is wrapped in :class:`~lookahead_dist.Lookahead` before
-      ZeRO partitions it; a client optimizer that already is a Lookahead is an error (two k's);
-    - ``zero_allow_untested_optimizer`` / ``zero_force_ds_cpu_optimizer`` are set as
-      :func:`lookahead_config` does; the block is removed from the config DeepSpeed sees.
+    ``{"lookahead": {"k": 5, "alpha": 0.5}}`` in the config (dict or JSON path), DeepSpeed builds
+    the engine from the rest of the config exactly as ``deepspeed.initialize`` would -- its own
+    optimizer from the ``"optimizer"`` block (``FusedAdam``, ``DeepSpeedCPUAdam`` under optimizer
+    offload, every type and parameter DeepSpeed accepts), or your client optimizer or factory --
+    and then :func:`wrap_engine` puts the Lookahead around the optimizer the engine steps. With
+    ``k`` larger than the number of steps the run equals plain ``deepspeed.initialize`` bit for bit.
 
     Keys: ``k`` (int >= 1, default 5), ``alpha`` (float in (0, 1], default 0.5), ``pullback``
     (``"none"``/``"reset"``/``"pullback"``), ``slow_dtype`` (``"fp32"`` or null), ``local_sgd``
-    (false; true is refused under ZeRO). An unknown key or bad value raises an error naming it.
-    Without the block this is exactly ``deepspeed.initialize``.
+    (false; true is refused under ZeRO). An unknown key or bad value raises an error naming it; so
+    does a client optimizer that already is a Lookahead (two k's). Without the block this is exactly
+    ``deepspeed.initialize``.
+
+    Nothing outside the call changes: the caller's config dict and ``args`` are not modified (a
+    config given as ``args.deepspeed_config`` is read and passed on through a copy of ``args``), and
+    DeepSpeed's CPU shared-memory kernel is skipped (:func:`skip_cpu_shm_kernel`) only during the call.
     """
     import deepspeed
 
-    skip_cpu_shm_kernel()
     config_arg = "config" if "config" in kwargs else ("config_params" if "config_params" in kwargs else None)
     raw = kwargs.get(config_arg) if config_arg else None
-    if raw is None and getattr(kwargs.get("args"), "deepspeed_config", None):
-        config_arg, raw = "config", kwargs["args"].deepspeed_config
+    from_args = raw is None and getattr(kwargs.get("args"), "deepspeed_config", None) is not None
+    if from_args:
+        raw = kwargs["args"].deepspeed_config
     config = _load_config(raw)
     if config is None or LOOKAHEAD_CONFIG_KEY not in config:
-        return deepspeed.initialize(*args, **kwargs)
+        with _shm_kernel_skipped():
+            return deepspeed.initialize(*args, **kwargs)
     if args:
         raise TypeError("lookahead_dist.deepspeed.initialize takes keyword arguments only (as deepspeed.initialize)")
 
     block = _parse_block(config[LOOKAHEAD_CONFIG_KEY])
-    ds_config = {key: v for key, v in config.items() if key != LOOKAHEAD_CONFIG_KEY}
-    ds_config = lookahead_config(ds_config, offload_client_optimizer=True)
-    warn_if_universal(ds_config)
-    la_kwargs = {"pullback": block["pullback"], "slow_dtype": block["slow_dtype"]}
-
-    def wrap(opt: torch.optim.Optimizer) -> Lookahead:
-        if isinstance(opt, Lookahead):
-            raise ValueError(
-                f'the optimizer is already a Lookahead and the config has a "{LOOKAHEAD_CONFIG_KEY}" '
-                "block: use one or the other"
-            )
-        return Lookahead(opt, block["k"], block["alpha"], **la_kwargs)
-
     client = kwargs.get("optimizer")
-    if client is None:
-        # DeepSpeed builds the optimizer from its "optimizer" block: build it ourselves the same
-        # way (the engine's own builder), then hand it over wrapped as a client optimizer.
-        if "optimizer" not in ds_config:
-            raise ValueError(
-                f'a "{LOOKAHEAD_CONFIG_KEY}" block needs an optimizer: pass optimizer=... or add an '
-                '"optimizer" block to the DeepSpeed config'
-            )
-        opt_block = ds_config.pop("optimizer")
-        kwargs["optimizer"] = lambda params: wrap(_build_ds_optimizer(opt_block, params))
-    elif isinstance(client, torch.optim.Optimizer):
-        kwargs["optimizer"] = wrap(client)
-    elif callable(client):
-        kwargs["optimizer"] = lambda params: wrap(client(params))
-    else:
-        raise TypeError(f"optimizer must be a torch.optim.Optimizer or a callable, got {type(client).__name__}")
-    if config_arg == "config" and "args" in kwargs and "config" not in kwargs:
-        kwargs["args"].deepspeed_config = None
-    kwargs.pop("config_params", None)
-    kwargs["config"] = ds_config
-    return deepspeed.initialize(**kwargs)
-
-
-def _build_ds_optimizer(block: dict[str, Any], params: Any) -> torch.optim.Optimizer:
-    """The optimizer DeepSpeed's ``"optimizer"`` block names, for the types that run on any device."""
-    name = str(block.get("type", "")).lower()
-    p = dict(block.get("params") or {})
-    if name in ("adam", "adamw"):
-        # DeepSpeed's "Adam" decouples weight decay unless told otherwise (adam_w_mode=True).
-        adam_w = name == "adamw" or bool(p.pop("adam_w_mode", True))
-        p.pop("torch_adam", None)
-        cls = torch.optim.AdamW if adam_w else torch.optim.Adam
-        return cls(params, **p)
-    if name == "sgd":
-        return torch.optim.SGD(params, **p)
-    if name == "adagrad":
-        return torch.optim.Adagrad(params, **p)
-    raise ValueError(
-        f'optimizer type {block.get("type")!r} in the DeepSpeed "optimizer" block is not supported with a '
-        f'"{LOOKAHEAD_CONFIG_KEY}" block; build the optimizer and pass it as optimizer=...'
-    )
+    if isinstance(client, Lookahead):
+        raise ValueError(
+            f'the optimizer is already a Lookahead and the config has a "{LOOKAHEAD_CONFIG_KEY}" '
+            "block: use one or the other"
+        )
+    ds_config = {key: v for key, v in config.items() if key != LOOKAHEAD_CONFIG_KEY}
+    if client is None and "optimizer" not in ds_config:
+        raise ValueError(
+            f'a "{LOOKAHEAD_CONFIG_KEY}" block needs an optimizer: pass optimizer=... or add an '
+            '"optimizer" block to the DeepSpeed config'
+        )
+    warn_if_universal(ds_config)
+    call = dict(kwargs)
+    call.pop("config_params", None)
+    call["config"] = ds_config
+    if from_args:  # DeepSpeed refuses a config in both places; the caller's args stay as they are
+        call["args"] = copy.copy(kwargs["args"])
+        call["args"].deepspeed_config = None
+    with _shm_kernel_skipped():
+        engine, _, loader, scheduler = deepspeed.initialize(**call)
+    wrap_engine(engine, block["k"], block["alpha"], pullback=block["pullback"], slow_dtype=block["slow_dtype"])
+    return engine, engine.optimizer, loader, scheduler
