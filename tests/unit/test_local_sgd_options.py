@@ -379,3 +379,14 @@ def test_streaming_docstring_examples():
 
     result = doctest.testmod(streaming, optionflags=doctest.NORMALIZE_WHITESPACE)
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_streaming_options_refused_with_a_torchft_manager():
+    class FakeManager:
+        def start_quorum(self): ...
+        def allreduce(self, t): ...
+        def should_commit(self): ...
+        def register_state_dict_fn(self, *a): ...
+
+    with pytest.raises(ValueError, match="`num_fragments`, `outer_optimizer` cannot be combined with a torchft"):
+        LocalSGDOptions(manager=FakeManager(), num_fragments=2, outer_optimizer=lambda ps: None)
