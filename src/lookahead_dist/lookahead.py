@@ -657,42 +657,66 @@ class Lookahead(Optimizer):
             out = hook(self, state_dict)
             if out is not None:
                 state_dict = out
-        ours: dict[Any, dict[str, Any]] = {}
+        # Everything is checked before anything is loaded: a bad checkpoint leaves the optimizer as it was.
+        saved_groups = self._check_loadable(state_dict)
+        groups = self.optimizer.param_groups
+        index_to_param = dict(
+            zip(
+                chain.from_iterable(g["params"] for g in saved_groups),
+                chain.from_iterable(g["params"] for g in groups),
+            )
+        )
+        names = {idx: f"param_groups[{gi}].params[{pi}] (state index {idx!r})"
+                 for gi, g in enumerate(saved_groups) for pi, idx in enumerate(g["params"])}
+        entries: dict[torch.Tensor, dict[str, Any]] = {}
         inner_state: dict[Any, dict[str, Any]] = {}
         for idx, s in state_dict["state"].items():
             s = dict(s)
             mine = {key: s.pop(key) for key in list(s) if is_lookahead_key(key)}
             if mine:
-                ours[idx] = mine
+                p = index_to_param.get(idx)
+                if p is None:
+                    raise ValueError(f"Lookahead checkpoint: state for parameter index {idx!r} matches no parameter "
+                                     f"of the saved param_groups, which list {len(index_to_param)} parameter(s)")
+                entries[p] = self._restore_entry(p, mine, names[idx])
             if s:
                 inner_state[idx] = s
         self.optimizer.load_state_dict({**state_dict, "state": inner_state})
 
-        groups = self.optimizer.param_groups
+        groups = self.optimizer.param_groups  # the inner load replaced the list
         for g in groups:
             g.setdefault(K_KEY, self.defaults[K_KEY])
             g.setdefault(ALPHA_KEY, self.defaults[ALPHA_KEY])
-        index_to_param = dict(
-            zip(
-                chain.from_iterable(g["params"] for g in state_dict["param_groups"]),
-                chain.from_iterable(g["params"] for g in groups),
-            )
-        )
-        names = {idx: f"param_groups[{gi}].params[{pi}] (state index {idx!r})"
-                 for gi, g in enumerate(state_dict["param_groups"]) for pi, idx in enumerate(g["params"])}
         self._reset_caches()
         state = self.optimizer.state
-        for idx, mine in ours.items():
-            p = index_to_param.get(idx)
-            if p is None:
-                raise KeyError(f"Lookahead state for parameter index {idx!r} has no parameter in param_groups")
-            entry = self._restore_entry(p, mine, names.get(idx, f"state index {idx!r}"))
+        for p, entry in entries.items():
             if state.get(p):
                 state[p].update(entry)
             else:
                 self._pending[p] = entry
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
+
+    def _check_loadable(self, state_dict: Any) -> list[dict[str, Any]]:
+        """The saved param groups, after checking the layout and the Lookahead group keys."""
+        if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= state_dict.keys():
+            got = sorted(state_dict) if isinstance(state_dict, dict) else type(state_dict).__name__
+            raise ValueError("Lookahead.load_state_dict needs an optimizer state dict with keys 'state' and "
+                             f"'param_groups', got {got}")
+        saved = state_dict["param_groups"]
+        groups = self.optimizer.param_groups
+        if len(saved) != len(groups):
+            raise ValueError(f"Lookahead checkpoint has {len(saved)} param group(s), this optimizer has {len(groups)}; "
+                             "was it saved from another model or optimizer set-up?")
+        for i, (sg, g) in enumerate(zip(saved, groups)):
+            if len(sg["params"]) != len(g["params"]):
+                raise ValueError(f"Lookahead checkpoint: param_groups[{i}] has {len(sg['params'])} parameter(s), this "
+                                 f"optimizer's has {len(g['params'])}")
+            if K_KEY in sg:
+                _check_k(sg[K_KEY], f"param_groups[{i}].{K_KEY}")
+            if ALPHA_KEY in sg:
+                _check_alpha(sg[ALPHA_KEY], f"param_groups[{i}].{ALPHA_KEY}")
+        return saved
 
     def _restore_entry(self, p: torch.Tensor, saved: dict[str, Any], name: str) -> dict[str, Any]:
         # The strategy restores (and checks) the slow weight and its own keys; the rest is ours.
