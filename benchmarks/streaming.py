@@ -212,7 +212,7 @@ def run_link(rate: str, args: argparse.Namespace, base_src: Path | None) -> dict
     with Cluster(2, rate, master_port=29800) as c:
         job = Job(c, out_dir, model, args.per_rank_batch, args.steps, args.timeout, args.echo, base_src,
                   args.ft_quorum_tick_ms)
-        link["ceiling_before"] = [job.run(CEILING, r) for r in range(args.reps)]
+        link["ceiling_before"] = [job.run(CEILING, r) for r in range(args.ceiling_reps)]
         ok = [r for r in link["ceiling_before"] if "error" not in r]
         if not ok:
             raise RuntimeError(f"{rate}: the ceiling runs failed: {link['ceiling_before'][0].get('error')}")
@@ -222,12 +222,12 @@ def run_link(rate: str, args: argparse.Namespace, base_src: Path | None) -> dict
         link["t_step"] = t_step
         taus = choose_taus(link["probe"], t_step, args.tau_margin, args.tau)
         link["taus"] = {f"F={f} {dt}": t for (f, dt), t in taus.items()}
-        specs = [s for s in rows(taus) if s.key in args.rows]
+        specs = [s for s in rows(taus) if s.key in args.rows and (not s.base or rate in args.base_rates)]
         jobs = [(s, r) for s in specs for r in range(args.reps)]
         random.Random(args.seed).shuffle(jobs)
         link["order"] = [f"{s.key}#{r}" for s, r in jobs]
         link["results"] = [job.run(s, r) for s, r in jobs]
-        link["ceiling_after"] = [job.run(CEILING, r) for r in range(args.reps)]
+        link["ceiling_after"] = [job.run(CEILING, r) for r in range(args.ceiling_reps)]
     link["load_after"] = os.getloadavg()
     link["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
     return link
@@ -247,11 +247,25 @@ def _med(xs: list[float], fmt: str) -> str:
     return f"{format(statistics.median(xs), fmt)} [{format(min(xs), fmt)}-{format(max(xs), fmt)}]"
 
 
+ORDER = ["ddp", "block-fp32", "block-fp32-base", "block-bf16", *[f"s{f}-{dt}" for f in FRAGMENTS for dt in DTYPES],
+         "torch-plsgd", "accel-lsgd", *[f"ft-f{f}" for f in FRAGMENTS]]
+
+
 def _by_row(link: dict) -> dict[str, list[dict]]:
+    """Runs per row key, rows in table order (not the shuffled run order)."""
     out: dict[str, list[dict]] = {}
-    for r in link["results"]:
+    for r in sorted(link["results"], key=lambda r: (ORDER.index(r["key"]), r["rep"])):
         out.setdefault(r["key"], []).append(r)
     return out
+
+
+def _plot_label(key: str, links: list[dict]) -> str:
+    r = next(r for l in links for r in l["results"] if r["key"] == key)
+    label = r["row"].split(" tau=")[0] + ("," + r["row"].split(",", 1)[1] if " tau=" in r["row"] else "")
+    if r["tau"]:
+        taus = " / ".join(str(next((x["tau"] for x in l["results"] if x["key"] == key), "-")) for l in links)
+        label += f" (tau {taus})"
+    return label
 
 
 def fractions(link: dict) -> dict[str, list[float]]:
@@ -327,8 +341,8 @@ def plot(links: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = [k for k in _by_row(links[0])]
-    labels = {r["key"]: r["row"] for l in links for r in l["results"]}
+    keys = [k for k in ORDER if any(k in _by_row(l) for l in links)]
+    labels = {k: _plot_label(k, links) for k in keys}
     fig, ax = plt.subplots(figsize=(9, 0.42 * len(keys) + 1.5))
     h = 0.8 / len(links)
     for i, l in enumerate(links):
@@ -337,15 +351,15 @@ def plot(links: list[dict], path: Path) -> None:
         med = [statistics.median(fr[k]) if fr.get(k) else 0 for k in keys]
         lo = [m - min(fr[k]) if fr.get(k) else 0 for m, k in zip(med, keys)]
         hi = [max(fr[k]) - m if fr.get(k) else 0 for m, k in zip(med, keys)]
-        ax.barh(ys, med, height=h, xerr=[lo, hi], label=f"{l['rate']} (ceiling {_ceiling(l):.1f} samples/s)",
+        ax.barh(ys, med, height=h, xerr=[lo, hi], label=f"{l['rate']} (ceiling {_ceiling(l):.2f} samples/s)",
                 capsize=2)
     ax.set_yticks([j + h * (len(links) - 1) / 2 for j in range(len(keys))], [labels[k] for k in keys], fontsize=8)
     ax.invert_yaxis()
     for x in (0.9, 0.95):
         ax.axvline(x, color="grey", lw=0.8, ls="--")
-    ax.set_xlabel("samples/s as a fraction of the no-communication ceiling (median, min-max of 3 runs)")
-    ax.set_xlim(0, 1.1)
-    ax.legend(loc="lower right", fontsize=8)
+    ax.set_xlabel("samples/s as a fraction of the no-communication ceiling (median and min-max of the runs)")
+    ax.set_xlim(0, max(1.1, max(max(v) for l in links for v in fractions(l).values() if v) + 0.05))
+    ax.legend(loc="best", fontsize=8)
     ax.set_title("2 nodes x 1 rank, k=16, real trainer on the simulated cluster")
     fig.tight_layout()
     path.parent.mkdir(exist_ok=True)
@@ -375,9 +389,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default=DEFAULT_MODEL, help="model flags of lookahead-dist train")
     p.add_argument("--tau-margin", type=int, default=1, help="steps added to the smallest hiding tau")
     p.add_argument("--tau", default=None, help="fix tau per F, e.g. 'F=2:7,F=4:3' (no probe-based choice)")
+    p.add_argument("--ceiling-reps", type=int, default=2, help="ceiling runs before and again after the rows")
     p.add_argument("--probe-reps", type=int, default=3)
     p.add_argument("--ft-quorum-tick-ms", type=int, default=20, help="torchft lighthouse quorum tick")
     p.add_argument("--base-commit", default=None, help="commit whose library runs the block-fp32-base row")
+    p.add_argument("--base-rates", default="200mbit", help="links on which the block-fp32-base row runs")
     p.add_argument("--seed", type=int, default=0, help="shuffle order")
     p.add_argument("--timeout", type=float, default=600.0, help="per job, seconds")
     p.add_argument("--json-out", default=None)
@@ -394,6 +410,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unknown rows {sorted(unknown)}; rows: {', '.join(all_keys)}")
     if "block-fp32-base" in args.rows and not args.base_commit:
         p.error("row block-fp32-base needs --base-commit")
+    args.base_rates = args.base_rates.split(",")
     args.tau = {int(a.split(":")[0][2:]): int(a.split(":")[1]) for a in args.tau.split(",")} if args.tau else {}
 
     if args.from_json:
@@ -423,8 +440,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"`{args.model}`), {args.per_rank_batch} sequences per rank per step, {args.steps} steps per run, "
                 "AdamW lr 3e-3 inside Lookahead(alpha=0.5) for the local-SGD rows, plain AdamW for DDP and the peers "
                 "(torchft DiLoCo: outer SGD lr=0.5, momentum 0 = the same slow step). k = 16. 2 nodes x 1 rank, "
-                "gloo on CPU, tbf-shaped links without added latency. Each row: 3 runs in shuffled order; "
-                "median [min-max]; 'of ceiling' = samples/s / median of the 6 ceiling runs of that link. "
+                f"gloo on CPU, tbf-shaped links without added latency. Each row: {args.reps} runs in shuffled order; "
+                f"median [min-max]; 'of ceiling' = samples/s / median of the {2 * args.ceiling_reps} ceiling runs "
+                "of that link (half before, half after the rows). "
                 "tau: smallest number of ceiling steps covering the probed fragment all-reduce, + "
                 f"{args.tau_margin}, capped at k/F - 1. torchft lighthouse per run, quorum tick "
                 f"{args.ft_quorum_tick_ms} ms. Per-row command: `lookahead-dist train <row flags> {args.model} "
