@@ -27,24 +27,15 @@ import json
 import os
 import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from lookahead_dist.demo.commcount import interface_tx_bytes
+
 SUPPORTED = ("ddp", "local-sgd")
 ALL_MODES = ("ddp", "zero2", "fsdp2", "local-sgd")
-
-
-def _tx_bytes() -> int | None:
-    ifname = os.environ.get("GLOO_SOCKET_IFNAME")
-    if not ifname:
-        return None
-    try:
-        return int(Path(f"/sys/class/net/{ifname}/statistics/tx_bytes").read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def build_model(width: int, depth: int, in_dim: int, classes: int) -> nn.Module:
@@ -146,14 +137,14 @@ def main(argv: list[str] | None = None) -> int:
         step += 1
     dist.barrier()
     counted[0] = 0
-    tx0, t0 = _tx_bytes(), time.perf_counter()
+    tx0, t0 = interface_tx_bytes(), time.perf_counter()
     loss = float("nan")
     for _ in range(args.steps):
         loss = train_step(step)
         step += 1
     dist.barrier()
     elapsed = time.perf_counter() - t0
-    tx1 = _tx_bytes()
+    tx1 = interface_tx_bytes()
 
     stats = torch.tensor([elapsed, loss])
     dist.all_reduce(stats[:1], op=dist.ReduceOp.MAX)

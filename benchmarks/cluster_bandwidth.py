@@ -27,14 +27,6 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULT_TAG = "LKD_BW_RESULT "
 
 
-def _tx_bytes() -> int | None:
-    ifname = os.environ.get("GLOO_SOCKET_IFNAME", "")
-    try:
-        return int(Path(f"/sys/class/net/{ifname}/statistics/tx_bytes").read_text())
-    except (OSError, ValueError):
-        return None
-
-
 def worker(payload_mb: float, iters: int) -> None:
     """One rank: timed all-reduces of a rank-dependent payload; rank 0 prints a tagged JSON line.
 
@@ -42,6 +34,8 @@ def worker(payload_mb: float, iters: int) -> None:
     """
     import torch
     import torch.distributed as dist
+
+    from lookahead_dist.demo.commcount import interface_tx_bytes
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
@@ -52,7 +46,7 @@ def worker(payload_mb: float, iters: int) -> None:
     expected = world * (world + 1) / 2
     ok = bool(torch.all(x == expected))
     dist.barrier()
-    tx0, t0 = _tx_bytes(), time.perf_counter()
+    tx0, t0 = interface_tx_bytes(), time.perf_counter()
     for _ in range(iters):
         x.fill_(float(rank + 1))
         dist.all_reduce(x)
@@ -60,7 +54,7 @@ def worker(payload_mb: float, iters: int) -> None:
     # A rank's all-reduce returns once it has *received* everything; its own last bytes may still
     # sit in its egress queue. After a barrier the peer has finished too, so they have left.
     dist.barrier()
-    tx1 = _tx_bytes()
+    tx1 = interface_tx_bytes()
     ok = ok and bool(torch.all(x == expected))
     # The slowest rank defines the collective's time.
     t = torch.tensor([elapsed])

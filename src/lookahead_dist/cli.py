@@ -24,15 +24,12 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+# The names of the modes have one home, the demo's config module (it imports only torch); the
+# demo's heavier modules are imported once there is something to run.
+from .demo.config import BASELINE_MODES, COMM_DTYPES, MODES, OPTIMIZERS, STREAMING_MODES
+
 __all__ = ["main", "build_parser", "DEFAULT_RUNS"]
 
-# Spelled out here (the tests check them against the demo's) so that parsing and --help do not
-# import the demo package; it is imported once there is something to run.
-MODES = ("ddp", "zero2", "fsdp2", "local-sgd", "post-local-sgd", "accelerate-local-sgd", "torchft-diloco")
-OPTIMIZERS = ("adamw", "lookahead")
-BASELINE_MODES = ("post-local-sgd", "accelerate-local-sgd", "torchft-diloco")
-#: Modes that take the fragment schedule flags (--num-fragments, --fragment-sync-delay, --fragment-update-alpha).
-STREAMING_MODES = ("local-sgd", "torchft-diloco")
 #: What ``compare`` runs by default: the AdamW baseline, then Lookahead(AdamW) under every mode.
 DEFAULT_RUNS = ("ddp:adamw", "ddp:lookahead", "zero2:lookahead", "fsdp2:lookahead", "local-sgd:lookahead")
 #: Defaults of the training shape (``train`` and ``compare``) and their ``--quick`` values.
@@ -155,7 +152,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     ls.add_argument("--nesterov", action="store_true", help="Nesterov outer momentum (DiLoCo)")
     ls.add_argument("--local-sgd-sharded", dest="sharded", action="store_true",
                     help="each rank keeps 1/N of the slow weights (reduce-scatter + all-gather)")
-    ls.add_argument("--comm-dtype", choices=("fp32", "bf16", "fp16", "int8", "int4"), default="fp32",
+    ls.add_argument("--comm-dtype", choices=COMM_DTYPES, default="fp32",
                     help="dtype of the averaged progress on the wire; int8/int4: blockwise absmax-quantised, "
                     "summed in fp32 (default: fp32)")
     ls.add_argument("--quant-block-size", type=_block_size, default=512,

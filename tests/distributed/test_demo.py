@@ -4,7 +4,7 @@ Checks what the summary promises: the loss goes down, the runs follow the same d
 give the same losses: with 2 ranks every gradient sum is a single exact addition; ZeRO-2 the same
 up to reduction order, which also checks that the demo's DeepSpeed config matches the other modes,
 e.g. gradient clipping, where DeepSpeed's default differs), the bytes
-counted at the collectives match the algorithms (DDP all-reduces every gradient once per step,
+counted at the dispatcher match the algorithms (DDP all-reduces every gradient once per step,
 local SGD the weights once per k steps), and slow weights are sharded 1/N under FSDP2.
 """
 
@@ -61,8 +61,11 @@ def test_train_and_compare_via_the_cli(tmp_path):
 
     param_bytes = ddp["param_bytes"]
     # DDP: one ring all-reduce of all gradients per step, 2 (N-1)/N * P = P bytes sent per rank.
-    assert ddp["comm_bytes_per_step"] == pytest.approx(param_bytes)
-    assert set(ddp["comm_bytes_by_op"]) == {"all_reduce"}
+    # Besides: DDP's one-off broadcast of its rebuilt bucket order on the first step (a few bytes).
+    assert ddp["comm_bytes_by_op"]["all_reduce"] == pytest.approx(param_bytes)
+    assert set(ddp["comm_bytes_by_op"]) <= {"all_reduce", "broadcast"}
+    assert ddp["comm_bytes_by_op"].get("broadcast", 0) * STEPS < 1024
+    assert ddp["comm_bytes_per_step"] == pytest.approx(param_bytes, rel=1e-4)
     assert ddp["slow_bytes_per_rank"] == [param_bytes, param_bytes]
 
     # FSDP2: same trajectory as DDP; slow weights are the rank's DTensor shard.
@@ -70,7 +73,7 @@ def test_train_and_compare_via_the_cli(tmp_path):
     assert fsdp2["val_loss"] == pytest.approx(ddp["val_loss"], abs=2e-3)
     assert sum(fsdp2["slow_bytes_per_rank"]) == pytest.approx(param_bytes, rel=0.01)
     assert max(fsdp2["slow_bytes_per_rank"]) <= param_bytes / 2 * 1.01
-    assert {"all_gather_single", "reduce_scatter_single"} <= set(fsdp2["comm_bytes_by_op"])
+    assert {"all_gather", "reduce_scatter"} <= set(fsdp2["comm_bytes_by_op"])
 
     # ZeRO-2: the same trajectory up to reduction order; slow weights in the rank's flat partition.
     for z in zero2:

@@ -25,11 +25,13 @@ def test_help_and_version_exit_zero(argv, capsys):
     assert "lookahead-dist" in out
 
 
-def test_cli_names_match_the_demo():
+def test_cli_names_are_the_demos_and_every_mode_has_a_builder():
     from lookahead_dist.demo import config, modes
 
-    assert cli.MODES == modes.MODES == config._MODES
-    assert cli.OPTIMIZERS == config.OPTIMIZERS
+    assert cli.MODES is modes.MODES is config.MODES
+    assert cli.OPTIMIZERS is config.OPTIMIZERS
+    assert set(modes._BUILDERS) == set(config.MODES)
+    assert set(config.BASELINE_MODES) | set(config.STREAMING_MODES) <= set(config.MODES)
 
 
 def test_command_is_required(capsys):

@@ -73,37 +73,68 @@ def one_rank_group(tmp_path):
     dist.destroy_process_group()
 
 
-@pytest.mark.filterwarnings("ignore:.*all_gather_into_tensor.*:FutureWarning")
-def test_comm_counter_counts_once_pauses_and_restores(one_rank_group):
+def test_comm_counter_counts_at_the_dispatcher_pauses_and_patches_nothing(one_rank_group):
     original = dist.all_reduce
     t = torch.ones(10)  # 40 bytes
     out = torch.empty(10)
     with CommCounter() as comm:
-        assert dist.all_reduce is not original
+        assert dist.all_reduce is original  # nothing patched
         dist.all_reduce(t)
         dist.distributed_c10d.all_reduce(t)
-        # Gathers count their output (the gathered buffer).
-        dist.all_gather_into_tensor(out, t)
-        assert (comm.calls, comm.payload) == (3, 120)
+        # Gathers count their output (the gathered buffer), reduce-scatters their input.
+        all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+        reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+        all_gather(out, t)
+        reduce_scatter(out, t)
+        assert (comm.calls, comm.payload) == (4, 160)
         assert comm.bytes == 0.0  # one rank sends nothing
+        assert set(comm.by_op) == {"all_reduce", "all_gather", "reduce_scatter"}
         with comm.paused():
             dist.all_reduce(t)
-        # all_gather_object calls all_gather inside: nested calls are not counted again.
-        dist.all_gather_object([None], {"not": "counted"})
-        assert comm.calls == 3
+        assert comm.calls == 4
+        # An object collective is counted as the tensor collectives it is made of.
+        dist.all_gather_object([None], {"x": 1})
+        assert comm.calls > 4 and set(comm.by_op) == {"all_reduce", "all_gather", "reduce_scatter"}
         comm.reset()
         assert (comm.calls, comm.payload, comm.bytes) == (0, 0, 0.0)
-    assert dist.all_reduce is original
+        with pytest.raises(RuntimeError, match="already active"):
+            comm.__enter__()
+    dist.all_reduce(t)  # after the block: not counted
+    assert comm.calls == 0
 
 
 def test_comm_counter_ring_model():
     comm = CommCounter()
-    comm._record("all_reduce", "allreduce", 1000, 2)
-    comm._record("all_gather_single", "gather", 1000, 4)
-    comm._record("reduce_scatter_single", "scatter", 1000, 4)
-    comm._record("broadcast", "p2p", 1000, 4)
-    assert comm.by_op == {"all_reduce": 1000.0, "all_gather_single": 750.0,
-                          "reduce_scatter_single": 750.0, "broadcast": 1000.0}
+    comm._record("all_reduce", "all_reduce", 1000, 2)
+    comm._record("all_gather", "all_gather", 1000, 4)
+    comm._record("reduce_scatter", "reduce_scatter", 1000, 4)
+    comm._record("broadcast", "broadcast", 1000, 4)
+    assert comm.by_op == {"all_reduce": 1000.0, "all_gather": 750.0, "reduce_scatter": 750.0, "broadcast": 1000.0}
+
+
+def test_counted_as_counts_once_and_hides_what_the_dispatcher_shows(one_rank_group):
+    from lookahead_dist.demo.commcount import counted_as
+
+    t = torch.ones(10)
+    with CommCounter() as comm:
+        with counted_as("torchft.Manager.allreduce", "all_reduce", 4000, 2):
+            dist.all_reduce(t)  # what the library does inside: not counted a second time
+        dist.all_reduce(t)
+    assert dict(comm.by_op) == {"torchft.Manager.allreduce": 4000.0, "all_reduce": 0.0}
+    assert (comm.calls, comm.payload) == (2, 4040)
+
+
+def test_interface_tx_bytes_reads_the_process_groups_interface(monkeypatch):
+    from lookahead_dist.demo.commcount import interface_tx_bytes
+
+    monkeypatch.delenv("GLOO_SOCKET_IFNAME", raising=False)
+    monkeypatch.delenv("NCCL_SOCKET_IFNAME", raising=False)
+    assert interface_tx_bytes() is None
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
+    first = interface_tx_bytes()
+    assert isinstance(first, int) and first >= 0
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "no-such-interface0")
+    assert interface_tx_bytes() is None
 
 
 def test_table_and_bytes():

@@ -13,7 +13,15 @@ from torch.optim import optimizer as _optim_module
 
 from lookahead_dist import SLOW_KEY, Lookahead
 
-torch.set_default_dtype(torch.float64)
+
+
+@pytest.fixture(autouse=True)
+def _float64_default():
+    # float64 here only: a module-level set_default_dtype leaks into every later test file.
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
 
 
 def make_params(seed: int = 0) -> list[torch.nn.Parameter]:

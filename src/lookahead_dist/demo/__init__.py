@@ -6,7 +6,7 @@ One concern per module:
 - :mod:`.model`: the transformer (torch.nn only);
 - :mod:`.config`: :class:`RunConfig`, what one run trains, validated;
 - :mod:`.modes`: ddp / zero2 / fsdp2 / local-sgd set-ups behind one interface;
-- :mod:`.commcount`: bytes communicated, counted at the collective calls;
+- :mod:`.commcount`: bytes communicated, counted where collectives reach the dispatcher;
 - :mod:`.train`: the per-rank loop and its numbers;
 - :mod:`.launch`: spawning local ranks (or joining torchrun);
 - :mod:`.report`: the summary table.

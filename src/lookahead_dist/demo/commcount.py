@@ -1,115 +1,168 @@
-"""Counting the bytes a rank communicates, at the ``torch.distributed`` collective calls.
+"""Counting the bytes a rank communicates, where every collective passes: the dispatcher.
 
-Hosts reach the collectives through Python: FSDP2 calls ``dist.all_gather_single`` /
-``dist.reduce_scatter_single``, DeepSpeed calls ``torch.distributed[.distributed_c10d].*``, a
-local-SGD sync calls ``dist.all_reduce``. :class:`CommCounter` wraps those module attributes, so
-every such call is counted wherever it comes from. DDP's reducer is the exception (it calls the
-process group from C++); :func:`counting_ddp_hook` is a DDP communication hook that does the
-default all-reduce through ``dist.all_reduce`` so it is counted too. Names that a module bound
-to a collective at import time (``lookahead_dist._comm``'s ``_REDUCE_SCATTER``/``_ALL_GATHER``)
-are wrapped as well.
+Whoever issues a collective -- DDP's C++ reducer, FSDP2, DeepSpeed, a local-SGD sync, torch's
+``PostLocalSGDOptimizer`` -- it reaches a ``c10d`` operator (``c10d.allreduce_``,
+``c10d._reduce_scatter_base_``, ...), or a functional collective (``_c10d_functional.*``, the path of
+DTensor), through the dispatcher. :class:`CommCounter` is a ``TorchDispatchMode`` that sees those
+operators and adds up their tensor sizes; nothing is patched, and a call made inside another
+(an object collective pickling into tensors) is seen once, at the operator it becomes.
+
+torch's own ``CommDebugMode`` works the same way and sees the same operators (also under gloo on
+CPU), but it counts calls, not bytes, installs module hooks and keeps a record of every operator of
+the run; a timed training loop should pay for none of that, so this is a thin mode of its own.
 
 What is counted, per call, is the estimated number of bytes *this rank sends* with the standard
-bandwidth-optimal algorithms on N ranks, for a tensor payload of S bytes:
+bandwidth-optimal algorithms on N ranks (:func:`lookahead_dist._comm.wire_factor`), for a tensor
+payload of S bytes:
 
 ==========================================  ===============================
 all_reduce                                  2 (N-1)/N * S   (ring)
 all_gather (S = gathered output)            (N-1)/N * S
 reduce_scatter (S = full input)             (N-1)/N * S
 all_to_all (S = input)                      (N-1)/N * S
-broadcast, reduce, send                     S
+broadcast, reduce, gather, scatter, send    S
 ==========================================  ===============================
 
-Calls made *inside* another counted call (``_all_gather_base`` -> ``all_gather_into_tensor``)
-are counted once, at the outermost call. Object collectives (``all_gather_object``,
-``broadcast_object_list``) are bookkeeping, not training traffic, and are not counted.
+A collective issued where the counter may not see it (a torchft ``Manager`` all-reduce, which can
+run on a thread of its own) is counted once with :func:`counted_as` around the call.
+:func:`interface_tx_bytes` reads what the network interface itself sent, for comparison.
 """
 
 from __future__ import annotations
 
-import functools
-import threading
+import os
 from collections import defaultdict
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.distributed.distributed_c10d as c10d
+from torch.distributed.tensor import DTensor
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from lookahead_dist._comm import wire_factor
+from .._comm import wire_factor
+from .._sync import nbytes
 
-__all__ = ["CommCounter", "counting_ddp_hook", "record_external"]
+__all__ = ["CommCounter", "counted_as", "interface_tx_bytes", "record_external"]
 
-#: Counters inside their ``with`` block, innermost last (see :func:`record_external`).
-_ACTIVE: list["CommCounter"] = []
+# operator name -> (op for wire_factor and by_op, index of the payload argument)
+_C10D = {
+    "allreduce_": ("all_reduce", 0),
+    "allreduce_coalesced_": ("all_reduce", 0),
+    "_allgather_base_": ("all_gather", 0),  # payload: the gathered output
+    "allgather_": ("all_gather", 0),
+    "allgather_coalesced_": ("all_gather", 0),
+    "allgather_into_tensor_coalesced_": ("all_gather", 0),
+    "_reduce_scatter_base_": ("reduce_scatter", 1),  # payload: the full input
+    "reduce_scatter_": ("reduce_scatter", 1),
+    "reduce_scatter_tensor_coalesced_": ("reduce_scatter", 1),
+    "alltoall_": ("all_to_all", 1),
+    "alltoall_base_": ("all_to_all", 1),
+    "broadcast_": ("broadcast", 0),
+    "reduce_": ("reduce", 0),
+    "gather_": ("gather", 1),
+    "scatter_": ("scatter", 0),
+    "send": ("send", 0),
+}
+# Functional collectives (DTensor, torch.compile): (op, payload index, index of group_size or None).
+_FUNCTIONAL = {
+    "all_reduce": ("all_reduce", 0, None),
+    "all_reduce_coalesced": ("all_reduce", 0, None),
+    "all_gather_into_tensor": ("all_gather", 0, 1),  # payload: input x group size
+    "all_gather_into_tensor_coalesced": ("all_gather", 0, 1),
+    "reduce_scatter_tensor": ("reduce_scatter", 0, 2),
+    "reduce_scatter_tensor_coalesced": ("reduce_scatter", 0, 2),
+    "all_to_all_single": ("all_to_all", 0, None),
+    "broadcast": ("broadcast", 0, None),
+}
 
 
-def record_external(name: str, op: str, payload: int, world: int) -> None:
-    """Count a collective that does not go through ``torch.distributed`` (e.g. a torchft
-    ``Manager.allreduce`` on its own process group) in the active counters, under ``name``;
-    ``op`` is ``all_reduce``, ``all_gather``, ``reduce_scatter`` or ``p2p``, ``payload`` in bytes."""
-    kind = {"all_reduce": "allreduce", "all_gather": "gather", "reduce_scatter": "scatter"}.get(op, "p2p")
-    for counter in _ACTIVE:
-        if not counter._paused:
-            counter._record(name, kind, payload, world)
+def _packets(namespace: str, names: dict[str, tuple]) -> dict[Any, tuple]:
+    ops = getattr(torch.ops, namespace)
+    found = {}
+    for name, spec in names.items():
+        try:
+            found[getattr(ops, name)] = spec
+        except (AttributeError, RuntimeError):  # an operator this torch build does not have
+            pass
+    return found
 
 
-def _nbytes(x: Any) -> int:
-    if isinstance(x, torch.Tensor):
-        return x.numel() * x.element_size()
-    if isinstance(x, (list, tuple)):
-        return sum(_nbytes(t) for t in x)
-    return 0
+_C10D_OPS = _packets("c10d", _C10D)
+_FUNCTIONAL_OPS = _packets("_c10d_functional", _FUNCTIONAL)
 
 
-def _world(kwargs: dict[str, Any], args_group: Any = None) -> int:
-    group = kwargs.get("group", args_group)
-    try:
-        return dist.get_world_size(group)
-    except Exception:  # not part of the group, or a group object the size of which is unknown
+def _group_size_c10d(func: Any, args: tuple) -> int:
+    for arg, value in zip(func._schema.arguments, args):
+        if "ProcessGroup" in str(arg.type):
+            return dist.ProcessGroup.unbox(value).size()
+    return dist.get_world_size()
+
+
+def _group_size_functional(args: tuple, size_index: int | None) -> int:
+    if size_index is not None:
+        return int(args[size_index])
+    try:  # group_name is the last argument
+        return dist.distributed_c10d._resolve_process_group(args[-1]).size()
+    except Exception:  # an unnamed or foreign group: the default group's size
         return dist.get_world_size()
 
 
-# name -> (index of the payload argument, its keyword, index of the group argument, kind)
-# kind: "allreduce" | "gather" (payload = output) | "scatter" (payload = input) | "p2p"
-_SPECS: dict[str, tuple[int, str, int, str]] = {
-    "all_reduce": (0, "tensor", 2, "allreduce"),
-    "all_reduce_coalesced": (0, "tensors", 2, "allreduce"),
-    "all_gather": (0, "tensor_list", 2, "gather"),
-    "all_gather_into_tensor": (0, "output_tensor", 2, "gather"),
-    "all_gather_single": (0, "output_tensor", 2, "gather"),
-    "_all_gather_base": (0, "output_tensor", 2, "gather"),
-    "all_gather_coalesced": (0, "output_tensor_lists", 2, "gather"),
-    "reduce_scatter": (1, "input_list", 3, "scatter"),
-    "reduce_scatter_tensor": (1, "input", 3, "scatter"),
-    "reduce_scatter_single": (1, "input", 3, "scatter"),
-    "_reduce_scatter_base": (1, "input", 3, "scatter"),
-    "all_to_all": (1, "input_tensor_list", 2, "scatter"),
-    "all_to_all_single": (1, "input", 4, "scatter"),
-    "broadcast": (0, "tensor", 2, "p2p"),
-    "reduce": (0, "tensor", 3, "p2p"),
-    "send": (0, "tensor", 2, "p2p"),
-    "isend": (0, "tensor", 2, "p2p"),
-    "gather": (0, "tensor", 3, "p2p"),
-    "scatter": (0, "tensor", 3, "p2p"),
-    # Object collectives pickle into tensors and call the ones above; wrapping them (kind "none")
-    # makes those inner calls nested, hence uncounted.
-    "all_gather_object": (0, "object_list", 2, "none"),
-    "broadcast_object_list": (0, "object_list", 2, "none"),
-    "gather_object": (0, "obj", 3, "none"),
-    "scatter_object_list": (0, "scatter_object_output_list", 3, "none"),
-    "send_object_list": (0, "object_list", 2, "none"),
-    "recv_object_list": (0, "object_list", 2, "none"),
-}
+#: Counters inside their ``with`` block, innermost last (see :func:`record_external`).
+_ACTIVE: list[CommCounter] = []
 
-# lookahead_dist._comm's import-time aliases -> the spec they follow.
-_ALIASES = {"_REDUCE_SCATTER": "reduce_scatter_single", "_ALL_GATHER": "all_gather_single"}
+
+def record_external(name: str, op: str, payload: int, world: int) -> None:
+    """Count a collective that the dispatcher does not show (e.g. a torchft ``Manager.allreduce``
+    on its own thread) in the active counters, under ``name``; ``op`` is ``all_reduce``,
+    ``all_gather``, ``reduce_scatter``, ``all_to_all`` or anything else for a point-to-point
+    transfer; ``payload`` in bytes, ``world`` the group size."""
+    for counter in _ACTIVE:
+        if not counter._paused:
+            counter._record(name, op, payload, world)
+
+
+@contextmanager
+def counted_as(name: str, op: str, payload: int, world: int) -> Iterator[None]:
+    """Count one collective a library issues on its own terms (a torchft ``Manager.allreduce``) as
+    :func:`record_external` does, and nothing the dispatcher shows while the block runs, so that
+    it is counted once whichever thread carries it out."""
+    record_external(name, op, payload, world)
+    with ExitStack() as stack:
+        for counter in list(_ACTIVE):
+            stack.enter_context(counter.paused())
+        yield
+
+
+class _Mode(TorchDispatchMode):
+    def __init__(self, counter: CommCounter) -> None:
+        super().__init__()
+        self.counter = counter
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if any(issubclass(t, DTensor) for t in types):
+            return NotImplemented  # let DTensor turn itself into collectives on plain tensors first
+        packet = getattr(func, "_overloadpacket", None)
+        counter = self.counter
+        if not counter._paused:
+            spec = _C10D_OPS.get(packet)
+            if spec is not None:
+                op, at = spec
+                counter._record(op, op, nbytes(args[at]), _group_size_c10d(func, args))
+            else:
+                fspec = _FUNCTIONAL_OPS.get(packet)
+                if fspec is not None:
+                    op, at, size_at = fspec
+                    world = _group_size_functional(args, size_at)
+                    payload = nbytes(args[at]) * (world if op == "all_gather" else 1)
+                    counter._record(op, op, payload, world)
+        return func(*args, **kwargs)
 
 
 class CommCounter:
-    """Patches the ``torch.distributed`` collectives to add up the bytes sent by this rank.
+    """Adds up the bytes this rank sends in collectives while it is active (see the module docstring).
 
     Use as a context manager around the whole run; :meth:`paused` excludes bookkeeping traffic
     (metrics, evaluation) and :meth:`reset` zeroes the totals (e.g. after set-up)::
@@ -123,12 +176,13 @@ class CommCounter:
         bytes: estimated bytes sent since the last :meth:`reset` (see the module docstring).
         payload: raw tensor bytes handed to collectives since the last reset.
         calls: number of counted collective calls since the last reset.
-        by_op: ``{op name: estimated bytes}``.
+        by_op: ``{op: estimated bytes}``, op one of ``all_reduce``, ``all_gather``,
+            ``reduce_scatter``, ``all_to_all``, ``broadcast``, ``reduce``, ``gather``, ``scatter``,
+            ``send``, or a name given to :func:`record_external`.
     """
 
     def __init__(self) -> None:
-        self._saved: list[tuple[Any, str, Callable]] = []
-        self._local = threading.local()
+        self._mode: _Mode | None = None
         self._paused = 0
         self.reset()
 
@@ -138,54 +192,27 @@ class CommCounter:
         self.calls = 0
         self.by_op: dict[str, float] = defaultdict(float)
 
-    def _record(self, name: str, kind: str, payload: int, world: int) -> None:
-        op = {"allreduce": "all_reduce", "gather": "all_gather", "scatter": "reduce_scatter"}.get(kind, kind)
+    def _record(self, name: str, op: str, payload: int, world: int) -> None:
         sent = wire_factor(op, world) * payload
         self.bytes += sent
         self.payload += payload
         self.calls += 1
         self.by_op[name] += sent
 
-    def _wrap(self, name: str, fn: Callable) -> Callable:
-        pos, key, group_pos, kind = _SPECS[name]
-
-        @functools.wraps(fn)
-        def counted(*args: Any, **kwargs: Any) -> Any:
-            depth = getattr(self._local, "depth", 0)
-            if depth == 0 and not self._paused and kind != "none":
-                payload = args[pos] if len(args) > pos else kwargs.get(key)
-                group = args[group_pos] if len(args) > group_pos else None
-                self._record(name, kind, _nbytes(payload), _world(kwargs, group))
-            self._local.depth = depth + 1
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                self._local.depth = depth
-
-        counted.__wrapped_by_commcounter__ = True  # type: ignore[attr-defined]
-        return counted
-
     def __enter__(self) -> CommCounter:
-        targets = [(module, name, name) for module in (dist, c10d) for name in _SPECS]
-        # Modules that bound a collective to a name of their own at import time.
-        from .. import _comm
-
-        targets += [(_comm, alias, spec) for alias, spec in _ALIASES.items()]
-        for module, attr, spec in targets:
-            fn = getattr(module, attr, None)
-            if fn is None or getattr(fn, "__wrapped_by_commcounter__", False):
-                continue
-            self._saved.append((module, attr, fn))
-            setattr(module, attr, self._wrap(spec, fn))
+        if self._mode is not None:
+            raise RuntimeError("CommCounter is already active; use one `with` block at a time")
+        self._mode = _Mode(self)
+        self._mode.__enter__()
         _ACTIVE.append(self)
         return self
 
     def __exit__(self, *exc: Any) -> None:
         if self in _ACTIVE:
             _ACTIVE.remove(self)
-        for module, name, fn in reversed(self._saved):
-            setattr(module, name, fn)
-        self._saved.clear()
+        mode, self._mode = self._mode, None
+        if mode is not None:
+            mode.__exit__(*exc)
 
     @contextmanager
     def paused(self) -> Iterator[None]:
@@ -197,23 +224,15 @@ class CommCounter:
             self._paused -= 1
 
 
-def counting_ddp_hook(state: Any, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
-    """DDP comm hook equal to DDP's default (average by all-reduce) but issued via ``dist.all_reduce``.
-
-    Going through the Python function lets :class:`CommCounter` see DDP's gradient traffic.
-    ``state`` is the process group (or None for the default group).
-    """
-    group = state if state is not None else dist.group.WORLD
-    tensor = bucket.buffer()
-    tensor.div_(dist.get_world_size(group))
-    work = dist.all_reduce(tensor, group=group, async_op=True)
-    return work.get_future().then(lambda fut: fut.value()[0])
-
-
-# DDP validates a hook's annotations against the real classes; `from __future__ import
-# annotations` turned them into strings, so give it the objects.
-counting_ddp_hook.__annotations__ = {
-    "state": Any,
-    "bucket": dist.GradBucket,
-    "return": torch.futures.Future[torch.Tensor],
-}
+def interface_tx_bytes() -> int | None:
+    """Bytes sent so far by the network interface the process group uses (``GLOO_SOCKET_IFNAME``
+    or ``NCCL_SOCKET_IFNAME``, as set by a multi-node launcher such as tools/netcluster.py), or
+    None when neither is set or the counter cannot be read. All processes on the interface count."""
+    ifname = os.environ.get("GLOO_SOCKET_IFNAME") or os.environ.get("NCCL_SOCKET_IFNAME")
+    if not ifname:
+        return None
+    try:
+        with open(f"/sys/class/net/{ifname}/statistics/tx_bytes", encoding="ascii") as fh:
+            return int(fh.read())
+    except (OSError, ValueError):
+        return None

@@ -8,10 +8,12 @@ from typing import Any
 
 from .model import ModelConfig
 
-__all__ = ["OPTIMIZERS", "RunConfig"]
+__all__ = ["BASELINE_MODES", "COMM_DTYPES", "MODES", "OPTIMIZERS", "RunConfig", "STREAMING_MODES"]
 
+# The one home of these names: the command line (lookahead_dist.cli) and the mode builders use them.
 OPTIMIZERS = ("adamw", "lookahead")
-_MODES = ("ddp", "zero2", "fsdp2", "local-sgd", "post-local-sgd", "accelerate-local-sgd", "torchft-diloco")
+#: Every training set-up (see :mod:`.modes`).
+MODES = ("ddp", "zero2", "fsdp2", "local-sgd", "post-local-sgd", "accelerate-local-sgd", "torchft-diloco")
 #: Baselines from other libraries (plain AdamW, periodic averaging every k steps; benchmarks only).
 BASELINE_MODES = ("post-local-sgd", "accelerate-local-sgd", "torchft-diloco")
 COMM_DTYPES = ("fp32", "bf16", "fp16", "int8", "int4")
@@ -88,8 +90,8 @@ class RunConfig:
     corpus: str = "pydoc"
 
     def __post_init__(self) -> None:
-        if self.mode not in _MODES:
-            raise ValueError(f"unknown mode {self.mode!r}; choose one of {', '.join(_MODES)}")
+        if self.mode not in MODES:
+            raise ValueError(f"unknown mode {self.mode!r}; choose one of {', '.join(MODES)}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
         if self.mode == "local-sgd" and self.optimizer != "lookahead":

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["ModelConfig", "TinyLM"]
+__all__ = ["ModelConfig", "TinyLM", "lm_loss"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -96,3 +96,8 @@ class TinyLM(nn.Module):
         """Mean next-token cross-entropy (nats per token)."""
         logits = self(tokens)
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy of ``logits`` (batch, seq, vocab) against ``targets`` (batch, seq)."""
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))

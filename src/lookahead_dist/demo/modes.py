@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import atexit
 import importlib.util
-import inspect
 import logging
 import os
 import warnings
@@ -38,36 +37,17 @@ from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
-from ..lookahead import Lookahead
-from .commcount import counting_ddp_hook
+from .. import Lookahead, LocalSGDOptions
+from .config import MODES
+from .model import lm_loss
 
-__all__ = ["MODES", "ModeUnavailable", "Runner", "build_runner", "local_sgd_supported", "mode_unavailable_reason"]
-
-MODES = ("ddp", "zero2", "fsdp2", "local-sgd", "post-local-sgd", "accelerate-local-sgd", "torchft-diloco")
-
-
-class ModeUnavailable(RuntimeError):
-    """The mode cannot run in this installation (a missing package or library feature)."""
-
-
-def local_sgd_supported() -> bool:
-    """Whether :class:`Lookahead` accepts ``local_sgd=True`` in this version of the library."""
-    try:
-        return "local_sgd" in inspect.signature(Lookahead.__init__).parameters
-    except (TypeError, ValueError):
-        return False
+__all__ = ["MODES", "Runner", "build_runner", "mode_unavailable_reason"]
 
 
 def mode_unavailable_reason(mode: str, optimizer: str) -> str | None:
     """Why ``mode`` cannot run here (checked in the launching process), or None if it can."""
-    if mode == "local-sgd" and not local_sgd_supported():
-        return (
-            "mode 'local-sgd' needs Lookahead(..., local_sgd=True), which this version of "
-            "lookahead_dist does not provide yet"
-        )
     if mode == "accelerate-local-sgd" and importlib.util.find_spec("accelerate") is None:
         return "mode 'accelerate-local-sgd' needs accelerate: pip install 'lookahead-dist[accelerate]'"
     if mode == "zero2" and importlib.util.find_spec("deepspeed") is None:
@@ -101,10 +81,6 @@ class Runner:
     finish: Callable[[], None] | None = None
 
 
-def _loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
-
-
 def _optimizer(params: Any, run: Any, **lookahead_kwargs: Any) -> torch.optim.Optimizer:
     # foreach: one kernel per op over all tensors, also for DTensor shards.
     inner = torch.optim.AdamW(params, lr=run.lr, betas=(0.9, 0.95), weight_decay=run.weight_decay, foreach=True)
@@ -117,7 +93,7 @@ def _plain_step(module: nn.Module, opt: torch.optim.Optimizer, clip: float) -> C
     params = [p for p in module.parameters() if p.requires_grad]
 
     def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        loss = _loss(module(x), y)
+        loss = lm_loss(module(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if clip > 0:
@@ -134,8 +110,6 @@ def _ddp(model: nn.Module, run: Any, device: torch.device) -> Runner:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-    # Gradient all-reduce through dist.all_reduce, so that the byte counter sees it.
-    ddp.register_comm_hook(None, counting_ddp_hook)
     opt = _optimizer(ddp.parameters(), run)
     return Runner(step=_plain_step(ddp, opt, run.grad_clip), logits=model, optimizer=opt, train=ddp.train)
 
@@ -184,7 +158,7 @@ def _zero2(model: nn.Module, run: Any, device: torch.device) -> Runner:
         deepspeed.utils.logger.setLevel(logging.WARNING)
 
     def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        loss = _loss(engine(x), y)
+        loss = lm_loss(engine(x), y)
         engine.backward(loss)
         engine.step()
         return loss.detach()
@@ -193,10 +167,6 @@ def _zero2(model: nn.Module, run: Any, device: torch.device) -> Runner:
 
 
 def _local_sgd(model: nn.Module, run: Any, device: torch.device) -> Runner:
-    if not local_sgd_supported():
-        raise ModeUnavailable(mode_unavailable_reason("local-sgd", run.optimizer))
-    from ..local_sgd import LocalSGDOptions
-
     dtypes = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": "int8", "int4": "int4"}
     opts = dict(outer_momentum=run.outer_momentum, nesterov=run.nesterov, sharded=run.sharded,
                 comm_dtype=dtypes[run.comm_dtype])
@@ -220,7 +190,6 @@ def _local_sgd(model: nn.Module, run: Any, device: torch.device) -> Runner:
         mesh = init_device_mesh(device.type, (world // per_node, per_node), mesh_dim_names=("inter", "intra"))
         intra = mesh.get_group("intra")
         module = DDP(model, process_group=intra, device_ids=[device.index] if device.type == "cuda" else None)
-        module.register_comm_hook(intra, counting_ddp_hook)
         options = LocalSGDOptions.from_mesh(mesh, across="inter", within="intra", module=module, **opts)
     else:
         options = LocalSGDOptions(module=model, **opts)
@@ -317,7 +286,7 @@ def _torchft_diloco(model: nn.Module, run: Any, device: torch.device) -> Runner:
 
     lighthouse = os.environ.get("TORCHFT_LIGHTHOUSE")
     if not lighthouse:
-        raise ModeUnavailable(mode_unavailable_reason("torchft-diloco", run.optimizer))
+        raise RuntimeError(mode_unavailable_reason("torchft-diloco", run.optimizer))
     if device.type == "cuda":
         from torchft import ProcessGroupNCCL as FtGroup
     else:
@@ -356,15 +325,16 @@ def _torchft_diloco(model: nn.Module, run: Any, device: torch.device) -> Runner:
 
 
 def _count_manager_allreduce(manager: Any) -> None:
-    """Route ``manager.allreduce`` through the byte counter (it calls its own process group, which
-    :class:`~.commcount.CommCounter` does not see)."""
-    from .commcount import record_external
+    """Count each ``manager.allreduce`` once in the byte counter (it runs on torchft's own process
+    group, possibly on a thread of its own, where :class:`~.commcount.CommCounter` may not see it)."""
+    from .._sync import nbytes
+    from .commcount import counted_as
 
     plain = manager.allreduce
 
     def allreduce(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        record_external("torchft.Manager.allreduce", "all_reduce", tensor.numel() * tensor.element_size(), max(1, manager.num_participants()))
-        return plain(tensor, *args, **kwargs)
+        with counted_as("torchft.Manager.allreduce", "all_reduce", nbytes(tensor), max(1, manager.num_participants())):
+            return plain(tensor, *args, **kwargs)
 
     manager.allreduce = allreduce
 

@@ -17,10 +17,10 @@ import torch
 import torch.distributed as dist
 
 from ..memory import optimizer_state_bytes
-from .commcount import CommCounter
+from .commcount import CommCounter, interface_tx_bytes
 from .config import RunConfig
 from .data import load_corpus
-from .model import TinyLM
+from .model import TinyLM, lm_loss
 from .modes import build_runner
 
 __all__ = ["train_rank"]
@@ -50,18 +50,6 @@ def _progress(run: RunConfig, rank: int, enabled: bool | None, label: str) -> An
                 dynamic_ncols=True, leave=True)
 
 
-def _tx_bytes() -> int | None:
-    """Bytes sent so far by the interface the process group uses (set by a launcher), else None."""
-    ifname = os.environ.get("GLOO_SOCKET_IFNAME") or os.environ.get("NCCL_SOCKET_IFNAME")
-    if not ifname:
-        return None
-    try:
-        with open(f"/sys/class/net/{ifname}/statistics/tx_bytes", encoding="ascii") as fh:
-            return int(fh.read())
-    except (OSError, ValueError):
-        return None
-
-
 def _mean_over_ranks(values: torch.Tensor) -> torch.Tensor:
     values = values.clone()
     dist.all_reduce(values)
@@ -69,14 +57,12 @@ def _mean_over_ranks(values: torch.Tensor) -> torch.Tensor:
 
 
 def _evaluate(runner: Any, corpus: Any, run: RunConfig, rank: int, world: int, device: torch.device) -> float:
-    from .modes import _loss
-
     runner.train(False)
     total = torch.zeros((), dtype=torch.float64, device=device)
     with torch.no_grad():
         for i in range(run.eval_batches):
             x, y = corpus.batch(i, run.batch_size, run.model.seq_len, rank, world, seed=run.seed, split="val")
-            total += _loss(runner.logits(x.to(device)), y.to(device)).double()
+            total += lm_loss(runner.logits(x.to(device)), y.to(device)).double()
     runner.train(True)
     return float(_mean_over_ranks(total / run.eval_batches))
 
@@ -99,7 +85,7 @@ def train_rank(rank: int, world: int, run: RunConfig, progress: bool | None = No
 
         bar = _progress(run, rank, progress, label or run.name)
         losses = torch.empty(run.steps, dtype=torch.float64)
-        tx_start = _tx_bytes()
+        tx_start = interface_tx_bytes()
         start = time.perf_counter()
         for step in range(run.steps):
             x, y = corpus.batch(step, run.batch_size, run.model.seq_len, rank, world, seed=run.seed)
@@ -114,7 +100,7 @@ def train_rank(rank: int, world: int, run: RunConfig, progress: bool | None = No
         with comm.paused():
             dist.barrier()
         seconds = time.perf_counter() - start
-        tx_end = _tx_bytes()
+        tx_end = interface_tx_bytes()
         wire = None if tx_start is None or tx_end is None else tx_end - tx_start
         if bar is not None:
             bar.close()
