@@ -21,7 +21,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 # The names of the modes have one home, the demo's config module (it imports only torch); the
@@ -59,60 +59,33 @@ def _int_at_least(lo: int):
     return parse
 
 
-def _alpha(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
-    if not (0.0 < value <= 1.0):
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text}")
-    return value
+def _float_in(what: str, ok: Callable[[float], bool]) -> Callable[[str], float]:
+    """An argparse type: a float for which ``ok`` holds (NaN never does); errors say ``expected {what}``."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text}")
+        return value
+
+    parse.__name__ = what
+    return parse
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not (value > 0.0) or math.isinf(value):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
-    return value
-
-
-def _nonnegative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
-    if not (value >= 0.0) or math.isinf(value):
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
-    return value
-
-
-def _unit_interval(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
-    if not (0.0 <= value <= 1.0):
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text}")
-    return value
+_alpha = _float_in("a number in (0, 1]", lambda v: 0.0 < v <= 1.0)
+_positive_float = _float_in("a positive number", lambda v: 0.0 < v < math.inf)
+_nonnegative_float = _float_in("a number >= 0", lambda v: 0.0 <= v < math.inf)
+_unit_interval = _float_in("a number in [0, 1]", lambda v: 0.0 <= v <= 1.0)
+_momentum = _float_in("a number in [0, 1)", lambda v: 0.0 <= v < 1.0)
 
 
 def _block_size(text: str) -> int:
     value = _int_at_least(2)(text)
     if value % 2:
         raise argparse.ArgumentTypeError(f"expected an even integer >= 2 (two int4 codes per byte), got {value}")
-    return value
-
-
-def _momentum(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}") from None
-    if not (0.0 <= value < 1.0):
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text}")
     return value
 
 
