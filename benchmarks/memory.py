@@ -217,16 +217,21 @@ def measure(world_sizes: tuple[int, ...] = (2, 4), hosts: tuple[str, ...] = HOST
     return rows
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--write", action="store_true", help="update docs/benchmarks.md")
+def run_cli(argv: list[str] | None, description: str, measure: Any, command: str) -> None:
+    """The command line of the memory benchmarks: ``--world-sizes``, ``--write`` (rows into docs/benchmarks.md)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--write", action="store_true", help="merge the rows into docs/benchmarks.md")
     parser.add_argument("--world-sizes", type=int, nargs="+", default=[2, 4])
     args = parser.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     rows = measure(tuple(args.world_sizes))
     print(format_table(rows))
     if args.write:
-        update_table(rows, "python -m benchmarks.memory --write")
+        update_table(rows, command)
+
+
+def main(argv: list[str] | None = None) -> None:
+    run_cli(argv, __doc__.splitlines()[0], measure, "python -m benchmarks.memory --write")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ docs/benchmarks.md under "## Memory per rank", keyed by (host, N), beside the to
 
 from __future__ import annotations
 
-import argparse
 import gc
 import json
 import os
@@ -25,7 +24,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from benchmarks.memory import format_table, make_model, make_row, spawn_and_collect, update_table
+from benchmarks.memory import make_model, make_row, run_cli, spawn_and_collect
 
 STAGES = (1, 2, 3)
 LABELS = {1: "DeepSpeed ZeRO-1", 2: "DeepSpeed ZeRO-2", 3: "DeepSpeed ZeRO-3"}
@@ -43,11 +42,10 @@ def _rank_main(rank: int, n: int, port: int, out_dir: str, stages: list[int]) ->
     from deepspeed.utils import logger
 
     from lookahead_dist import Lookahead
-    from lookahead_dist.deepspeed import lookahead_config, state_bytes
+    from lookahead_dist.deepspeed import lookahead_config, skip_cpu_shm_kernel, state_bytes
 
     logger.setLevel(logging.ERROR)
-    # Only inference all-reduce uses this JIT-compiled op; skip compiling it.
-    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+    skip_cpu_shm_kernel()  # only inference all-reduce uses that JIT-compiled op
     out = {}
     try:
         for stage in stages:
@@ -82,15 +80,7 @@ def measure(world_sizes: tuple[int, ...] = (2, 4), stages: tuple[int, ...] = STA
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--write", action="store_true", help="merge the rows into docs/benchmarks.md")
-    parser.add_argument("--world-sizes", type=int, nargs="+", default=[2, 4])
-    args = parser.parse_args(argv)
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    rows = measure(tuple(args.world_sizes))
-    print(format_table(rows))
-    if args.write:
-        update_table(rows, COMMAND)
+    run_cli(argv, __doc__.splitlines()[0], measure, COMMAND)
 
 
 if __name__ == "__main__":
