@@ -80,20 +80,15 @@ def test_layout_latest_and_pruning(tmp_path):
     assert any(SLOW_KEY in s for s in record["optimizer"]["state"].values())
 
 
-def test_ddp_wrapper_is_unwrapped(tmp_path):
-    import torch.distributed as dist
+def test_ddp_wrapper_is_unwrapped(tmp_path, one_rank_group):
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        model, opt, _ = _setup()
-        save_checkpoint(tmp_path, DDP(model), opt, 1)
-        record = torch.load(tmp_path / "step_00000001" / "rank_0.pt", weights_only=False)
-        assert list(record["model"]) == list(model.state_dict())  # no "module." prefix
-        model2, opt2, _ = _setup(seed=3)
-        assert load_latest(tmp_path, DDP(model2), opt2) == 1 and _same(model2, model)
-    finally:
-        dist.destroy_process_group()
+    model, opt, _ = _setup()
+    save_checkpoint(tmp_path, DDP(model), opt, 1)
+    record = torch.load(tmp_path / "step_00000001" / "rank_0.pt", weights_only=False)
+    assert list(record["model"]) == list(model.state_dict())  # no "module." prefix
+    model2, opt2, _ = _setup(seed=3)
+    assert load_latest(tmp_path, DDP(model2), opt2) == 1 and _same(model2, model)
 
 
 def _die_in(point: str, root: Path, monkeypatch) -> None:

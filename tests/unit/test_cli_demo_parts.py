@@ -65,14 +65,6 @@ def test_model_config_rejects(bad):
         ModelConfig(**bad)
 
 
-@pytest.fixture
-def one_rank_group(tmp_path):
-    assert not dist.is_initialized()
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
-
-
 def test_comm_counter_counts_at_the_dispatcher_pauses_and_patches_nothing(one_rank_group):
     original = dist.all_reduce
     t = torch.ones(10)  # 40 bytes
