@@ -8,8 +8,10 @@ operators and adds up their tensor sizes; nothing is patched, and a call made in
 (an object collective pickling into tensors) is seen once, at the operator it becomes.
 
 torch's own ``CommDebugMode`` works the same way and sees the same operators (also under gloo on
-CPU), but it counts calls, not bytes, installs module hooks and keeps a record of every operator of
-the run; a timed training loop should pay for none of that, so this is a thin mode of its own.
+CPU, DDP's reducer included), but it counts calls, not bytes, installs module hooks and keeps a
+record of every operator of the run; a timed training loop should pay for none of that, so this is
+a thin mode of its own. Like any dispatch mode it still costs one Python call per operator while
+active, the same for every mode the demo compares.
 
 What is counted, per call, is the estimated number of bytes *this rank sends* with the standard
 bandwidth-optimal algorithms on N ranks (:func:`lookahead_dist._comm.wire_factor`), for a tensor
