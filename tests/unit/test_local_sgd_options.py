@@ -377,5 +377,5 @@ def test_streaming_options_refused_with_a_torchft_manager():
         def should_commit(self): ...
         def register_state_dict_fn(self, *a): ...
 
-    with pytest.raises(ValueError, match="`num_fragments`, `outer_optimizer` cannot be combined with a torchft"):
+    with pytest.raises(ValueError, match="`num_fragments=2` is not supported with a torchft `manager`"):
         LocalSGDOptions(manager=FakeManager(), num_fragments=2, outer_optimizer=lambda ps: None)

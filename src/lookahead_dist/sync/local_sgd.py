@@ -379,13 +379,6 @@ class LocalSGDOptions:
                              f"{self.quant_block_size}")
         if not isinstance(self.error_feedback, bool):
             raise TypeError(f"LocalSGDOptions `error_feedback` must be a bool, got {self.error_feedback!r}")
-        if getattr(self, "manager", None) is not None:
-            used = [name for name, default in (("num_fragments", 1), ("fragment_sync_delay", 0),
-                                               ("fragment_update_alpha", 0.0), ("fragments", None),
-                                               ("outer_optimizer", None)) if getattr(self, name) != default]
-            if used:
-                raise ValueError(f"LocalSGDOptions {', '.join(f'`{n}`' for n in used)} cannot be combined with a "
-                                 "torchft `manager` (its sync is blocking and whole-model); drop them or the manager")
         t = self.timeout
         if t is not None:
             secs = t.total_seconds() if isinstance(t, datetime.timedelta) else t
