@@ -1,33 +1,36 @@
-"""DeepSpeed adapter: find the Lookahead inside an engine, measure it, gather its slow weights.
+"""DeepSpeed adapter: a ``"lookahead"`` config block, slow weights in the module, universal checkpoints.
 
-A :class:`~lookahead_dist.Lookahead` passed as the client optimizer to ``deepspeed.initialize``
-works as it is under ZeRO-1/2/3 (fp32 or bf16, optimizer offload included); this module only adds
-conveniences, and imports DeepSpeed lazily (``import lookahead_dist.deepspeed`` does not import it).
+Two ways in, both under ZeRO-1/2/3 (fp32 or bf16, optimizer offload included):
+
+- a :class:`~lookahead_dist.Lookahead` passed as the client optimizer to ``deepspeed.initialize``
+  (config: :func:`lookahead_config`);
+- :func:`initialize`, a drop-in for ``deepspeed.initialize`` that reads a ``"lookahead"`` block and
+  puts the Lookahead around the optimizer DeepSpeed itself builds (:func:`wrap_engine`).
+
+Then :func:`use_slow_weights` / :func:`sync_now` act on the module's weights, and
+:func:`convert_to_universal` / :func:`load_checkpoint` resume at another world size with the slow
+weights. DeepSpeed is imported lazily (``import lookahead_dist.deepspeed`` does not import it).
 
 How it fits (Note [Where slow weights live] in :mod:`lookahead_dist.lookahead`): DeepSpeed hands
-the client optimizer its own fp32 master tensors -- one flat partition per param group (ZeRO-1/2,
+the optimizer it steps its own fp32 master tensors -- one flat partition per param group (ZeRO-1/2,
 and the bf16 ZeRO-1 optimizer), or one flat partition per sub-group, set into ``params`` only
 around each ``step()`` call (ZeRO-3). The slow weight of such a tensor is an fp32 tensor of the
 same shape in the inner optimizer's state, so each rank keeps ``total / N`` slow weights (plus
 DeepSpeed's alignment padding) beside Adam's moments, syncs them in place with no communication,
 and DeepSpeed's ``save_checkpoint``/``load_checkpoint`` carry them with the optimizer state.
 
-What DeepSpeed needs in its config for a wrapped optimizer: ``"zero_allow_untested_optimizer":
+What DeepSpeed needs in its config for a *client* Lookahead: ``"zero_allow_untested_optimizer":
 true`` (ZeRO accepts only a fixed list of optimizer types otherwise) and, with
 ``offload_optimizer``, ``"zero_force_ds_cpu_optimizer": false`` (else DeepSpeed refuses any
 client optimizer that is not DeepSpeedCPUAdam; ``Lookahead(DeepSpeedCPUAdam(...))`` is fine).
-:func:`lookahead_config` sets both.
-
-Universal checkpoints: ``deepspeed.checkpoint.ds_to_universal`` converts only ``fp32``,
-``exp_avg``, ``exp_avg_sq`` and ``step``, so a universal checkpoint has no slow weights and no
-cycle counters. Loading one resumes the fast weights and Adam's state exactly and starts a new
-Lookahead cycle with slow weights = the loaded weights (a valid restart, not the uninterrupted
-trajectory). :func:`warn_if_universal` says so; :func:`initialize` calls it.
+:func:`lookahead_config` sets both. :func:`initialize` needs neither: DeepSpeed sees its own optimizer.
 """
 
 from __future__ import annotations
 
 import copy
+import math
+import os
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -36,7 +39,7 @@ from typing import Any
 
 import torch
 
-from .lookahead import SLOW_KEY, Lookahead, _check_alpha, _check_k
+from .lookahead import ALPHA_KEY, K_KEY, SLOW_KEY, STEP_KEY, Lookahead, _check_alpha, _check_k
 from .memory import optimizer_state_bytes
 
 __all__ = [
@@ -46,12 +49,14 @@ __all__ = [
     "state_bytes",
     "full_slow_weight",
     "lookahead_config",
-    "warn_if_universal",
     "LOOKAHEAD_CONFIG_KEY",
     "initialize",
     "wrap_engine",
     "use_slow_weights",
     "sync_now",
+    "convert_to_universal",
+    "load_checkpoint",
+    "UNIVERSAL_GROUPS_KEY",
     "skip_cpu_shm_kernel",
 ]
 
@@ -193,24 +198,6 @@ def lookahead_config(config: dict[str, Any], *, offload_client_optimizer: bool =
     if offload_client_optimizer and offload.get("device", "none") not in ("none", None):
         out.setdefault("zero_force_ds_cpu_optimizer", False)
     return out
-
-
-def warn_if_universal(config: dict[str, Any]) -> bool:
-    """Warn (and return True) when ``config`` loads a universal checkpoint into a Lookahead.
-
-    See the module docstring: the slow weights and counters are not in a universal checkpoint.
-    """
-    if not (isinstance(config, dict) and (config.get("checkpoint") or {}).get("load_universal")):
-        return False
-    warnings.warn(
-        "DeepSpeed universal checkpoints carry no Lookahead state (ds_to_universal converts only "
-        "fp32, exp_avg, exp_avg_sq and step): after load_checkpoint the weights and the inner "
-        "optimizer resume exactly, and Lookahead starts a new cycle with slow weights = the loaded "
-        "weights. Resume from the regular (non-universal) checkpoint to continue the cycle exactly.",
-        UserWarning,
-        stacklevel=3,
-    )
-    return True
 
 
 def _parse_block(block: Any) -> dict[str, Any]:
@@ -359,10 +346,24 @@ def wrap_engine(engine: Any, k: int = 5, alpha: float = 0.5, *, pullback: str = 
         raise ValueError("the DeepSpeed engine already steps a Lookahead; wrap the optimizer once")
     _check_wrappable(holder, opt)
     la = Lookahead(opt, k, alpha, pullback=pullback, slow_dtype=slow_dtype)
+    la.register_step_pre_hook(_refuse_unfinished_universal_load)
     holder.optimizer = la
     if getattr(engine, "basic_optimizer", None) is opt:
         engine.basic_optimizer = la
     return la
+
+
+def _refuse_unfinished_universal_load(optimizer: Lookahead, args: Any, kwargs: Any) -> None:
+    # A universal checkpoint from convert_to_universal loaded by engine.load_checkpoint alone leaves
+    # its Lookahead entry in the param groups (Note [Universal checkpoints]): the cycle positions
+    # (and under ZeRO-3 the slow weights) would be lost without a word.
+    for group in optimizer.param_groups:
+        if UNIVERSAL_GROUPS_KEY in group:
+            raise RuntimeError(
+                "a universal checkpoint made by lookahead_dist.deepspeed.convert_to_universal was loaded with "
+                "engine.load_checkpoint, which does not restore the Lookahead cycle positions (nor, under ZeRO-3, "
+                "the slow weights): load it with lookahead_dist.deepspeed.load_checkpoint(engine, load_dir, tag)"
+            )
 
 
 def initialize(*args: Any, **kwargs: Any) -> tuple[Any, ...]:
@@ -413,7 +414,6 @@ def initialize(*args: Any, **kwargs: Any) -> tuple[Any, ...]:
             f'a "{LOOKAHEAD_CONFIG_KEY}" block needs an optimizer: pass optimizer=... or add an '
             '"optimizer" block to the DeepSpeed config'
         )
-    warn_if_universal(ds_config)
     call = dict(kwargs)
     call.pop("config_params", None)
     call["config"] = ds_config
@@ -609,3 +609,294 @@ def sync_now(engine: Any) -> None:
     if layout.kind != "plain":
         with _quiet_deepspeed_collectives():
             layout.load_master()
+
+
+# -- universal checkpoints: resuming at another world size ---------------------------------------------
+#: Param-group key, in a universal checkpoint made by :func:`convert_to_universal`, of the Lookahead
+#: state that is not per element: per param group the cycle position, k and alpha (the same dict in
+#: every group, because DeepSpeed's ZeRO-3 universal loader gives every group the first group's keys).
+UNIVERSAL_GROUPS_KEY = "lookahead_universal"
+
+# Note [Universal checkpoints]
+# ----------------------------
+# DeepSpeed's ds_to_universal writes one folder per parameter, zero/<name>/, with the whole
+# (unpartitioned) fp32 weight and Adam moments as <key>.pt, and zero/optimizer_state.pt with the
+# param groups; loading at any world size re-partitions them. It converts only fp32, exp_avg,
+# exp_avg_sq and step. convert_to_universal runs it, then adds zero/<name>/lookahead_slow.pt (the
+# slow weight, assembled from the ranks' flat partitions the way ds_to_universal assembles
+# exp_avg) and, in the param groups, UNIVERSAL_GROUPS_KEY (cycle positions, k, alpha). On load:
+# - ZeRO-1/2 (and the bf16 optimizer): DeepSpeed's loader reads every <key>.pt in a parameter's
+#   folder into the optimizer state of the flat partitions, so the slow weights arrive by
+#   themselves, under SLOW_KEY, where Lookahead keeps them.
+# - ZeRO-3: DeepSpeed's loader reads only fp32/exp_avg/exp_avg_sq; load_checkpoint reads
+#   lookahead_slow.pt with ZeRO-3's own per-parameter partitioning (load_hp_checkpoint_state), one
+#   sub-group at a time, as DeepSpeed does for exp_avg.
+# - Both: load_checkpoint moves the cycle positions into the units' STEP_KEY (every unit of a
+#   group -- the group's partition, or each of its ZeRO-3 sub-groups -- steps at every step, so a
+#   group has one position, whatever the partitioning) and restores k and alpha per group.
+
+
+def _optim_files(folder: str) -> tuple[list[tuple[int, str]], int]:
+    """[(dp rank, path)] of a ZeRO checkpoint's optimizer files, and its ZeRO stage."""
+    import glob
+    import re
+
+    found = []
+    for path in glob.glob(os.path.join(folder, "*_optim_states.pt")):
+        m = re.fullmatch(r"(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt", os.path.basename(path))
+        if m is None:
+            continue
+        if int(m.group(2)) != 0:
+            raise NotImplementedError(
+                f"{path}: convert_to_universal supports data parallelism only (ZeRO-1/2/3 without tensor or "
+                "pipeline parallelism); use deepspeed.checkpoint.ds_to_universal, which drops the slow weights"
+            )
+        found.append((int(m.group(1)), path))
+    if not found:
+        raise FileNotFoundError(f"no ZeRO optimizer files (*zero_pp_rank_*_optim_states.pt) in {folder!r}")
+    found.sort()
+    if [d for d, _ in found] != list(range(len(found))):
+        raise ValueError(f"ZeRO optimizer files of {folder!r} do not cover ranks 0..{len(found) - 1}: {found}")
+    first = torch.load(found[0][1], map_location="cpu", weights_only=False)["optimizer_state_dict"]
+    return found, int(first.get("zero_stage", 1))
+
+
+def _slow_pieces_zero12(osd: dict[str, Any], path: str) -> tuple[dict[str, torch.Tensor], list[int]]:
+    """One rank's slice of each parameter's slow weight, and each group's cycle position (ZeRO-1/2)."""
+    base = osd["base_optimizer_state"]
+    pieces: dict[str, torch.Tensor] = {}
+    steps = []
+    for g, mapping in enumerate(osd["param_slice_mappings"]):
+        st = base["state"].get(g, {})
+        if SLOW_KEY not in st:
+            raise ValueError(f"{path}: param group {g} has no {SLOW_KEY!r}: not a Lookahead checkpoint, or saved "
+                             "before the first step; use deepspeed.checkpoint.ds_to_universal")
+        steps.append(int(st.get(STEP_KEY, 0)))
+        flat = st[SLOW_KEY]
+        for name, frag in mapping.items():
+            pieces[name] = flat.narrow(0, frag.start, frag.numel).clone()
+    return pieces, steps
+
+
+def _slow_pieces_zero3(osd: dict[str, Any], shapes: list[dict[str, Any]], rank: int,
+                       path: str) -> tuple[dict[str, torch.Tensor], list[int]]:
+    """One rank's slice of each parameter's slow weight, and each group's cycle position (ZeRO-3)."""
+    inner = osd["optimizer_state_dict"]
+    partition_groups = osd.get("ds_zero_partition_groups") or []
+    pieces: dict[str, torch.Tensor] = {}
+    for sg, sub_shapes in enumerate(shapes):
+        st = inner["state"].get(sg, {})
+        if SLOW_KEY not in st:
+            raise ValueError(f"{path}: sub-group {sg} has no {SLOW_KEY!r}: not a Lookahead checkpoint, or saved "
+                             "before the first step; use deepspeed.checkpoint.ds_to_universal")
+        meta = partition_groups[sg] if sg < len(partition_groups) else {}
+        count = int(meta.get("partition_count", osd["partition_count"]))
+        part_rank = int(meta.get("partition_rank", rank))
+        offset = 0
+        for name, shape in sub_shapes.items():  # ZeRO-3: each parameter split evenly, padded at the end
+            numel = math.prod(shape)
+            per_rank = math.ceil(numel / count)
+            real = max(0, min(per_rank, numel - part_rank * per_rank))
+            pieces[name] = st[SLOW_KEY].narrow(0, offset, real).clone()
+            offset += per_rank
+    steps = []
+    for g, group in enumerate(inner["param_groups"]):
+        counts = {int(inner["state"][sg].get(STEP_KEY, 0)) for sg in group["params"]}
+        if len(counts) != 1:
+            raise ValueError(f"{path}: the ZeRO-3 sub-groups of param group {g} are at different cycle positions "
+                             f"{sorted(counts)}; such a checkpoint cannot be re-partitioned")
+        steps.append(counts.pop())
+    return pieces, steps
+
+
+def convert_to_universal(input_folder: str, output_folder: str, *, inject_missing_state: bool = False,
+                         num_workers: int = 1, keep_temp_folder: bool = False, verbose: bool = False) -> None:
+    """``deepspeed.checkpoint.ds_to_universal``, keeping the Lookahead state (Note [Universal checkpoints]).
+
+    Converts the ZeRO-1/2/3 checkpoint in ``input_folder`` (one tag's folder) into a universal
+    checkpoint in ``output_folder`` that loads at any data-parallel world size with
+    :func:`load_checkpoint` (``"checkpoint": {"load_universal": true}`` in the DeepSpeed config):
+    weights, the inner optimizer's state, every slow weight, and each param group's cycle position,
+    k and alpha. Runs DeepSpeed's converter itself (its options: ``inject_missing_state``,
+    ``num_workers`` for its extract and merge pools, ``keep_temp_folder``), then adds
+    ``zero/<param>/lookahead_slow.pt`` per parameter and the groups' Lookahead entries to
+    ``zero/optimizer_state.pt``. Data parallelism only (no tensor or pipeline parallelism). From the
+    command line: ``python -m lookahead_dist.deepspeed to-universal INPUT OUTPUT``.
+    """
+    import argparse
+    import contextlib
+    import io
+
+    from deepspeed.checkpoint import ds_to_universal as d2u
+    from deepspeed.checkpoint.constants import PARAM
+
+    files, stage = _optim_files(input_folder)  # checks the layout before DeepSpeed's converter runs
+    args = argparse.Namespace(input_folder=input_folder, output_folder=output_folder,
+                              num_extract_workers=num_workers, num_merge_workers=num_workers,
+                              keep_temp_folder=keep_temp_folder, strict=True,
+                              inject_missing_state=inject_missing_state)
+    out = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO())
+    with out:
+        d2u.main(args)
+
+    # Each rank's slice of every slow weight, then whole weights in rank order (ds_to_universal's merge).
+    by_name: dict[str, list[torch.Tensor]] = {}
+    steps: list[int] | None = None
+    for rank, path in files:
+        osd = torch.load(path, map_location="cpu", weights_only=False)["optimizer_state_dict"]
+        if stage <= 2:
+            pieces, rank_steps = _slow_pieces_zero12(osd, path)
+        else:
+            model_file = os.path.join(input_folder, os.path.basename(path).replace("optim_states", "model_states"))
+            shapes = torch.load(model_file, map_location="cpu", weights_only=False)["param_shapes"]
+            pieces, rank_steps = _slow_pieces_zero3(osd, shapes, rank, path)
+        if steps is not None and rank_steps != steps:
+            raise ValueError(f"{path}: cycle positions {rank_steps} differ from rank 0's {steps}")
+        steps = rank_steps
+        for name, piece in pieces.items():
+            by_name.setdefault(name, []).append(piece)
+    zero_dir = os.path.join(output_folder, "zero")
+    for name, parts in by_name.items():
+        # Written like the fp32 weight beside it: ZeRO-1/2 a dict {PARAM: tensor, ...}, ZeRO-3 a flat tensor.
+        fp32 = torch.load(os.path.join(zero_dir, name, "fp32.pt"), map_location="cpu", weights_only=False)
+        like = fp32[PARAM] if isinstance(fp32, dict) else fp32
+        full = torch.cat(parts)
+        if full.numel() != like.numel():
+            raise ValueError(f"slow weight of {name!r}: {full.numel()} elements from the ranks, "
+                             f"{like.numel()} in its fp32 weight")
+        slow = {**fp32, PARAM: full.view_as(like)} if isinstance(fp32, dict) else full.view_as(like)
+        torch.save(slow, os.path.join(zero_dir, name, f"{SLOW_KEY}.pt"))
+
+    state_path = os.path.join(zero_dir, "optimizer_state.pt")
+    sd = torch.load(state_path, map_location="cpu", weights_only=False)
+    group_lists = [sd["param_groups"]]
+    if "optimizer_state_dict" in sd:  # ZeRO-3's loader reads the groups from here
+        group_lists.append(sd["optimizer_state_dict"]["param_groups"])
+    groups = group_lists[0]
+    if steps is None or len(steps) != len(groups):
+        raise ValueError(f"{state_path}: {len(groups)} param groups, cycle positions for {steps}")
+    entry = {"steps": steps, "k": [g.get(K_KEY) for g in groups], "alpha": [g.get(ALPHA_KEY) for g in groups]}
+    for group_list in group_lists:
+        for g in group_list:
+            g[UNIVERSAL_GROUPS_KEY] = entry
+    torch.save(sd, state_path)
+
+
+def load_checkpoint(engine: Any, load_dir: str, tag: str | None = None, **kwargs: Any) -> tuple[Any, Any]:
+    """``engine.load_checkpoint(load_dir, tag, **kwargs)``, completing the Lookahead state of a universal one.
+
+    Same arguments and return value. For a regular checkpoint it is exactly
+    ``engine.load_checkpoint`` (which restores slow weights and counters itself). For a universal
+    checkpoint (config ``"checkpoint": {"load_universal": true}``) made by
+    :func:`convert_to_universal`, at any data-parallel world size: ZeRO-3's slow weights are read
+    (DeepSpeed's own loader reads them only under ZeRO-1/2), and every group's cycle position, k and
+    alpha are restored, so training continues the saved cycle. A universal checkpoint made by
+    ``ds_to_universal`` alone has no Lookahead state: a ``UserWarning`` says so, and Lookahead
+    starts a new cycle from the loaded weights at the next step. A collective, like
+    ``engine.load_checkpoint``.
+    """
+    with _quiet_deepspeed_collectives():
+        path, client_state = engine.load_checkpoint(load_dir, tag, **kwargs)
+    if path is None or not engine.load_universal_checkpoint() or not kwargs.get("load_optimizer_states", True) \
+            or kwargs.get("load_module_only", False):
+        return path, client_state
+    if tag is None:
+        with open(os.path.join(load_dir, "latest_universal")) as f:
+            tag = f.read().strip()
+    _restore_universal(engine, os.path.join(load_dir, str(tag)))
+    return path, client_state
+
+
+def _restore_universal(engine: Any, folder: str) -> None:
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+
+    holder, _ = _stepped_optimizer(engine)
+    la = find_lookahead(engine)
+    if la is None:
+        raise TypeError("the engine's optimizer is not a lookahead_dist.Lookahead (use initialize() or wrap_engine())")
+    groups = la.param_groups
+    entry = None
+    for g in groups:
+        entry = g.pop(UNIVERSAL_GROUPS_KEY, None) or entry
+    zero3 = isinstance(holder, DeepSpeedZeroOptimizer_Stage3)
+    if zero3:
+        units = list(holder.fp32_partitioned_groups_flat)
+        unit_group = [holder.sub_group_to_group_id[sg] for sg in range(len(units))]
+        names = [[holder.param_names[p] for p in sub] for sub in holder.fp16_groups]
+        if entry is not None:
+            with torch.no_grad():
+                for sg, hp in enumerate(units):
+                    slow = torch.zeros_like(hp)
+                    offset = 0
+                    for p, name in zip(holder.fp16_groups[sg], names[sg]):
+                        part = holder.load_hp_checkpoint_state(os.path.join(folder, "zero", name), SLOW_KEY, param=p)
+                        slow.narrow(0, offset, part.numel()).copy_(part)
+                        offset += part.numel()
+                    la.state[hp][SLOW_KEY] = slow
+            _unshare_step_tensors(la, units)
+    else:
+        units = master_partitions(engine)
+        unit_group = list(range(len(units)))
+    if entry is None:
+        warnings.warn(
+            f"the universal checkpoint {folder!r} has no Lookahead state (made by ds_to_universal alone?): the "
+            "weights and the inner optimizer resume exactly, and Lookahead starts a new cycle with slow weights = "
+            "the loaded weights. Convert with lookahead_dist.deepspeed.convert_to_universal to keep them.",
+            UserWarning,
+            stacklevel=3,
+        )
+        return
+    if len(entry["steps"]) != len(groups):
+        raise ValueError(f"the universal checkpoint {folder!r} has Lookahead state for {len(entry['steps'])} param "
+                         f"groups, the optimizer has {len(groups)}")
+    for g, group in enumerate(groups):
+        if entry["k"][g] is not None:
+            group[K_KEY] = entry["k"][g]
+        if entry["alpha"][g] is not None:
+            group[ALPHA_KEY] = entry["alpha"][g]
+    for unit, g in zip(units, unit_group):
+        st = la.state.get(unit)
+        if not st or SLOW_KEY not in st:
+            raise RuntimeError(f"after loading {folder!r} a partition of param group {g} has no slow weight: the "
+                               f"checkpoint's zero/<param>/{SLOW_KEY}.pt files are missing or unread")
+        st[STEP_KEY] = entry["steps"][g]
+
+
+def _unshare_step_tensors(la: Lookahead, units: list[torch.Tensor]) -> None:
+    """Give each ZeRO-3 sub-group its own ``step`` tensor after a universal load.
+
+    DeepSpeed's ZeRO-3 universal loader puts one and the same ``step`` object into the state of
+    every sub-group. torch's Adam/AdamW count a tensor ``step`` in place, once per sub-group and
+    step, so the shared counter would run ahead by the number of sub-groups and Adam's bias
+    correction would go wrong (an int ``step`` or a fused optimizer's per-group count is unaffected).
+    """
+    seen: set[int] = set()
+    for unit in units:
+        st = la.state.get(unit) or {}
+        step = st.get("step")
+        if torch.is_tensor(step):
+            if id(step) in seen:
+                st["step"] = step.clone()
+            seen.add(id(step))
+
+
+def _main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m lookahead_dist.deepspeed",
+                                     description="DeepSpeed helpers of lookahead-dist")
+    sub = parser.add_subparsers(dest="command", required=True)
+    conv = sub.add_parser("to-universal", help="ds_to_universal that keeps the Lookahead slow weights and counters")
+    conv.add_argument("input_folder", help="a ZeRO checkpoint tag folder (e.g. ckpt/global_step100)")
+    conv.add_argument("output_folder", help="the universal checkpoint folder to write (e.g. ckpt/global_step100_universal)")
+    conv.add_argument("--inject-missing-state", action="store_true", help="as ds_to_universal --inject_missing_state")
+    conv.add_argument("--num-workers", type=int, default=1, help="processes for ds_to_universal's extract and merge")
+    conv.add_argument("--keep-temp-folder", action="store_true")
+    args = parser.parse_args(argv)
+    convert_to_universal(args.input_folder, args.output_folder, inject_missing_state=args.inject_missing_state,
+                         num_workers=args.num_workers, keep_temp_folder=args.keep_temp_folder, verbose=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main())

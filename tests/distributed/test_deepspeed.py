@@ -328,18 +328,18 @@ UNIVERSAL_TAG = "mid_universal"
 
 
 def _universal_resume(rank: int, ckpt_root: str) -> dict[str, Any]:
-    """Load the ZeRO-2 checkpoint converted by ds_to_universal, through the "lookahead" config block.
+    """Load the ZeRO-2 checkpoint converted by DeepSpeed's own ds_to_universal (no Lookahead state).
 
-    A universal checkpoint has no slow weights or counters (DeepSpeed converts fp32, exp_avg,
-    exp_avg_sq, step only): the user is warned, and the next step starts a new cycle whose slow
-    weights are the loaded weights.
+    ``lookahead_dist.deepspeed.load_checkpoint`` warns that the slow weights and counters are not in
+    it, and the next step starts a new cycle whose slow weights are the loaded weights. (Our
+    ``convert_to_universal`` keeps them: tests/distributed/test_deepspeed_universal.py.)
     """
     import warnings
 
     from deepspeed.utils import safe_get_full_fp32_param
 
     from lookahead_dist import Lookahead
-    from lookahead_dist.deepspeed import find_lookahead, full_slow_weight, initialize
+    from lookahead_dist.deepspeed import find_lookahead, full_slow_weight, initialize, load_checkpoint
 
     case = dict(name="zero2", stage=2)
     cfg = {key: v for key, v in _ds_config(case).items() if key != "zero_allow_untested_optimizer"}
@@ -347,12 +347,12 @@ def _universal_resume(rank: int, ckpt_root: str) -> dict[str, Any]:
     cfg["lookahead"] = {"k": K, "alpha": ALPHA}
     model = _model()
     inner = _lookahead(model).optimizer  # the same two groups (the second keeps lookahead_k=2), unwrapped
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        engine, _, _, _ = initialize(model=model, optimizer=inner, config=cfg)
+    engine, _, _, _ = initialize(model=model, optimizer=inner, config=cfg)
     la = find_lookahead(engine)
     assert isinstance(la, Lookahead) and la.optimizer is inner
-    engine.load_checkpoint(os.path.join(ckpt_root, "zero2"), tag=UNIVERSAL_TAG)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        load_checkpoint(engine, os.path.join(ckpt_root, "zero2"), tag=UNIVERSAL_TAG)
     params = list(engine.module.parameters())
     loaded = [safe_get_full_fp32_param(p).clone() for p in params]
     before = [full_slow_weight(engine, p) for p in params]
@@ -360,7 +360,7 @@ def _universal_resume(rank: int, ckpt_root: str) -> dict[str, Any]:
     from lookahead_dist import STEP_KEY
 
     return {
-        "warned": any("universal" in str(w.message) for w in caught),
+        "warned": any("no Lookahead state" in str(w.message) for w in caught),
         "slow_before": [b is None for b in before],
         "loaded": loaded,
         "slow_after": [full_slow_weight(engine, p).clone() for p in params],
