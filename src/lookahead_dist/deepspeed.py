@@ -737,7 +737,15 @@ def convert_to_universal(input_folder: str, output_folder: str, *, inject_missin
                               inject_missing_state=inject_missing_state)
     out = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO())
     with out:
-        d2u.main(args)
+        try:
+            d2u.main(args)
+        except AssertionError as e:
+            if "universal_checkpoint_info" in str(e) and not inject_missing_state:
+                raise ValueError(
+                    f"{input_folder!r} has no universal_checkpoint_info (only Megatron-style clients write it): "
+                    "pass inject_missing_state=True (command line: --inject-missing-state), as for ds_to_universal"
+                ) from e
+            raise
 
     # Each rank's slice of every slow weight, then whole weights in rank order (ds_to_universal's merge).
     by_name: dict[str, list[torch.Tensor]] = {}
