@@ -239,7 +239,8 @@ class Lookahead(Optimizer):
         self.nonfinite_policy: NonFinitePolicy = on_nonfinite
         #: Syncs whose outer update was skipped because of NaN/inf (Note [Non-finite syncs]).
         self.nonfinite_syncs = 0
-        self._step_calls = 0
+        #: ``step()`` calls so far (skipped and fake steps included); errors and warnings cite it.
+        self.step_calls = 0
         self._nonfinite_warned = False
         # What a sync does (sync/): set before adoption, whose add_param_group calls its align().
         self._strategy: SyncStrategy = make_strategy(sync, local_sgd, process_group)
@@ -282,6 +283,9 @@ class Lookahead(Optimizer):
             self.optimizer.state = value
 
     def __getstate__(self) -> dict[str, Any]:
+        # Work in flight is parked in per-parameter state first; the strategy drops its process
+        # groups (a copy of a communicating Lookahead is detached: SyncStrategy.__getstate__).
+        self._strategy.flush(self)
         return self.__dict__.copy()
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -353,7 +357,7 @@ class Lookahead(Optimizer):
     # -- the step --------------------------------------------------------------------------------
     def step(self, closure: Callable[[], float] | None = None) -> Any:  # type: ignore[override]
         """One inner step; after every k-th applied step of a unit, the slow update for it."""
-        self._step_calls += 1
+        self.step_calls += 1
         groups = self.optimizer.param_groups
         self._scan(groups)
         strategy = self._strategy
@@ -524,7 +528,7 @@ class Lookahead(Optimizer):
         ``what`` names the first bad tensor and the step, e.g. ``"fast weight param_groups[0][3]"``.
         """
         self.nonfinite_syncs += 1
-        msg = (f"Lookahead: non-finite values at the sync of step() call {self._step_calls} ({what}); the outer update was skipped, the fast "
+        msg = (f"Lookahead: non-finite values at the sync of step() call {self.step_calls} ({what}); the outer update was skipped, the fast "
                "weights were restored from the slow weights and the inner optimizer state of the unit was reset")
         if self.nonfinite_policy == "raise":
             raise FloatingPointError(msg)

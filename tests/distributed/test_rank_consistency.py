@@ -127,3 +127,37 @@ def test_dcp_resume_after_first_sync_keeps_outer_momentum(tmp_path):
         assert got[r]["has_slot"], "a DCP template made before the first sync has no outer-momentum slot"
         assert got[r]["momentum_nonzero"], "the outer momentum was not restored"
         assert got[r]["final"] == ref[r]["final"]
+
+
+# -- pickling a communicating Lookahead -----------------------------------------------------------
+def _count_hook(optimizer, args, kwargs):  # module level: picklable
+    optimizer.defaults["hook_calls"] = optimizer.defaults.get("hook_calls", 0) + 1
+
+
+def _pickle_body(rank: int, world_size: int) -> dict:
+    import pickle
+
+    model = make_model()
+    opt = Lookahead(torch.optim.SGD(model.parameters(), lr=0.05), k=2, local_sgd=LocalSGDOptions(module=model))
+    opt.register_step_pre_hook(_count_hook)
+    _train(model, opt, 1, 4, rank)
+    clone = pickle.loads(pickle.dumps(opt))
+    same_state = all(
+        torch.equal(a, b) for sa, sb in zip(opt.state_dict()["state"].values(), clone.state_dict()["state"].values())
+        for a, b in zip(sa.values(), sb.values()) if isinstance(a, torch.Tensor))
+    error = ""
+    try:
+        clone.step()  # its parameters have no gradients: only the sync schedule runs, and it must refuse
+    except RuntimeError as e:
+        error = str(e)
+    _train(model, opt, 4, 7, rank)  # the original goes on, its groups untouched
+    return {"hooks": len(clone._optimizer_step_pre_hooks), "same_state": same_state, "error": error,
+            "final": flat(model)}
+
+
+def test_pickled_local_sgd_lookahead_is_detached_with_a_clear_error():
+    r0, r1 = run_ranks(_pickle_body, world_size=2, timeout=120)
+    for r in (r0, r1):
+        assert r["hooks"] == 1 and r["same_state"]
+        assert "unpickled or deep-copied, which drops its process groups" in r["error"]
+    assert r0["final"] == r1["final"]  # the original kept its groups: step 6 is a sync

@@ -59,6 +59,9 @@ class SyncHost(Protocol):
     @property
     def param_groups(self) -> list[dict[str, Any]]: ...
 
+    #: ``step()`` calls so far, for messages.
+    step_calls: int
+
     def state_entry(self, p: torch.Tensor) -> dict[str, Any]: ...
 
     def slow_weight(self, p: torch.Tensor) -> torch.Tensor | None: ...
@@ -80,6 +83,45 @@ class SyncStrategy:
     communicates: bool = False
     #: Communication statistics (a :class:`~lookahead_dist._comm.CommStats`), or None.
     stats: Any = None
+    #: Attributes holding what cannot be pickled (process groups, hook handles, a torchft
+    #: manager, identity-keyed caches): dropped by pickling. See :meth:`__getstate__`.
+    _unpicklable: tuple[str, ...] = ()
+
+    # -- pickling ----------------------------------------------------------------------------
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickle (or deep-copy) without the communication objects.
+
+        The copy keeps its state and statistics but is *detached*: its sync raises a clear error,
+        since a process group belongs to the processes that made it. To go on training, build a
+        new Lookahead with a strategy on live groups and ``load_state_dict`` the old one's state.
+        """
+        if self._unpicklable and self.pending():
+            raise RuntimeError(f"{type(self).__name__}: a collective is in flight; call opt.state_dict() (which "
+                               "waits for it) before pickling or copying the optimizer")
+        state = self.__dict__.copy()
+        for name in self._unpicklable:
+            state.pop(name, None)
+        state["_detached"] = bool(self._unpicklable)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        for name in self._unpicklable:
+            self.__dict__.setdefault(name, None)
+        if state.get("_detached"):
+            self.reset_cache()
+            # Instance attributes shadow the methods: no check on the normal path.
+            self.advance = self.sync = self.slow_pairs = self.align = self._detached_error  # type: ignore[method-assign]
+
+    def _detached_error(self, *args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError(
+            f"this {type(self).__name__} was unpickled or deep-copied, which drops its process groups (they "
+            "belong to the processes that made them); build a new Lookahead with live groups and load this "
+            "one's state_dict() into it")
+
+    def pending(self) -> bool:
+        """Whether a collective is in flight (only streaming strategies ever have one)."""
+        return False
 
     # -- state -------------------------------------------------------------------------------
     def new_entry(self, p: torch.Tensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:

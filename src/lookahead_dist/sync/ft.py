@@ -150,6 +150,9 @@ class FaultTolerantLocalSGD(SyncStrategy):
 
     communicates = True
 
+    # Pickling drops the manager (sockets, threads) and the options holding it (SyncStrategy.__getstate__).
+    _unpicklable = ("manager", "options", "_host")
+
     def __init__(self, options: LocalSGDOptions) -> None:
         check_options(options)
         self.options = options

@@ -595,6 +595,10 @@ class LocalSGD(SyncStrategy):
         self.state_keys = tuple(keys)
 
     communicates = True
+    # Pickling drops these (SyncStrategy.__getstate__): the groups, the DDP hook, the options that
+    # hold groups and the module, and identity-keyed caches. The Lookahead flushes work in flight
+    # into per-parameter state before it pickles its strategy.
+    _unpicklable = ("group", "intra", "shard_group", "_qgroup", "_ddp_handle", "options", "_units", "_inflight")
 
     def close(self) -> None:
         """Remove the forward pre-hook that watches a DDP module (``module=`` a DDP)."""
@@ -607,11 +611,6 @@ class LocalSGD(SyncStrategy):
         # finish on their own; a fragment due after a resume comes back from per-parameter state.
         self._units = {}
         self._inflight = {}
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        state["_units"], state["_inflight"] = {}, {}
-        return state
 
     @property
     def outer_optimizer(self) -> torch.optim.Optimizer | None:
@@ -873,7 +872,7 @@ class LocalSGD(SyncStrategy):
     def _describe(self, host: SyncHost, unit: _Unit, f: int | None, n: int | None, k: int | None) -> str:
         what = (f"the sync of param group {unit.index}" if f is None else
                 f"the sync of fragment {f} of {self.num_fragments} of param group {unit.index}")
-        step = getattr(host, "_step_calls", None)
+        step = getattr(host, "step_calls", None)
         when = f" at step() call {step}" if step is not None else ""
         if n is not None:
             when += f" (count {n} of k={k})"
