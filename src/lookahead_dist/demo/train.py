@@ -111,6 +111,14 @@ def train_rank(rank: int, world: int, run: RunConfig, progress: bool | None = No
                 bad = int((~torch.isfinite(losses)).nonzero()[0])
                 raise FloatingPointError(f"{run.name}: loss is not finite at step {bad} (lr={run.lr} too high?)")
             val_loss = _evaluate(runner, corpus, run, rank, world, device)
+            # Local SGD's exported model: every rank's fast weights averaged and stepped once more
+            # (sync_now, which also lands a streaming fragment still in flight). Runs of different
+            # schedules compare fairly on it: the final weights above sit at different points of
+            # each one's cycle.
+            val_loss_synced = None
+            if getattr(runner.optimizer, "local_sgd", None) is not None:
+                runner.optimizer.sync_now()
+                val_loss_synced = _evaluate(runner, corpus, run, rank, world, device)
             mean_losses = _mean_over_ranks(losses.to(device)).cpu()
             state = optimizer_state_bytes(runner.optimizer)
             per_rank: list[Any] = [None] * world
@@ -132,6 +140,7 @@ def train_rank(rank: int, world: int, run: RunConfig, progress: bool | None = No
         "train_loss_start": float(mean_losses[:window].mean()),
         "train_loss": float(mean_losses[-window:].mean()),
         "val_loss": val_loss,
+        "val_loss_synced": val_loss_synced,
         "seconds": seconds,
         "samples_per_s": samples / seconds,
         "tokens_per_s": samples * run.model.seq_len / seconds,
