@@ -396,7 +396,7 @@ def initialize(*args: Any, **kwargs: Any) -> tuple[Any, ...]:
         raw = kwargs["args"].deepspeed_config
     config = _load_config(raw)
     if config is None or LOOKAHEAD_CONFIG_KEY not in config:
-        with _shm_kernel_skipped():
+        with _shm_kernel_skipped(), _quiet_deepspeed_collectives():
             return deepspeed.initialize(*args, **kwargs)
     if args:
         raise TypeError("lookahead_dist.deepspeed.initialize takes keyword arguments only (as deepspeed.initialize)")
@@ -420,7 +420,7 @@ def initialize(*args: Any, **kwargs: Any) -> tuple[Any, ...]:
     if from_args:  # DeepSpeed refuses a config in both places; the caller's args stay as they are
         call["args"] = copy.copy(kwargs["args"])
         call["args"].deepspeed_config = None
-    with _shm_kernel_skipped():
+    with _shm_kernel_skipped(), _quiet_deepspeed_collectives():
         engine, _, loader, scheduler = deepspeed.initialize(**call)
     wrap_engine(engine, block["k"], block["alpha"], pullback=block["pullback"], slow_dtype=block["slow_dtype"])
     return engine, engine.optimizer, loader, scheduler

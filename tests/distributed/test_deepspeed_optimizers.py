@@ -182,6 +182,32 @@ def _speed_up_rank() -> None:
     gc.freeze()
 
 
+def _caller_state_kept(rank: int) -> dict[str, Any]:
+    """initialize() with the config in ``args.deepspeed_config`` (a JSON file): what it leaves behind."""
+    import argparse
+    import copy
+    import json
+    import tempfile
+
+    import deepspeed
+
+    from lookahead_dist.deepspeed import initialize
+
+    case = dict(OPTIMIZERS[3], stage=1)  # adamw_torch: no op to build
+    config = {**_config(case), "lookahead": {"k": 2, "alpha": 0.5}}
+    path = os.path.join(tempfile.mkdtemp(), "ds.json")
+    with open(path, "w") as f:
+        json.dump(config, f)
+    args = argparse.Namespace(deepspeed_config=path, local_rank=rank)
+    before_args, before_table = copy.deepcopy(vars(args)), dict(deepspeed.ops.__compatible_ops__)
+    model = _model()
+    engine, *_ = initialize(args=args, model=model, model_parameters=model.parameters())
+    from lookahead_dist.deepspeed import find_lookahead
+
+    return {"args": vars(args) == before_args, "table": dict(deepspeed.ops.__compatible_ops__) == before_table,
+            "wrapped": find_lookahead(engine) is not None and find_lookahead(engine).defaults["lookahead_k"] == 2}
+
+
 def _all_cases(rank: int, world: int, cases: list[dict[str, Any]]) -> dict[str, Any]:
     import logging
 
@@ -189,10 +215,10 @@ def _all_cases(rank: int, world: int, cases: list[dict[str, Any]]) -> dict[str, 
     from deepspeed.utils import logger
 
     logger.setLevel(logging.ERROR)
+    out: dict[str, Any] = {"caller_state": _caller_state_kept(rank)}
     from lookahead_dist.deepspeed import skip_cpu_shm_kernel
 
     skip_cpu_shm_kernel()  # the plain deepspeed.initialize runs would JIT-build it
-    out: dict[str, Any] = {}
     for case in cases:
         if _expected_error(case):
             try:
@@ -211,6 +237,15 @@ def results() -> dict[str, Any]:
     runnable = [c for c in CASES if _skip_reason(c) is None]
     per_rank = run_ranks(_all_cases, WORLD, (runnable,), timeout=600)
     return {cid: [r[cid] for r in per_rank] for cid in per_rank[0]}
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(900)
+def test_initialize_leaves_the_callers_state_alone(results):
+    # A config given as args.deepspeed_config is passed on through a copy of args; DeepSpeed's CPU
+    # shared-memory kernel is marked unavailable only during the call.
+    for r in results["caller_state"]:
+        assert r == {"args": True, "table": True, "wrapped": True}, r
 
 
 @pytest.mark.distributed
