@@ -29,6 +29,7 @@ client optimizer that is not DeepSpeedCPUAdam; ``Lookahead(DeepSpeedCPUAdam(...)
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import os
 import warnings
@@ -58,6 +59,9 @@ __all__ = [
     "load_checkpoint",
     "UNIVERSAL_GROUPS_KEY",
     "skip_cpu_shm_kernel",
+    "NodeGroups",
+    "NodeMPU",
+    "node_groups",
 ]
 
 #: Top-level DeepSpeed config key of the Lookahead block read by :func:`initialize`.
@@ -222,15 +226,169 @@ def _parse_block(block: Any) -> dict[str, Any]:
     if slow_dtype not in dtypes:
         raise ValueError(f'"{LOOKAHEAD_CONFIG_KEY}.slow_dtype" must be "fp32" or null, got {slow_dtype!r}')
     out["slow_dtype"] = dtypes[slow_dtype]
-    local_sgd = block.get("local_sgd", False)
-    if not isinstance(local_sgd, bool):
-        raise TypeError(f'"{LOOKAHEAD_CONFIG_KEY}.local_sgd" must be true or false, got {local_sgd!r}')
-    if local_sgd:
-        raise ValueError(
-            f'"{LOOKAHEAD_CONFIG_KEY}.local_sgd": true is not supported under DeepSpeed ZeRO: ZeRO '
-            "reduces gradients every step, so there is nothing local to average"
-        )
+    out["local_sgd"] = _parse_local_sgd(block.get("local_sgd", False))
     return out
+
+
+# -- local SGD across nodes (Note [Local SGD across nodes]) ---------------------------------------------
+_LOCAL_SGD_KEYS = ("across", "ranks_per_node", "outer_momentum", "nesterov", "comm_dtype", "num_fragments",
+                   "fragment_sync_delay", "fragment_update_alpha", "bucket_cap_mb", "timeout")
+_COMM_DTYPES = {None: None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
+                "int8": "int8", "int4": "int4"}
+
+
+def _parse_local_sgd(value: Any) -> dict[str, Any] | None:
+    """The ``"local_sgd"`` entry of the block: None (off), or ``{"ranks_per_node", "options"}``."""
+    where = f'"{LOOKAHEAD_CONFIG_KEY}.local_sgd"'
+    if value is False or value is None:
+        return None
+    if value is True:
+        raise ValueError(
+            f'{where}: true is not supported under DeepSpeed ZeRO: ZeRO reduces gradients over its data-parallel '
+            'group every step, so there is nothing local to average. For ZeRO inside each node and local SGD '
+            'across nodes write {"across": "nodes"} (docs/deepspeed.md, "Local SGD across nodes")'
+        )
+    if not isinstance(value, dict):
+        raise TypeError(f'{where} must be false or an object such as {{"across": "nodes"}}, got {value!r}')
+    unknown = sorted(set(value) - set(_LOCAL_SGD_KEYS))
+    if unknown:
+        raise ValueError(f"unknown key(s) {unknown} in {where}; allowed: {list(_LOCAL_SGD_KEYS)}")
+    if value.get("across") != "nodes":
+        raise ValueError(f'{where}.across must be "nodes" (the only supported layout), got {value.get("across")!r}')
+    rpn = value.get("ranks_per_node")
+    if rpn is not None and (isinstance(rpn, bool) or not isinstance(rpn, int) or rpn < 1):
+        raise ValueError(f"{where}.ranks_per_node must be an int >= 1 or null (LOCAL_WORLD_SIZE), got {rpn!r}")
+    cd = value.get("comm_dtype")
+    if cd not in _COMM_DTYPES:
+        raise ValueError(f"{where}.comm_dtype must be one of {list(_COMM_DTYPES)}, got {cd!r}")
+    from .sync.local_sgd import LocalSGDOptions
+
+    kwargs = {key: value[key] for key in _LOCAL_SGD_KEYS[2:] if key in value and key != "comm_dtype"}
+    try:  # LocalSGDOptions checks every field (no process group needed yet)
+        options = LocalSGDOptions(comm_dtype=_COMM_DTYPES[cd], init="none", **kwargs)
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"{where}: {e}") from e
+    return {"ranks_per_node": rpn, "options": options}
+
+
+@dataclass(frozen=True)
+class NodeGroups:
+    """The two process groups of ZeRO inside each node and local SGD across nodes.
+
+    Attributes:
+        intra: this rank's node (``ranks_per_node`` consecutive global ranks): DeepSpeed's
+            data-parallel/ZeRO group.
+        inter: rank ``r`` of every node (global ranks ``r, r + ranks_per_node, ...``): the
+            local-SGD group. Its members hold the same ZeRO partition of their node's replica.
+        ranks_per_node: ranks in each node.
+        num_nodes: number of nodes.
+        node: this rank's node index (``rank // ranks_per_node``).
+    """
+
+    intra: Any
+    inter: Any
+    ranks_per_node: int
+    num_nodes: int
+    node: int
+
+
+def node_groups(ranks_per_node: int | None = None) -> NodeGroups:
+    """Build :class:`NodeGroups` (a collective: every rank calls it, in the same order).
+
+    ``ranks_per_node`` defaults to the launcher's ``LOCAL_WORLD_SIZE``. Global ranks must be laid
+    out node by node, as torchrun and the deepspeed launcher do (``rank = node * ranks_per_node +
+    local_rank``); ``LOCAL_RANK``, where set, is checked against that.
+    """
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        raise RuntimeError("node_groups() needs torch.distributed to be initialised")
+    world, rank = dist.get_world_size(), dist.get_rank()
+    if ranks_per_node is None:
+        env = os.environ.get("LOCAL_WORLD_SIZE")
+        if env is None:
+            raise ValueError('local SGD across nodes: set "ranks_per_node" in the "lookahead.local_sgd" block, or '
+                             "launch with torchrun/deepspeed, which set LOCAL_WORLD_SIZE")
+        ranks_per_node = int(env)
+    if ranks_per_node < 1 or world % ranks_per_node:
+        raise ValueError(f"local SGD across nodes: the world size {world} is not a multiple of "
+                         f"ranks_per_node={ranks_per_node}")
+    local = os.environ.get("LOCAL_RANK")
+    if local is not None and int(local) != rank % ranks_per_node:
+        raise ValueError(
+            f"local SGD across nodes: rank {rank} has LOCAL_RANK={local}, expected {rank % ranks_per_node} with "
+            f"ranks_per_node={ranks_per_node}: global ranks must be numbered node by node (torchrun, deepspeed), "
+            "and ranks_per_node must be the number of ranks of each node")
+    nodes = world // ranks_per_node
+    intra, _ = dist.new_subgroups_by_enumeration(
+        [[n * ranks_per_node + i for i in range(ranks_per_node)] for n in range(nodes)])
+    inter, _ = dist.new_subgroups_by_enumeration(
+        [[n * ranks_per_node + i for n in range(nodes)] for i in range(ranks_per_node)])
+    return NodeGroups(intra, inter, ranks_per_node, nodes, rank // ranks_per_node)
+
+
+class NodeMPU:
+    """DeepSpeed's ``mpu`` (model-parallel unit) whose data-parallel group is this rank's node.
+
+    Passed as ``deepspeed.initialize(mpu=...)`` it makes the node DeepSpeed's data-parallel/ZeRO
+    group (gradient reduction, partitioning, ``train_batch_size`` = one node's batch); model
+    parallelism is off (a one-rank model-parallel group). DeepSpeed keeps it in
+    ``deepspeed.utils.groups.mpu``, as for any ``mpu``.
+    """
+
+    def __init__(self, groups: NodeGroups) -> None:
+        import torch.distributed as dist
+
+        self.groups = groups
+        self._mp = dist.new_group([dist.get_rank()], use_local_synchronization=True)
+
+    def get_data_parallel_group(self) -> Any:
+        return self.groups.intra
+
+    def get_data_parallel_world_size(self) -> int:
+        return self.groups.ranks_per_node
+
+    def get_data_parallel_rank(self) -> int:
+        import torch.distributed as dist
+
+        return dist.get_rank(self.groups.intra)
+
+    def get_data_parallel_group_ranks(self) -> list[int]:
+        import torch.distributed as dist
+
+        return dist.get_process_group_ranks(self.groups.intra)
+
+    def get_model_parallel_group(self) -> Any:
+        return self._mp
+
+    def get_model_parallel_world_size(self) -> int:
+        return 1
+
+    def get_model_parallel_rank(self) -> int:
+        return 0
+
+
+@torch.no_grad()
+def _align_across_world(model: torch.nn.Module) -> None:
+    """Broadcast the module's parameters and buffers from global rank 0 (before DeepSpeed sees them).
+
+    DeepSpeed broadcasts inside its data-parallel group only (here: the node); local SGD needs every
+    node to start from the same weights (Note [Same starting weights] in :mod:`~lookahead_dist.sync.local_sgd`).
+    """
+    import torch.distributed as dist
+    from deepspeed.accelerator import get_accelerator
+
+    device = torch.device(get_accelerator().current_device_name())  # where the backend communicates
+    tensors = [t.data for t in list(model.parameters()) + list(model.buffers()) if not hasattr(t, "ds_id")]
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for t in tensors:
+        by_dtype.setdefault(t.dtype, []).append(t)
+    for dtype in sorted(by_dtype, key=str):  # the same order on every rank
+        ts = by_dtype[dtype]
+        flat = torch.cat([t.reshape(-1).to(device) for t in ts])
+        dist.broadcast(flat, src=0)
+        for t, v in zip(ts, flat.split([t.numel() for t in ts])):
+            t.copy_(v.view_as(t))
 
 
 def _load_config(config: Any) -> dict[str, Any] | None:
@@ -326,7 +484,7 @@ def _check_wrappable(holder: Any, opt: torch.optim.Optimizer) -> None:
 
 
 def wrap_engine(engine: Any, k: int = 5, alpha: float = 0.5, *, pullback: str = "none",
-                slow_dtype: torch.dtype | None = None) -> Lookahead:
+                slow_dtype: torch.dtype | None = None, local_sgd: Any = None) -> Lookahead:
     """Put a :class:`~lookahead_dist.Lookahead` around the optimizer a built engine steps.
 
     For an engine from a plain ``deepspeed.initialize`` (:func:`initialize` calls this): whatever
@@ -340,12 +498,32 @@ def wrap_engine(engine: Any, k: int = 5, alpha: float = 0.5, *, pullback: str = 
     Returns the Lookahead. Raises ``ValueError`` if the engine has no optimizer or already steps a
     Lookahead, ``NotImplementedError`` where DeepSpeed needs to see the optimizer's own type at
     every step (Muon under ZeRO-1/2) or steps part of it elsewhere (ZeRO-3 partial offload, ZenFlow).
+
+    ``local_sgd``: a :class:`~lookahead_dist.LocalSGDOptions` whose ``process_group`` connects
+    ranks that hold the same partition of replicas trained apart (Note [Local SGD across nodes]),
+    or None (the in-place slow step, no communication).
     """
     holder, opt = _stepped_optimizer(engine)
     if isinstance(opt, Lookahead):
         raise ValueError("the DeepSpeed engine already steps a Lookahead; wrap the optimizer once")
     _check_wrappable(holder, opt)
-    la = Lookahead(opt, k, alpha, pullback=pullback, slow_dtype=slow_dtype)
+    if local_sgd is None:
+        la = Lookahead(opt, k, alpha, pullback=pullback, slow_dtype=slow_dtype)
+    else:
+        from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+
+        saved = [g["params"] for g in opt.param_groups]
+        if isinstance(holder, DeepSpeedZeroOptimizer_Stage3):
+            # ZeRO-3 empties the groups between steps: show local SGD's construction-time shape check
+            # each group's sub-group partitions, as ZeRO-3's step does one at a time.
+            for gi, g in enumerate(opt.param_groups):
+                g["params"] = [hp for sg, hp in enumerate(holder.fp32_partitioned_groups_flat)
+                               if holder.sub_group_to_group_id[sg] == gi]
+        try:
+            la = Lookahead(opt, k, alpha, pullback=pullback, slow_dtype=slow_dtype, local_sgd=local_sgd)
+        finally:
+            for g, params in zip(opt.param_groups, saved):
+                g["params"] = params
     la.register_step_pre_hook(_refuse_unfinished_universal_load)
     holder.optimizer = la
     if getattr(engine, "basic_optimizer", None) is opt:
@@ -402,6 +580,7 @@ def initialize(*args: Any, **kwargs: Any) -> tuple[Any, ...]:
         raise TypeError("lookahead_dist.deepspeed.initialize takes keyword arguments only (as deepspeed.initialize)")
 
     block = _parse_block(config[LOOKAHEAD_CONFIG_KEY])
+    across = block["local_sgd"]
     client = kwargs.get("optimizer")
     if isinstance(client, Lookahead):
         raise ValueError(
@@ -420,10 +599,34 @@ def initialize(*args: Any, **kwargs: Any) -> tuple[Any, ...]:
     if from_args:  # DeepSpeed refuses a config in both places; the caller's args stay as they are
         call["args"] = copy.copy(kwargs["args"])
         call["args"].deepspeed_config = None
+    options = None
     with _shm_kernel_skipped(), _quiet_deepspeed_collectives():
+        if across is not None:
+            call["mpu"], options = _across_nodes(call, across)
         engine, _, loader, scheduler = deepspeed.initialize(**call)
-    wrap_engine(engine, block["k"], block["alpha"], pullback=block["pullback"], slow_dtype=block["slow_dtype"])
+    wrap_engine(engine, block["k"], block["alpha"], pullback=block["pullback"], slow_dtype=block["slow_dtype"],
+                local_sgd=options)
     return engine, engine.optimizer, loader, scheduler
+
+
+def _across_nodes(call: dict[str, Any], across: dict[str, Any]) -> tuple[NodeMPU, Any]:
+    """Note [Local SGD across nodes]: the node groups, DeepSpeed's ``mpu`` and the local-SGD options."""
+    import deepspeed.comm
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.constants import TORCH_DISTRIBUTED_DEFAULT_PORT
+
+    if call.get("mpu") is not None:
+        raise ValueError(
+            f'"{LOOKAHEAD_CONFIG_KEY}.local_sgd": {{"across": "nodes"}} makes each node DeepSpeed\'s data-parallel group '
+            "through an mpu of its own; it cannot be combined with mpu=... (tensor/pipeline/sequence parallelism)")
+    deepspeed.comm.init_distributed(dist_backend=get_accelerator().communication_backend_name(),
+                                    distributed_port=call.get("distributed_port", TORCH_DISTRIBUTED_DEFAULT_PORT),
+                                    dist_init_required=call.get("dist_init_required"))
+    groups = node_groups(across["ranks_per_node"])
+    if call.get("model") is not None:
+        _align_across_world(call["model"])
+    options = dataclasses.replace(across["options"], process_group=groups.inter)
+    return NodeMPU(groups), options
 
 
 # -- slow weights in the module ------------------------------------------------------------------------
