@@ -1,12 +1,12 @@
 """Resume a ZeRO-2 / ZeRO-3 Lookahead checkpoint at another world size (4 -> 2 and 2 -> 4 gloo ranks).
 
 Three spawns, each running ZeRO-2 then ZeRO-3 (k=3, 8 steps, global batch 8, checkpoint after
-step 4, mid-cycle):
+step 4, mid-cycle), one of them on 4 ranks (the costly one on a 2-core machine):
 
-- A, 4 ranks: an uninterrupted run that saves at step 4;
-- B, 2 ranks: the same uninterrupted run (saving at step 4); then rank 0 converts A's checkpoint
-  with ``convert_to_universal`` and all ranks resume it with ``load_checkpoint``;
-- C, 4 ranks: rank 0 converts B's checkpoint; all resume it.
+- A, 2 ranks: an uninterrupted run that saves at step 4;
+- B, 4 ranks: the same uninterrupted run (saving at step 4); then rank 0 converts A's checkpoint
+  with ``convert_to_universal`` and all ranks resume it with ``load_checkpoint`` (2 -> 4);
+- C, 2 ranks: rank 0 converts B's checkpoint; all resume it (4 -> 2).
 
 Checks: right after loading, every whole fp32 weight, slow weight and Adam moment equals the saved
 one bit for bit and the cycle counters are the saved ones; after the remaining 4 steps (one more
@@ -154,12 +154,12 @@ def _err(a: list[Any], b: list[Any]) -> float:
 @pytest.mark.timeout(600)
 def test_zero_checkpoint_resumes_at_another_world_size(tmp_path):
     root = str(tmp_path)
-    a = run_ranks(_phase, 4, (root, "w4", None), timeout=300)[0]
-    b = run_ranks(_phase, 2, (root, "w2", "w4"), timeout=300)[0]
-    c = run_ranks(_phase, 4, (root, None, "w2"), timeout=300)[0]
+    a = run_ranks(_phase, 2, (root, "w2", None), timeout=300)[0]
+    b = run_ranks(_phase, 4, (root, "w4", "w2"), timeout=300)[0]
+    c = run_ranks(_phase, 2, (root, None, "w4"), timeout=300)[0]
     tol = 1e-5  # 4 vs 2 ranks reduce the same global-batch gradients in another order
     for stage in STAGES:
-        for saved, resumed, straight, what in ((a, b, b, "4 -> 2"), (b, c, a, "2 -> 4")):
+        for saved, resumed, straight, what in ((a, b, b, "2 -> 4"), (b, c, a, "4 -> 2")):
             s = saved[f"z{stage}_run"]["at_save"]
             r = resumed[f"z{stage}_resumed"]
             u = straight[f"z{stage}_run"]["final"]
