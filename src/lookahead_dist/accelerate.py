@@ -37,7 +37,10 @@ accelerate is imported only when a function of this module is called.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -64,8 +67,11 @@ def parse_lookahead_block(block: Any) -> dict[str, Any]:
     if not isinstance(block, dict):
         raise TypeError(f'DeepSpeed config "lookahead" must be a JSON object, got {block!r}')
     local_sgd = block.get("local_sgd", False)
+    if isinstance(local_sgd, dict):  # {"across": "nodes", ...}: ZeRO inside each node, parsed there
+        return _parse_block(block)
     if not isinstance(local_sgd, bool):
-        raise TypeError(f'DeepSpeed config "lookahead.local_sgd" must be true or false, got {local_sgd!r}')
+        raise TypeError(f'DeepSpeed config "lookahead.local_sgd" must be true, false or {{"across": "nodes", ...}}, '
+                        f"got {local_sgd!r}")
     parsed = _parse_block({key: v for key, v in block.items() if key != "local_sgd"})
     parsed["local_sgd"] = local_sgd
     return parsed
@@ -87,8 +93,11 @@ def _offload_device(config: dict[str, Any]) -> str:
     return str(offload.get("device", "none") or "none").lower()
 
 
-def _prepare_deepspeed_config(plugin: Any, objects: list[Any]) -> None:
-    """Check and adjust the DeepSpeed config for the Lookaheads in ``objects`` (wraps per the block)."""
+def _prepare_deepspeed_config(plugin: Any, objects: list[Any]) -> Any:
+    """Check and adjust the DeepSpeed config for the Lookaheads in ``objects`` (wraps per the block).
+
+    Returns the ``mpu`` to hand to ``deepspeed.initialize`` for ``"local_sgd": {"across": "nodes"}``, else None.
+    """
     config = plugin.deepspeed_config
     block = lookahead_config_from(config)
     optimizers = [i for i, o in enumerate(objects) if isinstance(o, torch.optim.Optimizer)]
@@ -106,8 +115,9 @@ def _prepare_deepspeed_config(plugin: Any, objects: list[Any]) -> None:
             )
     wanted = [i for i in optimizers if block is not None or isinstance(objects[i], Lookahead)]
     if not wanted:
-        return
-    local = block["local_sgd"] if block is not None else any(objects[i].local_sgd is not None for i in wanted)
+        return None
+    across = block["local_sgd"] if block is not None and isinstance(block["local_sgd"], dict) else None
+    local = block["local_sgd"] is True if block is not None else any(objects[i].local_sgd is not None for i in wanted)
     stage = int((config.get("zero_optimization") or {}).get("stage", 0))
     if local and stage != 0:
         raise ValueError(
@@ -134,10 +144,59 @@ def _prepare_deepspeed_config(plugin: Any, objects: list[Any]) -> None:
                 UserWarning,
                 stacklevel=3,
             )
+    mpu = None
     if block is not None:
+        local_sgd: Any = block["local_sgd"]
+        if across is not None:  # Note [Local SGD across nodes] in lookahead_dist.deepspeed
+            from .deepspeed import NodeMPU, _align_across_world, node_groups
+
+            groups = node_groups(across["ranks_per_node"])
+            for obj in objects:
+                if isinstance(obj, torch.nn.Module):
+                    _align_across_world(obj)
+            mpu = NodeMPU(groups)
+            local_sgd = dataclasses.replace(across["options"], process_group=groups.inter)
         for i in optimizers:
             objects[i] = Lookahead(objects[i], k=block["k"], alpha=block["alpha"], pullback=block["pullback"],
-                                   slow_dtype=block["slow_dtype"], local_sgd=block["local_sgd"])
+                                   slow_dtype=block["slow_dtype"], local_sgd=local_sgd)
+    return mpu
+
+
+@contextmanager
+def _initialize_with_mpu(mpu: Any) -> Iterator[None]:
+    """During ``accelerator.prepare``: accelerate's ``deepspeed.initialize`` call gets ``mpu=mpu``.
+
+    accelerate passes no ``mpu`` of its own (except for its sequence parallelism, refused here), and
+    fills ``train_batch_size`` for all processes; with the node as DeepSpeed's data-parallel group
+    it is one node's batch, so an accelerate-filled value (micro x accumulation x processes) is
+    rescaled to the node. ``deepspeed.initialize`` is restored when the block ends.
+    """
+    if mpu is None:
+        yield
+        return
+    import deepspeed
+    import torch.distributed as dist
+
+    original = deepspeed.initialize
+
+    def initialize(*args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("mpu") is not None:
+            raise ValueError('"lookahead.local_sgd": {"across": "nodes"} cannot be combined with accelerate\'s '
+                             "DeepSpeed sequence parallelism (both need DeepSpeed's mpu)")
+        kwargs["mpu"] = mpu
+        key = "config_params" if "config_params" in kwargs else "config"
+        cfg = kwargs.get(key)
+        if isinstance(cfg, dict) and isinstance(cfg.get("train_batch_size"), int):
+            per = cfg.get("train_micro_batch_size_per_gpu", 0) * cfg.get("gradient_accumulation_steps", 1)
+            if isinstance(per, int) and cfg["train_batch_size"] == per * dist.get_world_size():
+                kwargs[key] = {**cfg, "train_batch_size": per * mpu.get_data_parallel_world_size()}
+        return original(*args, **kwargs)
+
+    deepspeed.initialize = initialize
+    try:
+        yield
+    finally:
+        deepspeed.initialize = original
 
 
 def lookahead_config_from(config: dict[str, Any]) -> dict[str, Any] | None:
@@ -154,17 +213,19 @@ def prepare(accelerator: Any, *objects: Any, **kwargs: Any) -> Any:
 
     objs = list(objects)
     plugin = _deepspeed_plugin(accelerator)
+    mpu = None
     if plugin is not None:
-        _prepare_deepspeed_config(plugin, objs)
+        mpu = _prepare_deepspeed_config(plugin, objs)
     elif accelerator.distributed_type == DistributedType.FSDP and any(
             isinstance(o, Lookahead) and o.local_sgd is not None for o in objs):
         raise ValueError("Lookahead local-SGD mode under accelerate's FSDP plugin is not supported; "
                          "use the DDP or DeepSpeed (stage 0) configs, or local_sgd=False")
     lookaheads = [o for o in objs if isinstance(o, Lookahead)]
-    out = accelerator.prepare(*objs, **kwargs)
+    with _initialize_with_mpu(mpu):
+        out = accelerator.prepare(*objs, **kwargs)
     prepared = list(out) if isinstance(out, tuple) else [out]
     _check_kept(accelerator, lookaheads, prepared)
-    if any(la.local_sgd is not None for la in lookaheads):
+    if mpu is None and any(la.local_sgd is not None for la in lookaheads):  # across nodes: the node reduces
         _stop_gradient_allreduce(accelerator, prepared)
     return out
 

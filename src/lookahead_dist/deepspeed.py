@@ -297,7 +297,9 @@ def node_groups(ranks_per_node: int | None = None) -> NodeGroups:
 
     ``ranks_per_node`` defaults to the launcher's ``LOCAL_WORLD_SIZE``. Global ranks must be laid
     out node by node, as torchrun and the deepspeed launcher do (``rank = node * ranks_per_node +
-    local_rank``); ``LOCAL_RANK``, where set, is checked against that.
+    local_rank``); ``LOCAL_RANK``, where set, is checked against that when ``ranks_per_node`` is
+    the launcher's ``LOCAL_WORLD_SIZE`` (a smaller explicit value splits each machine into several
+    "nodes", e.g. to try the set-up on one machine).
     """
     import torch.distributed as dist
 
@@ -314,7 +316,8 @@ def node_groups(ranks_per_node: int | None = None) -> NodeGroups:
         raise ValueError(f"local SGD across nodes: the world size {world} is not a multiple of "
                          f"ranks_per_node={ranks_per_node}")
     local = os.environ.get("LOCAL_RANK")
-    if local is not None and int(local) != rank % ranks_per_node:
+    launcher_node = os.environ.get("LOCAL_WORLD_SIZE") == str(ranks_per_node)  # else a deliberate split
+    if launcher_node and local is not None and int(local) != rank % ranks_per_node:
         raise ValueError(
             f"local SGD across nodes: rank {rank} has LOCAL_RANK={local}, expected {rank % ranks_per_node} with "
             f"ranks_per_node={ranks_per_node}: global ranks must be numbered node by node (torchrun, deepspeed), "
@@ -557,7 +560,8 @@ def initialize(*args: Any, **kwargs: Any) -> tuple[Any, ...]:
 
     Keys: ``k`` (int >= 1, default 5), ``alpha`` (float in (0, 1], default 0.5), ``pullback``
     (``"none"``/``"reset"``/``"pullback"``), ``slow_dtype`` (``"fp32"`` or null), ``local_sgd``
-    (false; true is refused under ZeRO). An unknown key or bad value raises an error naming it; so
+    (false, or ``{"across": "nodes", ...}``: ZeRO inside each node, local SGD across nodes, Note
+    [Local SGD across nodes]; plain true is refused under ZeRO). An unknown key or bad value raises an error naming it; so
     does a client optimizer that already is a Lookahead (two k's). Without the block this is exactly
     ``deepspeed.initialize``.
 
@@ -607,6 +611,28 @@ def initialize(*args: Any, **kwargs: Any) -> tuple[Any, ...]:
     wrap_engine(engine, block["k"], block["alpha"], pullback=block["pullback"], slow_dtype=block["slow_dtype"],
                 local_sgd=options)
     return engine, engine.optimizer, loader, scheduler
+
+
+# Note [Local SGD across nodes]
+# -----------------------------
+# With "local_sgd": {"across": "nodes", ...} DeepSpeed's data-parallel group is the node: initialize
+# passes deepspeed.initialize an mpu (NodeMPU) whose data-parallel group is this rank's node, so ZeRO
+# reduces gradients and partitions the optimizer state inside the node only, and each node trains
+# its own replica. Rank r of every node runs the same ZeRO partitioning of the same model, so it
+# holds the same flat fp32 partitions (ZeRO-1/2: one per param group; ZeRO-3: one per sub-group)
+# of its node's replica: averaging those partitions over the inter-node group {r, r + P, ...}
+# averages the replicas. The Lookahead around the optimizer DeepSpeed steps therefore gets a
+# flat-mode LocalSGD over that group (LocalSGDOptions.process_group = NodeGroups.inter, no
+# intra_group: the node's ranks hold different partitions, not identical replicas, the HSDP case of
+# Note [What goes on the wire]): every k counted steps of a partition, its pseudo-gradient is
+# all-reduced across nodes and the outer step (Note [The outer step]) runs on it in place; DeepSpeed's
+# own post-step copy (ZeRO-1/2: all-gather of the module's flat buffers; ZeRO-3: the partitioned
+# parameters) carries the result into the module, inside the same engine.step(). Nodes must start
+# equal: initialize broadcasts the module's parameters and buffers from global rank 0 before
+# DeepSpeed sees them (DeepSpeed itself broadcasts only inside its data-parallel group), and the
+# LocalSGD is built with init="none" (its construction still checks the partition shapes across
+# nodes). Under ZeRO-3, whose param groups are empty between steps, wrap_engine shows that check each
+# group's sub-group partitions.
 
 
 def _across_nodes(call: dict[str, Any], across: dict[str, Any]) -> tuple[NodeMPU, Any]:

@@ -182,3 +182,50 @@ def test_block_passes_options_through():
     assert (opts.outer_momentum, opts.nesterov, opts.comm_dtype, opts.num_fragments, opts.fragment_sync_delay) == (
         0.9, True, torch.bfloat16, 4, 1)
     assert _parse_block({"k": 3})["local_sgd"] is None
+
+
+# -- accelerate launch with the DeepSpeed plugin ------------------------------------------------------
+def _nodes_reference(nodes: int, per_node: int, steps: int = 12, k: int = 5, alpha: float = 0.5, lr: float = 1e-2,
+                     batch: int = 16, seed: int = 0) -> float:
+    """launch/train_example.py as ``nodes`` replicas, each data parallel over its ``per_node`` ranks' shards
+    (the mean of their losses), averaged every k steps with the Lookahead outer step; node 0's checksum."""
+    from launch.train_example import build_model, checksum, global_batch, shard
+
+    world = nodes * per_node
+    base = build_model(seed)
+    replicas = [copy.deepcopy(base) for _ in range(nodes)]
+    opts = [torch.optim.AdamW(m.parameters(), lr=lr) for m in replicas]
+    slow = [p.detach().clone() for p in base.parameters()]
+    for step in range(1, steps + 1):
+        x, y = global_batch(seed, step, batch)
+        for node, (m, opt) in enumerate(zip(replicas, opts)):
+            ranks = range(node * per_node, (node + 1) * per_node)
+            loss = sum(torch.nn.functional.mse_loss(m(shard(x, r, world)), shard(y, r, world)) for r in ranks)
+            opt.zero_grad()
+            (loss / per_node).backward()
+            opt.step()
+        if step % k == 0:
+            with torch.no_grad():
+                for i, s in enumerate(slow):
+                    s.add_(alpha * (sum(list(m.parameters())[i] for m in replicas) / nodes - s))
+                    for m in replicas:
+                        list(m.parameters())[i].copy_(s)
+    return checksum(replicas[0])
+
+
+@pytest.mark.timeout(300)
+def test_accelerate_deepspeed_zero2_local_sgd_across_nodes(tmp_path):
+    """``accelerate launch`` (DeepSpeed plugin, ZeRO-2, 4 processes) with the block's
+    ``{"across": "nodes", "ranks_per_node": 2}``: launch/train_example.py ends where 2 node replicas
+    of 2 data-parallel ranks, averaged every k steps, end."""
+    from . import _example_ref as ref
+    from .test_launchers import _accelerate, _deepspeed_config
+
+    config = _deepspeed_config(tmp_path, "nodes", lookahead={
+        "k": 5, "alpha": 0.5, "local_sgd": {"across": "nodes", "ranks_per_node": 2}})
+    yaml = config.read_text()
+    assert "num_processes: 2" in yaml
+    config.write_text(yaml.replace("num_processes: 2", "num_processes: 4"))
+    got = _accelerate(config)
+    assert ref.close(got, _nodes_reference(2, 2))
+    assert not ref.close(got, ref.data_parallel(), rel=1e-3)  # the nodes really trained apart
