@@ -190,6 +190,7 @@ def run_python(code: str, cwd: Path, *, ranks: int = 0, nodes: int = 1, timeout:
 #   "text"     not code (output, a diagram, a formula, a citation)
 # after: the blocks (first lines, same file) whose code runs first in the same process, for a
 #   block that continues an earlier one. A block that others continue is not run on its own.
+# inproc: a "run" block of plain torch with no global state, exec'd in the test process.
 # ops: DeepSpeed ops the run builds; skipped with a message when not built yet.
 
 RUN, RANKS, COMPILE, ARGV, CONSOLE, JSON, TEXT = "run", "ranks", "compile", "argv", "console", "json", "text"
@@ -198,7 +199,7 @@ _LONG = "a long run (training, benchmark or whole test suite): its argv is parse
 
 DECISIONS: dict[tuple[str, str], dict] = {
     # README.md
-    ("README.md", "import torch"): dict(kind=RUN),
+    ("README.md", "import torch"): dict(kind=RUN, inproc=True),
     ("README.md", "./launch/demo.sh   # the main job: compare AdamW vs Lookahead(AdamW) and the distributed modes"):
         dict(kind=ARGV, why="demo: ~3 min on 2 cores; test.sh runs the whole suite"),
     ("README.md", "run                  k  alpha      train loss  val loss  samples/s  comm/step/rank  slow weights/rank  time"):
@@ -224,7 +225,7 @@ DECISIONS: dict[tuple[str, str], dict] = {
         dict(kind=COMPILE, why="the Trainer under DeepSpeed needs ranks and a minute; this class and call are "
                                "launch/hf_trainer.py's, run by tests/distributed/test_hf_trainer.py"),
     # docs/api.md
-    ("docs/api.md", "from lookahead_dist import Lookahead, strip_lookahead_state"): dict(kind=RUN),
+    ("docs/api.md", "from lookahead_dist import Lookahead, strip_lookahead_state"): dict(kind=RUN, inproc=True),
     # docs/benchmarks.md
     ("docs/benchmarks.md", "OMP_NUM_THREADS=1 python -m benchmarks.convergence --suite streaming --rate none --steps 320 --seeds 0,1 \\"):
         dict(kind=ARGV, why=_LONG),
