@@ -23,6 +23,11 @@ not know about:
   :func:`prepare` in a Lookahead. Passing a Lookahead as well is a ``ValueError`` (two sources of
   truth for k and alpha); so is a config ``"optimizer"`` block (accelerate then lets DeepSpeed
   build the optimizer, out of reach of a wrapper).
+- ``"local_sgd": {"across": "nodes", ...}`` in the block: ZeRO (any stage) inside each node, local
+  SGD across nodes (Note [Local SGD across nodes] in :mod:`lookahead_dist.deepspeed`): the node
+  groups are built, the model is broadcast from global rank 0, the Lookahead gets local-SGD options
+  over the across-node group, and accelerate's ``deepspeed.initialize`` call gets the node ``mpu``
+  (``_initialize_with_mpu``; an accelerate-filled ``train_batch_size`` is rescaled to one node).
 - Local-SGD mode (a ``Lookahead(..., local_sgd=True)``): the ranks must not all-reduce gradients
   at every step. Under DDP the prepared module is put in permanent ``no_sync`` (its
   ``require_backward_grad_sync`` is cleared, which is what ``DDP.no_sync()`` does for one

@@ -217,11 +217,12 @@ def _nodes_reference(nodes: int, per_node: int, steps: int = 12, k: int = 5, alp
 def test_accelerate_deepspeed_zero2_local_sgd_across_nodes(tmp_path):
     """``accelerate launch`` (DeepSpeed plugin, ZeRO-2, 4 processes) with the block's
     ``{"across": "nodes", "ranks_per_node": 2}``: launch/train_example.py ends where 2 node replicas
-    of 2 data-parallel ranks, averaged every k steps, end."""
+    of 2 data-parallel ranks, averaged every k steps, end (with equal shards that is also the 2-replica
+    local-SGD trajectory; data parallelism over all 4, or no sync, ends elsewhere)."""
     from . import _example_ref as ref
     from .test_launchers import _accelerate, _deepspeed_config
 
-    config = _deepspeed_config(tmp_path, "nodes", lookahead={
+    config = _deepspeed_config(tmp_path, "nodes", train_batch_size="auto", lookahead={  # accelerate fills it for 4
         "k": 5, "alpha": 0.5, "local_sgd": {"across": "nodes", "ranks_per_node": 2}})
     yaml = config.read_text()
     assert "num_processes: 2" in yaml
