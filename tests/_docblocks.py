@@ -239,6 +239,8 @@ DECISIONS: dict[tuple[str, str], dict] = {
         dict(kind=RANKS, after=["# train_ds.py -- run with: deepspeed --num_gpus 2 train_ds.py   (or torchrun --nproc-per-node 2;",
                                 "from lookahead_dist.deepspeed import initialize"],
              ops=["deepspeed_shm_comm", "fused_adam"]),
+    ("docs/deepspeed.md", "# train_nodes.py -- run on each node: torchrun --nnodes 2 --nproc-per-node 8 --rdzv-endpoint HOST:29500 train_nodes.py"):
+        dict(kind=RANKS, nodes=2, ops=["fused_adam"]),  # 2 "nodes" x 1 rank
     ("docs/deepspeed.md", '# saved with engine.save_checkpoint("ckpt", tag="step100") on 4 ranks'):
         dict(kind=ARGV, why="needs a 4-rank ZeRO checkpoint; tests/distributed/test_deepspeed_universal.py converts one"),
     ("docs/deepspeed.md", "import lookahead_dist.deepspeed as la_ds"):
