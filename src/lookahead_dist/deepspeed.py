@@ -40,7 +40,7 @@ from typing import Any
 
 import torch
 
-from .lookahead import ALPHA_KEY, K_KEY, SLOW_KEY, STEP_KEY, Lookahead, _check_alpha, _check_k
+from .lookahead import ALPHA_KEY, K_KEY, SLOW_KEY, STEP_KEY, Lookahead, check_alpha, check_k
 from .memory import optimizer_state_bytes
 
 __all__ = [
@@ -213,8 +213,8 @@ def _parse_block(block: Any) -> dict[str, Any]:
             f'unknown key(s) {unknown} in DeepSpeed config "{LOOKAHEAD_CONFIG_KEY}"; allowed: {list(_BLOCK_KEYS)}'
         )
     out: dict[str, Any] = {
-        "k": _check_k(block.get("k", 5), f"{LOOKAHEAD_CONFIG_KEY}.k"),
-        "alpha": _check_alpha(block.get("alpha", 0.5), f"{LOOKAHEAD_CONFIG_KEY}.alpha"),
+        "k": check_k(block.get("k", 5), f"{LOOKAHEAD_CONFIG_KEY}.k"),
+        "alpha": check_alpha(block.get("alpha", 0.5), f"{LOOKAHEAD_CONFIG_KEY}.alpha"),
         "pullback": block.get("pullback", "none"),
     }
     from .lookahead import PULLBACK_MODES

@@ -105,7 +105,8 @@ NONFINITE_POLICIES = ("skip", "raise")
 NonFinitePolicy = Literal["skip", "raise"]
 
 
-def _check_k(k: Any, name: str = "k") -> int:
+def check_k(k: Any, name: str = "k") -> int:
+    """``k`` as a sync period (an int >= 1, not a bool), or a TypeError/ValueError naming ``name``."""
     if isinstance(k, bool) or not isinstance(k, int):
         raise TypeError(f"Lookahead `{name}` must be an int >= 1, got {k!r} ({type(k).__name__})")
     if k < 1:
@@ -113,7 +114,8 @@ def _check_k(k: Any, name: str = "k") -> int:
     return k
 
 
-def _check_alpha(alpha: Any, name: str = "alpha") -> float:
+def check_alpha(alpha: Any, name: str = "alpha") -> float:
+    """``alpha`` as a slow step size in (0, 1], or a TypeError/ValueError naming ``name``."""
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
         raise TypeError(f"Lookahead `{name}` must be a float in (0, 1], got {alpha!r}")
     if not (0.0 < alpha <= 1.0) or math.isnan(alpha):
@@ -222,8 +224,8 @@ class Lookahead(Optimizer):
                 "Lookahead wraps a torch.optim.Optimizer instance, got "
                 f"{type(optimizer).__name__}: {optimizer!r}"
             )
-        _check_k(k)
-        alpha = _check_alpha(alpha)
+        check_k(k)
+        alpha = check_alpha(alpha)
         if pullback not in PULLBACK_MODES:
             raise ValueError(f"Lookahead `pullback` must be one of {PULLBACK_MODES}, got {pullback!r}")
         if on_nonfinite not in NONFINITE_POLICIES:
@@ -315,8 +317,8 @@ class Lookahead(Optimizer):
         ``ZeroRedundancyOptimizer(model.parameters(), optimizer_class=Lookahead.wrap(torch.optim.AdamW,
         k=5, alpha=0.5), lr=1e-3)``. ``kwargs`` go to :class:`Lookahead` (``pullback``, ``slow_dtype``).
         """
-        _check_k(k)
-        _check_alpha(alpha)
+        check_k(k)
+        check_alpha(alpha)
 
         def build(params: Any, *args: Any, **inner_kwargs: Any) -> Lookahead:
             return cls(optimizer_class(params, *args, **inner_kwargs), k, alpha, **kwargs)
@@ -331,9 +333,9 @@ class Lookahead(Optimizer):
         Its tensors start their own cycle: their slow weights are taken at the next step.
         """
         if K_KEY in param_group:
-            _check_k(param_group[K_KEY], K_KEY)
+            check_k(param_group[K_KEY], K_KEY)
         if ALPHA_KEY in param_group:
-            param_group[ALPHA_KEY] = _check_alpha(param_group[ALPHA_KEY], ALPHA_KEY)
+            param_group[ALPHA_KEY] = check_alpha(param_group[ALPHA_KEY], ALPHA_KEY)
         if not self._adopting:
             self.optimizer.add_param_group(param_group)
             param_group = self.optimizer.param_groups[-1]
@@ -717,9 +719,9 @@ class Lookahead(Optimizer):
                 raise ValueError(f"Lookahead checkpoint: param_groups[{i}] has {len(sg['params'])} parameter(s), this "
                                  f"optimizer's has {len(g['params'])}")
             if K_KEY in sg:
-                _check_k(sg[K_KEY], f"param_groups[{i}].{K_KEY}")
+                check_k(sg[K_KEY], f"param_groups[{i}].{K_KEY}")
             if ALPHA_KEY in sg:
-                _check_alpha(sg[ALPHA_KEY], f"param_groups[{i}].{ALPHA_KEY}")
+                check_alpha(sg[ALPHA_KEY], f"param_groups[{i}].{ALPHA_KEY}")
         return saved
 
     def _restore_entry(self, p: torch.Tensor, saved: dict[str, Any], name: str) -> dict[str, Any]:
