@@ -2,7 +2,7 @@
 
 4 gloo ranks as 2 "nodes" x 2 (``LOCAL_WORLD_SIZE=2``): ``lookahead_dist.deepspeed.initialize`` with
 ``"lookahead": {"k": 3, "local_sgd": {"across": "nodes", "outer_momentum": 0.5, "nesterov": true}}``
-on ZeRO-2 and ZeRO-3 (several sub-groups). Every rank records the whole weights its module holds
+on ZeRO-1, ZeRO-2 and ZeRO-3 (several sub-groups). Every rank records the whole weights its module holds
 after each of 7 steps (two syncs, then mid-cycle). The reference is a single-process simulation of
 the documented rule: 2 node replicas, each an AdamW on the mean loss of its 2 ranks' batches (what
 data parallelism over the node computes), and every k steps the outer step of Note [The outer step]
@@ -30,6 +30,7 @@ D_IN, D_HID, D_OUT = 5, 9, 2
 LR, WD = 0.02, 0.1
 
 CASES = [
+    dict(name="zero1", zero={"stage": 1}),
     dict(name="zero2", zero={"stage": 2}),
     dict(name="zero3", zero={"stage": 3, "sub_group_size": 30, "stage3_param_persistence_threshold": 0}),
 ]
