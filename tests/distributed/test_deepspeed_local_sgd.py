@@ -71,7 +71,7 @@ def _module_weights(engine) -> list[list[float]]:
 def _run_case(case: dict[str, Any], rank: int) -> dict[str, Any]:
     import torch.distributed as dist
 
-    from lookahead_dist.deepspeed import find_lookahead, initialize
+    from lookahead_dist.deepspeed import find_lookahead, initialize, sync_now
 
     model = _model(seed=rank)  # different on every rank: initialize must align the nodes
     engine, *_ = initialize(model=model, model_parameters=model.parameters(), config=_config(case))
@@ -86,6 +86,8 @@ def _run_case(case: dict[str, Any], rank: int) -> dict[str, Any]:
         engine.backward(torch.nn.functional.mse_loss(engine(x), y))
         engine.step()
         out["weights"].append(_module_weights(engine))
+    sync_now(engine)  # mid-cycle: the outer step now, across nodes, into master and module weights
+    out["synced"] = _module_weights(engine)
     return out
 
 
@@ -100,15 +102,18 @@ def _all_cases(rank: int, world: int) -> dict[str, Any]:
 
 # -- reference ----------------------------------------------------------------------------------------
 def _reference() -> list[list[list[list[float]]]]:
-    """[step][node] -> whole weights of that node's replica, by the documented rule."""
+    """[step][node] -> whole weights of that node's replica, by the documented rule; one more entry
+    after the last step: the weights after an extra outer step (``sync_now``)."""
     base = _model(seed=0)  # rank 0's model: initialize broadcasts it
     replicas = [copy.deepcopy(base) for _ in range(WORLD // PER_NODE)]
     opts = [torch.optim.AdamW(m.parameters(), lr=LR, weight_decay=WD) for m in replicas]
     slow = [p.detach().clone() for p in base.parameters()]
     mom = [torch.zeros_like(p) for p in slow]
     out = []
-    for step in range(STEPS):
+    for step in range(STEPS + 1):
         for node, (m, opt) in enumerate(zip(replicas, opts)):
+            if step == STEPS:  # sync_now(): no inner step
+                break
             opt.zero_grad()
             losses = []
             for local in range(PER_NODE):
@@ -116,7 +121,7 @@ def _reference() -> list[list[list[list[float]]]]:
                 losses.append(torch.nn.functional.mse_loss(m(x), y))
             (sum(losses) / PER_NODE).backward()  # DeepSpeed averages the node's gradients
             opt.step()
-        if (step + 1) % K == 0:
+        if (step + 1) % K == 0 or step == STEPS:
             with torch.no_grad():
                 for i, phi in enumerate(slow):
                     mean = sum(list(m.parameters())[i] for m in replicas) / len(replicas)
@@ -149,6 +154,8 @@ def test_zero_inside_nodes_local_sgd_across_nodes_matches_simulation():
             for step in range(STEPS):
                 err = _max_err(r["weights"][step], ref[step][node])
                 assert err < 1e-5, f"{case['name']} rank {rank} step {step + 1}: max |w - ref| = {err:.3g}"
+            err = _max_err(r["synced"], ref[STEPS][node])
+            assert err < 1e-5, f"{case['name']} rank {rank} after sync_now: max |w - ref| = {err:.3g}"
 
 
 # -- the block ----------------------------------------------------------------------------------------
