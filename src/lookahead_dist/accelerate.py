@@ -65,8 +65,9 @@ def _deepspeed_plugin(accelerator: Any) -> Any | None:
 
 def parse_lookahead_block(block: Any) -> dict[str, Any]:
     """Validate a ``"lookahead"`` block: the keys and checks of :func:`lookahead_dist.deepspeed.initialize`
-    (``k``, ``alpha``, ``pullback``, ``slow_dtype``), except that ``local_sgd: true`` is accepted
-    here (ZeRO stage 0 only, checked by :func:`prepare`). Returns the parsed values."""
+    (``k``, ``alpha``, ``pullback``, ``slow_dtype``, ``local_sgd: {"across": "nodes", ...}``), except
+    that ``local_sgd: true`` is accepted here (ZeRO stage 0 only, checked by :func:`prepare`).
+    Returns the parsed values."""
     from .deepspeed import _parse_block  # one parser for the block; imports no DeepSpeed
 
     if not isinstance(block, dict):

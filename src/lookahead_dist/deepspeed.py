@@ -7,7 +7,9 @@ Two ways in, both under ZeRO-1/2/3 (fp32 or bf16, optimizer offload included):
 - :func:`initialize`, a drop-in for ``deepspeed.initialize`` that reads a ``"lookahead"`` block and
   puts the Lookahead around the optimizer DeepSpeed itself builds (:func:`wrap_engine`).
 
-Then :func:`use_slow_weights` / :func:`sync_now` act on the module's weights, and
+With ``"local_sgd": {"across": "nodes", ...}`` in the block, ZeRO runs inside each node and the
+nodes' replicas are averaged every k steps (Note [Local SGD across nodes]: :func:`node_groups`,
+:class:`NodeMPU`). Then :func:`use_slow_weights` / :func:`sync_now` act on the module's weights, and
 :func:`convert_to_universal` / :func:`load_checkpoint` resume at another world size with the slow
 weights. DeepSpeed is imported lazily (``import lookahead_dist.deepspeed`` does not import it).
 
