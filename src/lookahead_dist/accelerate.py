@@ -68,17 +68,17 @@ def parse_lookahead_block(block: Any) -> dict[str, Any]:
     (``k``, ``alpha``, ``pullback``, ``slow_dtype``, ``local_sgd: {"across": "nodes", ...}``), except
     that ``local_sgd: true`` is accepted here (ZeRO stage 0 only, checked by :func:`prepare`).
     Returns the parsed values."""
-    from .deepspeed import _parse_block  # one parser for the block; imports no DeepSpeed
+    from .deepspeed import parse_lookahead_block  # one parser for the block; imports no DeepSpeed
 
     if not isinstance(block, dict):
         raise TypeError(f'DeepSpeed config "lookahead" must be a JSON object, got {block!r}')
     local_sgd = block.get("local_sgd", False)
     if isinstance(local_sgd, dict):  # {"across": "nodes", ...}: ZeRO inside each node, parsed there
-        return _parse_block(block)
+        return parse_lookahead_block(block)
     if not isinstance(local_sgd, bool):
         raise TypeError(f'DeepSpeed config "lookahead.local_sgd" must be true, false or {{"across": "nodes", ...}}, '
                         f"got {local_sgd!r}")
-    parsed = _parse_block({key: v for key, v in block.items() if key != "local_sgd"})
+    parsed = parse_lookahead_block({key: v for key, v in block.items() if key != "local_sgd"})
     parsed["local_sgd"] = local_sgd
     return parsed
 

@@ -76,6 +76,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from .lookahead import find_lookahead
+
 __all__ = ["save_checkpoint", "load_latest", "latest_step", "LATEST", "FORMAT"]
 
 #: Name of the file that names the last complete checkpoint directory.
@@ -138,8 +140,6 @@ def _check_optimizer(model: Any, optimizer: Any, fn: str) -> None:
     if _is_deepspeed_engine(model):
         if optimizer is None:
             return
-        from .deepspeed import find_lookahead
-
         if optimizer is getattr(model, "optimizer", None) or optimizer is find_lookahead(model):
             return
         raise ValueError(f"{fn}: with a DeepSpeed engine pass optimizer=None (or the engine's own optimizer); "

@@ -42,11 +42,12 @@ from typing import Any
 
 import torch
 
-from .lookahead import ALPHA_KEY, K_KEY, SLOW_KEY, STEP_KEY, Lookahead, check_alpha, check_k
+from .lookahead import ALPHA_KEY, K_KEY, SLOW_KEY, STEP_KEY, Lookahead, check_alpha, check_k, find_lookahead
 from .memory import optimizer_state_bytes
 
 __all__ = [
     "find_lookahead",
+    "parse_lookahead_block",
     "master_partitions",
     "DeepSpeedStateBytes",
     "state_bytes",
@@ -69,26 +70,6 @@ __all__ = [
 #: Top-level DeepSpeed config key of the Lookahead block read by :func:`initialize`.
 LOOKAHEAD_CONFIG_KEY = "lookahead"
 _BLOCK_KEYS = ("k", "alpha", "pullback", "slow_dtype", "local_sgd")
-
-
-def find_lookahead(engine_or_optimizer: Any) -> Lookahead | None:
-    """The Lookahead that a DeepSpeed engine (or its ZeRO/bf16 optimizer wrapper) steps, or None.
-
-    DeepSpeed wraps the client optimizer (``engine.optimizer.optimizer``); ZeRO-3 with optimizer
-    offload to an accelerator may keep it as ``backup_optimizer``.
-    """
-    seen: set[int] = set()
-    todo = [engine_or_optimizer]
-    while todo:
-        obj = todo.pop()
-        if obj is None or id(obj) in seen:
-            continue
-        seen.add(id(obj))
-        if isinstance(obj, Lookahead):
-            return obj
-        for attr in ("optimizer", "basic_optimizer", "backup_optimizer"):
-            todo.append(getattr(obj, attr, None))
-    return None
 
 
 def master_partitions(engine_or_optimizer: Any) -> list[torch.Tensor]:
@@ -206,7 +187,11 @@ def lookahead_config(config: dict[str, Any], *, offload_client_optimizer: bool =
     return out
 
 
-def _parse_block(block: Any) -> dict[str, Any]:
+def parse_lookahead_block(block: Any) -> dict[str, Any]:
+    """The checked ``"lookahead"`` block of a DeepSpeed config (also read by :mod:`lookahead_dist.accelerate`).
+
+    Imports no DeepSpeed; raises TypeError/ValueError naming the bad key or value.
+    """
     if not isinstance(block, dict):
         raise TypeError(f'DeepSpeed config "{LOOKAHEAD_CONFIG_KEY}" must be a JSON object, got {block!r}')
     unknown = sorted(set(block) - set(_BLOCK_KEYS))
@@ -585,7 +570,7 @@ def initialize(*args: Any, **kwargs: Any) -> tuple[Any, ...]:
     if args:
         raise TypeError("lookahead_dist.deepspeed.initialize takes keyword arguments only (as deepspeed.initialize)")
 
-    block = _parse_block(config[LOOKAHEAD_CONFIG_KEY])
+    block = parse_lookahead_block(config[LOOKAHEAD_CONFIG_KEY])
     across = block["local_sgd"]
     client = kwargs.get("optimizer")
     if isinstance(client, Lookahead):

@@ -86,6 +86,9 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Lookahead",
+    "find_lookahead",
+    "check_k",
+    "check_alpha",
     "SLOW_KEY",
     "STEP_KEY",
     "MOMENTUM_KEY",
@@ -732,3 +735,24 @@ class Lookahead(Optimizer):
         if MOMENTUM_KEY in saved:
             entry[MOMENTUM_KEY] = saved[MOMENTUM_KEY].to(device=local_tensor(p).device, copy=True)
         return entry
+
+
+def find_lookahead(obj: Any) -> Lookahead | None:
+    """The Lookahead inside a host's optimizer wrapper (or ``obj`` itself), or None.
+
+    Follows the attributes hosts keep the optimizer they step in: DeepSpeed's engine and ZeRO/bf16
+    wrappers (``optimizer``, ``basic_optimizer``, ZeRO-3's ``backup_optimizer``) and
+    ``ZeroRedundancyOptimizer`` (``optim``).
+    """
+    seen: set[int] = set()
+    todo = [obj]
+    while todo:
+        cur = todo.pop()
+        if cur is None or id(cur) in seen:
+            continue
+        seen.add(id(cur))
+        if isinstance(cur, Lookahead):
+            return cur
+        for attr in ("optimizer", "basic_optimizer", "backup_optimizer", "optim"):
+            todo.append(getattr(cur, attr, None))
+    return None

@@ -14,7 +14,7 @@ import torch
 
 from ._sync import nbytes
 from ._keys import SLOW_KEY, is_lookahead_key
-from .lookahead import Lookahead
+from .lookahead import Lookahead, find_lookahead
 
 __all__ = ["StateBytes", "optimizer_state_bytes", "slow_weight_bytes"]
 
@@ -39,7 +39,10 @@ class StateBytes:
 
 
 def _unwrap(optimizer: Any) -> Any:
-    # ZeroRedundancyOptimizer keeps the per-rank optimizer (our Lookahead) in `.optim`.
+    # The Lookahead inside a host's wrapper; else ZeroRedundancyOptimizer's per-rank `.optim`.
+    found = find_lookahead(optimizer)
+    if found is not None:
+        return found
     inner = getattr(optimizer, "optim", None)
     return inner if isinstance(inner, torch.optim.Optimizer) else optimizer
 

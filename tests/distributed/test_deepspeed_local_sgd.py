@@ -173,23 +173,23 @@ def test_zero_inside_nodes_local_sgd_across_nodes_matches_simulation():
     ],
 )
 def test_block_errors_name_the_value(local_sgd, error, match):
-    from lookahead_dist.deepspeed import _parse_block
+    from lookahead_dist.deepspeed import parse_lookahead_block
 
     with pytest.raises(error, match=match):
-        _parse_block({"k": 4, "local_sgd": local_sgd})
+        parse_lookahead_block({"k": 4, "local_sgd": local_sgd})
 
 
 def test_block_passes_options_through():
-    from lookahead_dist.deepspeed import _parse_block
+    from lookahead_dist.deepspeed import parse_lookahead_block
 
-    block = _parse_block({"k": 16, "local_sgd": {"across": "nodes", "ranks_per_node": 8, "outer_momentum": 0.9,
+    block = parse_lookahead_block({"k": 16, "local_sgd": {"across": "nodes", "ranks_per_node": 8, "outer_momentum": 0.9,
                                                  "nesterov": True, "comm_dtype": "bf16", "num_fragments": 4,
                                                  "fragment_sync_delay": 1}})
     opts = block["local_sgd"]["options"]
     assert block["local_sgd"]["ranks_per_node"] == 8
     assert (opts.outer_momentum, opts.nesterov, opts.comm_dtype, opts.num_fragments, opts.fragment_sync_delay) == (
         0.9, True, torch.bfloat16, 4, 1)
-    assert _parse_block({"k": 3})["local_sgd"] is None
+    assert parse_lookahead_block({"k": 3})["local_sgd"] is None
 
 
 # -- accelerate launch with the DeepSpeed plugin ------------------------------------------------------

@@ -115,9 +115,9 @@ def _cli(*argv: str) -> Callable[[Path], None]:
 
 def _block(block) -> Callable[[Path], None]:
     def run(_: Path) -> None:
-        from lookahead_dist.deepspeed import _parse_block  # what initialize() and prepare() call
+        from lookahead_dist.deepspeed import parse_lookahead_block  # what initialize() and prepare() call
 
-        _parse_block(block)
+        parse_lookahead_block(block)
 
     return run
 
