@@ -36,7 +36,7 @@ def _parse_known_args(self, args=None, namespace=None):
     finally:
         _depth -= 1
     if _depth == 0:
-        raise _Parsed(extra)
+        raise _Parsed(ns, extra)
     return ns, extra
 
 
@@ -89,7 +89,15 @@ def _run_program(argv: list[str]) -> str | None:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
             run()
     except _Parsed as e:
-        return f"unrecognised arguments {e.args[0]}" if e.args[0] else None
+        ns, extra = e.args
+        if extra:
+            return f"unrecognised arguments {extra}"
+        if target.endswith("netcluster.py") and ns.torchrun:  # the program every node's torchrun starts
+            cmd = ns.command[1:] if ns.command[:1] == ["--"] else list(ns.command)
+            if cmd[:1] == ["lookahead-dist"]:
+                cmd = ["-m", "lookahead_dist.cli", *cmd[1:]]
+            return _run_program(cmd) if cmd[:1] == ["-m"] or os.path.exists(cmd[0]) else None
+        return None
     except SystemExit as e:
         return None if e.code in (0, None) else f"exit {e.code}: {out.getvalue().strip()[-500:]}"
     finally:
@@ -99,6 +107,7 @@ def _run_program(argv: list[str]) -> str | None:
 
 def main() -> None:
     argparse.ArgumentParser.parse_known_args = _parse_known_args
+    sys.path.insert(0, os.getcwd())  # as `python -m` and a command typed in the repository root see it
     results = []
     for argv in json.loads(sys.argv[1]):
         try:
