@@ -53,12 +53,12 @@ def _launcher_parse(parser: argparse.ArgumentParser, args: list[str]) -> argpars
 def _run_program(argv: list[str]) -> str | None:
     if argv[0] == "-m":
         target, args = argv[1], argv[2:]
-        run = lambda: runpy.run_module(target, run_name="__main__", alter_sys=True)  # noqa: E731
+        run = lambda: runpy.run_module(target, run_name="__main__", alter_sys=True)
     elif argv[0].endswith(".py"):
         target, args = argv[0], argv[1:]
         if not os.path.exists(target):
             return f"{target}: no such file"
-        run = lambda: runpy.run_path(target, run_name="__main__")  # noqa: E731
+        run = lambda: runpy.run_path(target, run_name="__main__")
     else:
         return f"cannot check {argv!r}"
     if target == "torch.distributed.run":

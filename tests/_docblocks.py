@@ -7,8 +7,11 @@ its first non-empty line (plus ``#2``, ``#3`` when that line repeats in the file
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -126,10 +129,6 @@ def python_argv(cmd: str) -> tuple[list[str], list[str]] | None:
 
 # ---------------------------------------------------------------------------------------------
 # Running Python blocks as written.
-
-import os  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
 
 
 def block_env(extra: dict[str, str] | None = None) -> dict[str, str]:

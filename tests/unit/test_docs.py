@@ -14,8 +14,24 @@ from pathlib import Path
 import pytest
 
 import lookahead_dist.lookahead
-from tests._docblocks import (ARGV, COMPILE, CONSOLE, DECISIONS, DOC_FILES, JSON, RANKS, ROOT, RUN, TEXT,
-                              block_env, chains, collect, commands, python_argv, run_python)
+from tests._docblocks import (
+    ARGV,
+    COMPILE,
+    CONSOLE,
+    DECISIONS,
+    DOC_FILES,
+    JSON,
+    RANKS,
+    ROOT,
+    RUN,
+    TEXT,
+    block_env,
+    chains,
+    collect,
+    commands,
+    python_argv,
+    run_python,
+)
 
 BLOCKS = collect()
 _RUN = {k: code for k, code in chains(BLOCKS).items() if DECISIONS[k]["kind"] == RUN}
@@ -132,7 +148,7 @@ def _anchors(md: Path) -> set[str]:
 def test_links_resolve_inside_the_repository():
     bad = []
     for md in DOC_FILES:
-        text = re.sub(r"```.*?```", "", md.read_text(), flags=re.S)
+        text = re.sub(r"```.*?```", "", md.read_text(), flags=re.DOTALL)
         for target in re.findall(r"\]\(([^)\s]+)\)", text):
             if re.match(r"^[a-z]+://", target) or target.startswith("mailto:"):
                 continue
