@@ -470,10 +470,10 @@ def test_deepspeed_rows(tmp_path):
     ],
 )
 def test_lookahead_block_rejects_bad_values(block, err, words):
-    from lookahead_dist.deepspeed import _parse_block
+    from lookahead_dist.deepspeed import parse_lookahead_block
 
     with pytest.raises(err, match=words):
-        _parse_block(block)
+        parse_lookahead_block(block)
 
 
 def test_lookahead_config_sets_what_deepspeed_needs():
