@@ -7,14 +7,21 @@ the library by putting one first on PYTHONPATH (``git archive <commit> src | tar
     PYTHONPATH=/tmp/base/src python tools/netcluster.py --nodes 2 --rate 200mbit --log-dir /tmp/st \
         --torchrun benchmarks/sync_step_timing.py && grep RESULT /tmp/st/node0.log
 """
-import json, os, statistics, sys, time
-import torch, torch.distributed as dist
-torch.set_num_threads(1)
-dist.init_process_group("gloo")
+
+import json
+import statistics
+import time
+
+import torch
+import torch.distributed as dist
+
 import lookahead_dist
 from lookahead_dist import Lookahead
+from lookahead_dist.demo.model import ModelConfig, TinyLM
 from lookahead_dist.sync.local_sgd import LocalSGDOptions
-from lookahead_dist.demo.model import TinyLM, ModelConfig
+
+torch.set_num_threads(1)
+dist.init_process_group("gloo")
 torch.manual_seed(0)
 m = TinyLM(ModelConfig(n_layer=6, d_model=256, n_head=8))
 k = 4
@@ -23,9 +30,13 @@ opt = Lookahead(torch.optim.AdamW(m.parameters(), lr=3e-3, foreach=True), k=k, a
 x = torch.randint(0, 256, (2, 64))
 sync, other = [], []
 for i in range(1, 8 * k + 1):
-    loss = m(x).float().mean(); opt.zero_grad(); loss.backward()
+    loss = m(x).float().mean()
+    opt.zero_grad()
+    loss.backward()
     dist.barrier()
-    t = time.perf_counter(); opt.step(); dt = time.perf_counter() - t
+    t = time.perf_counter()
+    opt.step()
+    dt = time.perf_counter() - t
     (sync if i % k == 0 else other).append(dt)
 if dist.get_rank() == 0:
     print("RESULT " + json.dumps({"lib": lookahead_dist.__file__, "sync_s": [round(s, 4) for s in sorted(sync)],
