@@ -42,12 +42,12 @@ def main() -> None:
             if dt in ("fp32", "bf16"):
                 buf = x if dt == "fp32" else x.to(torch.bfloat16)
 
-                def once() -> None:
+                def once(buf: torch.Tensor = buf) -> None:
                     dist.all_reduce(buf)
             else:
                 bits = {"int8": 8, "int4": 4}[dt]
 
-                def once() -> None:
+                def once(x: torch.Tensor = x, bits: int = bits) -> None:
                     quantized_all_reduce(x, group, bits=bits, block_size=args.block_size)
             once()  # warm-up: connections, buffers
             ts = []
