@@ -655,14 +655,18 @@ class LocalSGD(SyncStrategy):
         code = sum((i + 1) * t.numel() for i, t in enumerate(tensors)) % (2**61)
         row = torch.tensor([len(tensors), sum(t.numel() for t in tensors), code], dtype=torch.int64,
                            device=self._device(tensors))
-        rows = _comm.all_gather_rows(row, group, self.stats, "init")
-        bad = [r for r in range(rows.shape[0]) if not torch.equal(rows[r], rows[0])]
+        rows, bad = self._ranks_unlike_first(row, group)
         if bad:
             raise ValueError(
                 f"local SGD: ranks {_ranks_of(group, bad)} hold parameters (or buffers) of other shapes than "
                 f"rank {_ranks_of(group, [0])[0]} (count, total numel per rank: "
                 f"{[tuple(r[:2].tolist()) for r in rows]}); every rank must build the same model"
             )
+
+    def _ranks_unlike_first(self, row: torch.Tensor, group: dist.ProcessGroup | None) -> tuple[torch.Tensor, list[int]]:
+        """Every rank's ``row`` (gathered over ``group``) and the group ranks whose row differs from rank 0's."""
+        rows = _comm.all_gather_rows(row, group, self.stats, "init")
+        return rows, [r for r in range(rows.shape[0]) if not torch.equal(rows[r], rows[0])]
 
     def _packed(self, tensors: list[torch.Tensor]) -> list[tuple[list[torch.Tensor], torch.Tensor]]:
         out = []
@@ -684,8 +688,7 @@ class LocalSGD(SyncStrategy):
             w = torch.linspace(-1.0, 1.0, x.numel(), dtype=torch.float64, device=x.device)
             sums += [x.sum(), (x * w).sum(), (x * x).sum()]
         row = torch.stack(sums) if sums else torch.zeros(1, dtype=torch.float64, device=self._device(tensors))
-        rows = _comm.all_gather_rows(row, group, self.stats, "init")
-        bad = [r for r in range(rows.shape[0]) if not torch.equal(rows[r], rows[0])]
+        _, bad = self._ranks_unlike_first(row, group)
         if bad:
             raise ValueError(
                 f"local SGD (init='check'): ranks {_ranks_of(group, bad)} start from other weights than rank "
