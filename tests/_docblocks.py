@@ -139,6 +139,14 @@ def block_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+_EPILOGUE = """
+
+import torch.distributed as _dist
+if _dist.is_initialized():
+    _dist.destroy_process_group()
+"""
+
+
 def run_python(code: str, cwd: Path, *, ranks: int = 0, nodes: int = 1, timeout: float = 180.0) -> list[str]:
     """Run ``code`` as ``python block.py`` in ``cwd``: once (ranks=0), or as ``ranks`` processes with
     the environment torchrun gives its workers (``nodes`` "nodes" of ranks/nodes workers). Returns
@@ -146,7 +154,11 @@ def run_python(code: str, cwd: Path, *, ranks: int = 0, nodes: int = 1, timeout:
     from lookahead_dist.distributed import free_port
 
     script = cwd / "block.py"
-    script.write_text(code)
+    # A ranked block ends where the user's script would go on; the script's end is ours to write. A
+    # gloo process that exits with its process group alive can abort in interpreter teardown
+    # ("terminate called without an active exception", pytorch/pytorch#190489; seen once in CI
+    # after docs/deepspeed.md's blocks), so end it as docs/torchrun.md tells scripts to end.
+    script.write_text(code + (_EPILOGUE if ranks else ""))
     if ranks == 0:
         envs = [block_env()]
     else:
