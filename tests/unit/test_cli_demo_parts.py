@@ -95,6 +95,32 @@ def test_comm_counter_counts_at_the_dispatcher_pauses_and_patches_nothing(one_ra
     assert comm.calls == 0
 
 
+def test_comm_counter_sees_other_threads_keeps_autograd_and_leaves_no_kernel(one_rank_group):
+    import threading
+
+    t = torch.ones(10)  # 40 bytes
+    group = dist.group.WORLD.group_name
+    x = torch.ones(4, requires_grad=True)
+    plain = torch.ops._c10d_functional.wait_tensor(torch.ops._c10d_functional.all_reduce(x, "sum", group))
+    with CommCounter() as comm:
+        assert "ADInplaceOrView" in torch._C._dispatch_dump("c10d::allreduce_")
+        # A worker thread's collective (the quantised reduce, a torchft manager) is counted too.
+        worker = threading.Thread(target=dist.all_reduce, args=(t,))
+        worker.start()
+        worker.join()
+        assert (comm.calls, comm.payload) == (1, 40)
+        # A functional collective is counted once, and its autograd formula still runs above us.
+        y = torch.ops._c10d_functional.wait_tensor(torch.ops._c10d_functional.all_reduce(x, "sum", group))
+        assert (comm.calls, comm.payload) == (2, 56)
+        assert y.requires_grad and y.grad_fn is not None
+        y.sum().backward()
+        assert torch.equal(x.grad, torch.ones(4))
+    assert plain.requires_grad
+    # The kernels are gone after the block: the dispatcher table is as before.
+    assert "ADInplaceOrView" not in torch._C._dispatch_dump("c10d::allreduce_")
+    assert "ADInplaceOrView" not in torch._C._dispatch_dump("_c10d_functional::all_reduce")
+
+
 def test_comm_counter_ring_model():
     comm = CommCounter()
     comm._record("all_reduce", "all_reduce", 1000, 2)

@@ -1,17 +1,24 @@
 """Counting the bytes a rank communicates, where every collective passes: the dispatcher.
 
 Whoever issues a collective -- DDP's C++ reducer, FSDP2, DeepSpeed, a local-SGD sync, torch's
-``PostLocalSGDOptimizer`` -- it reaches a ``c10d`` operator (``c10d.allreduce_``,
+``PostLocalSGDOptimizer``, a worker thread -- it reaches a ``c10d`` operator (``c10d.allreduce_``,
 ``c10d._reduce_scatter_base_``, ...), or a functional collective (``_c10d_functional.*``, the path of
-DTensor), through the dispatcher. :class:`CommCounter` is a ``TorchDispatchMode`` that sees those
-operators and adds up their tensor sizes; nothing is patched, and a call made inside another
-(an object collective pickling into tensors) is seen once, at the operator it becomes.
+DTensor), through the dispatcher. While a :class:`CommCounter` is active those operators (and
+only those) get a kernel of ours at the ``ADInplaceOrView`` dispatch key -- a key every dense
+tensor's call passes, just below autograd, where no collective has a kernel of its own (so
+autograd formulas, such as the functional collectives', still run above it) -- which adds up
+their tensor sizes and hands the call on to the real kernel, unchanged. Nothing is patched, and
+a call made inside another (an object collective pickling into tensors) is seen once, at the
+operator it becomes.
 
-torch's own ``CommDebugMode`` works the same way and sees the same operators (also under gloo on
-CPU, DDP's reducer included), but it counts calls, not bytes, installs module hooks and keeps a
-record of every operator of the run; a timed training loop should pay for none of that, so this is
-a thin mode of its own. Like any dispatch mode it still costs one Python call per operator while
-active, the same for every mode the demo compares.
+Why not a ``TorchDispatchMode`` (torch's ``CommDebugMode`` is one): a mode sees *every* operator
+of the training step, one Python call each. On the demo's 4.8M-parameter transformer on one CPU
+thread that made a step about 20% slower (``python -m benchmarks.commcount_overhead``; results in
+docs/benchmarks.md), and so made every throughput the demo reports lower and let compute hide
+communication that a real run would not hide. The kernel here runs only at collectives, on
+whichever thread issues them (a mode is thread-local and misses a worker thread's collectives).
+Collectives issued under ``torch.inference_mode()`` (inference tensors skip this key) are not
+seen; nothing in the demo communicates there.
 
 What is counted, per call, is the estimated number of bytes *this rank sends* with the standard
 bandwidth-optimal algorithms on N ranks (:func:`lookahead_dist._comm.wire_factor`), for a tensor
@@ -25,14 +32,15 @@ all_to_all (S = input)                      (N-1)/N * S
 broadcast, reduce, gather, scatter, send    S
 ==========================================  ===============================
 
-A collective issued where the counter may not see it (a torchft ``Manager`` all-reduce, which can
-run on a thread of its own) is counted once with :func:`counted_as` around the call.
+A collective a library issues below the dispatcher (straight on a backend object, as torchft's
+process groups may) is counted once with :func:`counted_as` around the call.
 :func:`interface_tx_bytes` reads what the network interface itself sent, for comparison.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -40,8 +48,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from .._comm import wire_factor
 from .._sync import nbytes
@@ -137,30 +143,48 @@ def counted_as(name: str, op: str, payload: int, world: int) -> Iterator[None]:
         yield
 
 
-class _Mode(TorchDispatchMode):
-    def __init__(self, counter: CommCounter) -> None:
-        super().__init__()
-        self.counter = counter
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
-        kwargs = kwargs or {}
-        if any(issubclass(t, DTensor) for t in types):
-            return NotImplemented  # let DTensor turn itself into collectives on plain tensors first
-        packet = getattr(func, "_overloadpacket", None)
-        counter = self.counter
+def _record_call(namespace: str, spec: tuple, func: Any, args: tuple) -> None:
+    if namespace == "c10d":
+        op, at = spec
+        payload, world = nbytes(args[at]), _group_size_c10d(func, args)
+    else:
+        op, at, size_at = spec
+        world = _group_size_functional(args, size_at)
+        payload = nbytes(args[at]) * (world if op == "all_gather" else 1)
+    for counter in list(_ACTIVE):
         if not counter._paused:
-            spec = _C10D_OPS.get(packet)
-            if spec is not None:
-                op, at = spec
-                counter._record(op, op, nbytes(args[at]), _group_size_c10d(func, args))
-            else:
-                fspec = _FUNCTIONAL_OPS.get(packet)
-                if fspec is not None:
-                    op, at, size_at = fspec
-                    world = _group_size_functional(args, size_at)
-                    payload = nbytes(args[at]) * (world if op == "all_gather" else 1)
-                    counter._record(op, op, payload, world)
-        return func(*args, **kwargs)
+            counter._record(op, op, payload, world)
+
+
+def _kernel(namespace: str, func: Any, spec: tuple) -> Any:
+    def kernel(*args: Any, **kwargs: Any) -> Any:
+        if _ACTIVE:
+            _record_call(namespace, spec, func, args)
+        # On to the real kernel. Below this key, this thread's nested collectives (a functional
+        # collective's c10d call, if it makes one) skip this kernel: counted once.
+        with torch._C._AutoDispatchBelowADInplaceOrView():
+            return func(*args, **kwargs)
+
+    return kernel
+
+
+_LOCK = threading.Lock()
+_LIBRARIES: list[Any] = []  # the registrations, while any counter is active
+
+
+def _register() -> None:
+    libs = []
+    for namespace, ops in (("c10d", _C10D_OPS), ("_c10d_functional", _FUNCTIONAL_OPS)):
+        lib = torch.library.Library(namespace, "IMPL")
+        for packet, spec in ops.items():
+            lib.impl(packet._qualified_op_name.split("::")[1], _kernel(namespace, packet.default, spec), "ADInplaceOrView")
+        libs.append(lib)
+    _LIBRARIES.extend(libs)
+
+
+def _unregister() -> None:
+    while _LIBRARIES:
+        _LIBRARIES.pop()._destroy()
 
 
 class CommCounter:
@@ -184,7 +208,7 @@ class CommCounter:
     """
 
     def __init__(self) -> None:
-        self._mode: _Mode | None = None
+        self._active = False
         self._paused = 0
         self.reset()
 
@@ -202,19 +226,22 @@ class CommCounter:
         self.by_op[name] += sent
 
     def __enter__(self) -> CommCounter:
-        if self._mode is not None:
-            raise RuntimeError("CommCounter is already active; use one `with` block at a time")
-        self._mode = _Mode(self)
-        self._mode.__enter__()
-        _ACTIVE.append(self)
+        with _LOCK:
+            if self._active:
+                raise RuntimeError("CommCounter is already active; use one `with` block at a time")
+            if not _ACTIVE:
+                _register()
+            self._active = True
+            _ACTIVE.append(self)
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        if self in _ACTIVE:
-            _ACTIVE.remove(self)
-        mode, self._mode = self._mode, None
-        if mode is not None:
-            mode.__exit__(*exc)
+        with _LOCK:
+            if self in _ACTIVE:
+                _ACTIVE.remove(self)
+            self._active = False
+            if not _ACTIVE:
+                _unregister()
 
     @contextmanager
     def paused(self) -> Iterator[None]:

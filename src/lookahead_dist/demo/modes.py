@@ -202,32 +202,7 @@ def _local_sgd(model: nn.Module, run: Any, device: torch.device) -> Runner:
             strategy.flush(opt)  # waits for a fragment still in flight; applies nothing
 
     step = _plain_step(module, opt, run.grad_clip)
-    if run.comm_dtype in ("int8", "int4"):
-        step = _count_quantised(step, opt.local_sgd)
     return Runner(step=step, logits=model, optimizer=opt, train=module.train, finish=finish)
-
-
-def _count_quantised(step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-                     strategy: Any) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """The quantised reduce runs its all-to-all and all-gather on a worker thread, which the
-    dispatch-mode byte counter (thread-local) does not see: take them from the strategy's own
-    CommStats, recorded at launch on this thread, and hand them to the active counters."""
-    from .commcount import record_external
-
-    world = strategy.quant_size
-    seen = [strategy.stats.total("payload", op="all_to_all")]
-
-    def counted(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        loss = step(inputs, targets)
-        now = strategy.stats.total("payload", op="all_to_all")
-        if now != seen[0]:
-            # Both stages carry the same quantised payload (codes and scales of every chunk).
-            record_external("all_to_all", "all_to_all", now - seen[0], world)
-            record_external("all_gather", "all_gather", now - seen[0], world)
-            seen[0] = now
-        return loss
-
-    return counted
 
 
 def _post_local_sgd(model: nn.Module, run: Any, device: torch.device) -> Runner:
