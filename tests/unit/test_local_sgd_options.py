@@ -379,3 +379,37 @@ def test_streaming_options_refused_with_a_torchft_manager():
 
     with pytest.raises(ValueError, match="`num_fragments=2` is not supported with a torchft `manager`"):
         LocalSGDOptions(manager=FakeManager(), num_fragments=2, outer_optimizer=lambda ps: None)
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_plans_are_built_once_when_each_step_hands_a_new_list(one_rank_group, monkeypatch, sharded):
+    # DeepSpeed ZeRO-3 sets param_groups[i]["params"] to a new one-tensor list at every step() of a
+    # sub-group. The fragment/bucket plans must be reused (the check runs at every step), and the
+    # result must stay that of the unchanged list.
+    from lookahead_dist.sync import local_sgd
+
+    builds = []
+    real = local_sgd.LocalSGD._build_plans
+    monkeypatch.setattr(local_sgd.LocalSGD, "_build_plans", lambda self, *a: builds.append(1) or real(self, *a))
+
+    def run(new_list_each_step: bool) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        ps = [torch.nn.Parameter(torch.randn(6)), torch.nn.Parameter(torch.randn(3))]
+        opt = Lookahead(torch.optim.SGD(ps, lr=0.1, momentum=0.9), k=2, alpha=0.5,
+                        local_sgd=LocalSGDOptions(sharded=sharded, num_fragments=2))
+        for t in range(8):
+            for p in ps:
+                p.grad = torch.full_like(p, 0.1 * (t + 1))
+            if new_list_each_step:
+                opt.param_groups[0]["params"] = list(ps)
+            opt.step()
+        return [p.detach().clone() for p in ps]
+
+    builds.clear()
+    ref = run(False)
+    once = len(builds)
+    builds.clear()
+    got = run(True)
+    assert len(builds) == once  # not once per step
+    for a, b in zip(got, ref):
+        assert torch.equal(a, b)

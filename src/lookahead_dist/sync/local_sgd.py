@@ -161,6 +161,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import math
+import operator
 import warnings
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -766,8 +767,15 @@ class LocalSGD(SyncStrategy):
     # -- fragments and buckets -----------------------------------------------------------------
     def _unit(self, host: SyncHost, params: list[torch.Tensor]) -> _Unit:
         unit = self._units.get(params[0])
-        if unit is not None and unit.params is params and unit.n == len(params):
-            return unit
+        if unit is not None and unit.n == len(params):
+            if unit.params is params:
+                return unit
+            # DeepSpeed ZeRO-3 hands every step() a new list holding the same sub-group partition:
+            # the same tensors, so the same plans. Rebuilding them would be per-parameter Python
+            # work on every step (this runs at every step, not only at syncs).
+            if all(map(operator.is_, unit.params, params)):
+                unit.params = params
+                return unit
         index = next((i for i, g in enumerate(host.param_groups) if g["params"] is params), -1)
         where = f"param group {index}" if index >= 0 else "a param-group subset"
         slow = [host.state_entry(p)[SLOW_KEY] for p in params]
