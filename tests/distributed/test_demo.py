@@ -84,3 +84,31 @@ def test_train_and_compare_via_the_cli(tmp_path):
     # Local SGD: no gradient all-reduce, one weight average per k steps.
     assert local["comm_bytes_per_step"] == pytest.approx(param_bytes / K, rel=0.02)
     assert local["comm_bytes_per_step"] < ddp["comm_bytes_per_step"] / 2
+
+
+@pytest.mark.timeout(300)
+def test_bytes_counted_on_other_threads(tmp_path, monkeypatch):
+    # The quantised reduce runs on a worker thread of lookahead_dist._quant and torchft's manager
+    # all-reduces on threads of its own: the counter sees both, once each, with no side channel.
+    small = ["--steps", "16", "--k", "4", "--quick", "--nproc", "2", "--no-progress", "--json"]
+    fp32 = json.loads(_run(["train", "--mode", "local-sgd", *small], tmp_path).stdout)["runs"][0]
+    int8 = json.loads(_run(["train", "--mode", "local-sgd", "--comm-dtype", "int8", *small], tmp_path).stdout)["runs"][0]
+    P = fp32["params"] * 4  # fp32 bytes of the model
+    assert fp32["comm_bytes_by_op"] == {"all_reduce": pytest.approx(P / 4)}  # a ring all-reduce per 4 steps, N=2
+    # int8: an all-to-all then an all-gather of the codes (1 byte per value) and the fp32 scales
+    # (1 per 512 values) of each half, padding to whole blocks included.
+    assert set(int8["comm_bytes_by_op"]) == {"all_to_all", "all_gather"}
+    per_stage = fp32["params"] * (1 + 4 / 512) / 2 / 4
+    for op in ("all_to_all", "all_gather"):
+        assert int8["comm_bytes_by_op"][op] == pytest.approx(per_stage, rel=0.01)
+    if importlib.util.find_spec("torchft") is None:
+        return
+    from torchft._torchft import LighthouseServer
+
+    lighthouse = LighthouseServer(bind="[::]:0", min_replicas=2, join_timeout_ms=10_000, quorum_tick_ms=20)
+    try:
+        monkeypatch.setenv("TORCHFT_LIGHTHOUSE", lighthouse.address())
+        ft = json.loads(_run(["train", "--mode", "torchft-diloco", *small], tmp_path).stdout)["runs"][0]
+    finally:
+        lighthouse.shutdown()
+    assert ft["comm_bytes_by_op"] == {"all_reduce": pytest.approx(P / 4)}

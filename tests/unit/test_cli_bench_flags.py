@@ -128,18 +128,6 @@ def test_split_modules_partitions_the_model_by_bytes():
     assert torch.equal(model.ln_f.bias, torch.ones_like(model.ln_f.bias))
 
 
-def test_record_external_counts_in_the_active_counter():
-    from lookahead_dist.demo.commcount import CommCounter, record_external
-
-    record_external("x", "all_reduce", 1000, 2)  # no counter active: nothing to do
-    with CommCounter() as comm:
-        record_external("torchft.Manager.allreduce", "all_reduce", 1000, 2)
-        with comm.paused():
-            record_external("torchft.Manager.allreduce", "all_reduce", 1000, 2)
-    assert (comm.bytes, comm.payload, comm.calls) == (1000.0, 1000, 1)
-    assert dict(comm.by_op) == {"torchft.Manager.allreduce": 1000.0}
-
-
 def test_torchft_diloco_without_lighthouse_says_how_to_start_one(monkeypatch):
     pytest.importorskip("torchft")
     from lookahead_dist.demo.modes import mode_unavailable_reason

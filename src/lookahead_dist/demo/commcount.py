@@ -32,8 +32,8 @@ all_to_all (S = input)                      (N-1)/N * S
 broadcast, reduce, gather, scatter, send    S
 ==========================================  ===============================
 
-A collective a library issues below the dispatcher (straight on a backend object, as torchft's
-process groups may) is counted once with :func:`counted_as` around the call.
+torchft's ``Manager.allreduce`` (its own process group, its own threads) reaches the same
+operators and is counted like any other collective.
 :func:`interface_tx_bytes` reads what the network interface itself sent, for comparison.
 """
 
@@ -43,7 +43,7 @@ import os
 import threading
 from collections import defaultdict
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -52,7 +52,7 @@ import torch.distributed as dist
 from .._comm import wire_factor
 from .._sync import nbytes
 
-__all__ = ["CommCounter", "counted_as", "interface_tx_bytes", "record_external"]
+__all__ = ["CommCounter", "interface_tx_bytes"]
 
 # operator name -> (op for wire_factor and by_op, index of the payload argument)
 _C10D = {
@@ -117,30 +117,8 @@ def _group_size_functional(args: tuple, size_index: int | None) -> int:
         return dist.get_world_size()
 
 
-#: Counters inside their ``with`` block, innermost last (see :func:`record_external`).
+#: Counters inside their ``with`` block, innermost last.
 _ACTIVE: list[CommCounter] = []
-
-
-def record_external(name: str, op: str, payload: int, world: int) -> None:
-    """Count a collective that the dispatcher does not show (e.g. a torchft ``Manager.allreduce``
-    on its own thread) in the active counters, under ``name``; ``op`` is ``all_reduce``,
-    ``all_gather``, ``reduce_scatter``, ``all_to_all`` or anything else for a point-to-point
-    transfer; ``payload`` in bytes, ``world`` the group size."""
-    for counter in _ACTIVE:
-        if not counter._paused:
-            counter._record(name, op, payload, world)
-
-
-@contextmanager
-def counted_as(name: str, op: str, payload: int, world: int) -> Iterator[None]:
-    """Count one collective a library issues on its own terms (a torchft ``Manager.allreduce``) as
-    :func:`record_external` does, and nothing the dispatcher shows while the block runs, so that
-    it is counted once whichever thread carries it out."""
-    record_external(name, op, payload, world)
-    with ExitStack() as stack:
-        for counter in list(_ACTIVE):
-            stack.enter_context(counter.paused())
-        yield
 
 
 def _record_call(namespace: str, spec: tuple, func: Any, args: tuple) -> None:

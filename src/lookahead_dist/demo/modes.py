@@ -312,7 +312,6 @@ def _torchft_diloco(model: nn.Module, run: Any, device: torch.device) -> Runner:
                     use_bucketization=True, fragment_sync_delay=run.fragment_sync_delay,
                     fragment_update_alpha=run.fragment_update_alpha)
     diloco.__enter__()  # registers its optimizer hooks for the whole run (the `with` form of its docs)
-    _count_manager_allreduce(manager)
     # Nothing is in flight after a step that is a multiple of k / F (DiLoCo waits there), so no
     # `finish`; the manager's server threads stop at exit.
     def close() -> None:
@@ -322,21 +321,6 @@ def _torchft_diloco(model: nn.Module, run: Any, device: torch.device) -> Runner:
     store_ref = [store]  # the store's server lives as long as this object: keep it until exit
     atexit.register(close)
     return Runner(step=_plain_step(model, inner, run.grad_clip), logits=model, optimizer=inner, train=model.train)
-
-
-def _count_manager_allreduce(manager: Any) -> None:
-    """Count each ``manager.allreduce`` once in the byte counter (it runs on torchft's own process
-    group, possibly on a thread of its own, where :class:`~.commcount.CommCounter` may not see it)."""
-    from .._sync import nbytes
-    from .commcount import counted_as
-
-    plain = manager.allreduce
-
-    def allreduce(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        with counted_as("torchft.Manager.allreduce", "all_reduce", nbytes(tensor), max(1, manager.num_participants())):
-            return plain(tensor, *args, **kwargs)
-
-    manager.allreduce = allreduce
 
 
 _BUILDERS = {"ddp": _ddp, "zero2": _zero2, "fsdp2": _fsdp2, "local-sgd": _local_sgd,
