@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from typing import Any
 
 import torch
 
 from lookahead_dist import Lookahead
+from lookahead_dist.distributed import exit_process
 
 VOCAB, SEQ = 64, 16
 
@@ -124,4 +124,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main() or 0)  # past gloo's teardown race at interpreter exit (lookahead_dist.distributed.exit_process)

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from lookahead_dist import Lookahead
+from lookahead_dist.distributed import exit_process
 
 IN, HIDDEN = 8, 32
 
@@ -167,3 +168,4 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+    exit_process(0)  # past gloo's teardown race at interpreter exit (lookahead_dist.distributed.exit_process)

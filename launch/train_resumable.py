@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_example import build_model, global_batch, shard  # noqa: E402  (same data and model)
 
 from lookahead_dist import Lookahead  # noqa: E402
+from lookahead_dist.distributed import exit_process  # noqa: E402
 from lookahead_dist.checkpointing import load_latest, save_checkpoint  # noqa: E402
 
 MODES = ("ddp", "zero2", "local-sgd")
@@ -167,3 +168,4 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+    exit_process(0)  # past gloo's teardown race at interpreter exit (lookahead_dist.distributed.exit_process)

@@ -142,8 +142,10 @@ def block_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 _EPILOGUE = """
 
 import torch.distributed as _dist
+from lookahead_dist.distributed import exit_process as _exit_process
 if _dist.is_initialized():
     _dist.destroy_process_group()
+_exit_process(0)
 """
 
 
@@ -154,10 +156,9 @@ def run_python(code: str, cwd: Path, *, ranks: int = 0, nodes: int = 1, timeout:
     from lookahead_dist.distributed import free_port
 
     script = cwd / "block.py"
-    # A ranked block ends where the user's script would go on; the script's end is ours to write. A
-    # gloo process that exits with its process group alive can abort in interpreter teardown
-    # ("terminate called without an active exception", pytorch/pytorch#190489; seen once in CI
-    # after docs/deepspeed.md's blocks), so end it as docs/torchrun.md tells scripts to end.
+    # A ranked block ends where the user's script would go on; the script's end is ours to write,
+    # as docs/torchrun.md tells scripts to end: destroy the group, then leave without interpreter
+    # finalization (gloo's teardown race: lookahead_dist.distributed.exit_process; seen in CI).
     script.write_text(code + (_EPILOGUE if ranks else ""))
     if ranks == 0:
         envs = [block_env()]

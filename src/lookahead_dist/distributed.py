@@ -28,12 +28,14 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from dataclasses import dataclass
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["init_distributed", "detect_launch", "LaunchInfo", "default_backend", "free_port"]
+__all__ = ["init_distributed", "detect_launch", "LaunchInfo", "default_backend", "free_port", "exit_process"]
 
 # (rank, size, local rank) variable names of each MPI flavour, in lookup order.
 _MPI_VARS = (
@@ -161,3 +163,24 @@ def init_distributed(backend: str | None = None) -> tuple[int, int]:
         )
     dist.init_process_group(backend, init_method="env://", rank=info.rank, world_size=info.world_size)
     return dist.get_rank(), dist.get_world_size()
+
+
+def exit_process(code: int = 0) -> NoReturn:
+    """Flush stdout/stderr and end the process *without* interpreter finalization (``os._exit``).
+
+    For the last line of a training script, after ``destroy_process_group()``. With torch 2.13 a
+    gloo worker thread (``pt_gloo_runloop``) can still be releasing the last collective's work
+    object when the main thread reaches interpreter finalization; the object's destructor then
+    needs the GIL, the thread is torn down inside it, and the process aborts with ``terminate
+    called without an active exception`` (SIGABRT, exit code -6) after all its work is done (seen
+    in this project's CI with DDP, DeepSpeed and accelerate scripts, more often on a loaded
+    machine; backtrace in docs/torchrun.md). Leaving with ``os._exit`` skips that teardown: use it
+    only when everything the process must write is written (files closed, checkpoints saved).
+    """
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # noqa: BLE001 - a closed or broken stream: nothing left to flush
+            pass
+    os._exit(code)
+
