@@ -214,8 +214,8 @@ DECISIONS: dict[tuple[str, str], dict] = {
     ("README.md", "import torch"): dict(kind=RUN, inproc=True),
     ("README.md", "./launch/demo.sh   # the main job: compare AdamW vs Lookahead(AdamW) and the distributed modes"):
         dict(kind=ARGV, why="demo: ~3 min on 2 cores; test.sh runs the whole suite"),
-    ("README.md", "run                  k  alpha      train loss  val loss  samples/s  comm/step/rank  slow weights/rank   time"):
-        dict(kind=TEXT, why="output of ./launch/demo.sh (15 min on the shared 2-core machine)"),
+    ("README.md", "run                  k  alpha      train loss  val loss  samples/s  comm/step/rank  slow weights/rank  time"):
+        dict(kind=TEXT, why="output of ./launch/demo.sh (2 min on the idle 2-core machine)"),
     ("README.md", "pip install -e .                 # the library: depends on torch only"):
         dict(kind=ARGV, why="installs into the environment: the extras named must exist"),
     ("README.md", "src/lookahead_dist/   lookahead.py (the optimizer: counting, state, step), _keys.py, _sync.py (foreach hot path),"):
