@@ -13,7 +13,7 @@ operator it becomes.
 
 Why not a ``TorchDispatchMode`` (torch's ``CommDebugMode`` is one): a mode sees *every* operator
 of the training step, one Python call each. On the demo's 4.8M-parameter transformer on one CPU
-thread that made a step about 20% slower (``python -m benchmarks.commcount_overhead``; results in
+thread that made a step about 17% slower (``python -m benchmarks.commcount_overhead``; results in
 docs/benchmarks.md), and so made every throughput the demo reports lower and let compute hide
 communication that a real run would not hide. The kernel here runs only at collectives, on
 whichever thread issues them (a mode is thread-local and misses a worker thread's collectives).
@@ -151,13 +151,11 @@ _LIBRARIES: list[Any] = []  # the registrations, while any counter is active
 
 
 def _register() -> None:
-    libs = []
     for namespace, ops in (("c10d", _C10D_OPS), ("_c10d_functional", _FUNCTIONAL_OPS)):
         lib = torch.library.Library(namespace, "IMPL")
         for packet, spec in ops.items():
             lib.impl(packet._qualified_op_name.split("::")[1], _kernel(namespace, packet.default, spec), "ADInplaceOrView")
-        libs.append(lib)
-    _LIBRARIES.extend(libs)
+        _LIBRARIES.append(lib)
 
 
 def _unregister() -> None:
@@ -186,7 +184,6 @@ class CommCounter:
     """
 
     def __init__(self) -> None:
-        self._active = False
         self._paused = 0
         self.reset()
 
@@ -205,11 +202,10 @@ class CommCounter:
 
     def __enter__(self) -> CommCounter:
         with _LOCK:
-            if self._active:
+            if self in _ACTIVE:
                 raise RuntimeError("CommCounter is already active; use one `with` block at a time")
             if not _ACTIVE:
                 _register()
-            self._active = True
             _ACTIVE.append(self)
         return self
 
@@ -217,7 +213,6 @@ class CommCounter:
         with _LOCK:
             if self in _ACTIVE:
                 _ACTIVE.remove(self)
-            self._active = False
             if not _ACTIVE:
                 _unregister()
 
