@@ -61,6 +61,18 @@ and decides for it alone. That is enough: the slow update is elementwise, so eve
 takes its outer step or keeps its previous slow value, and both are valid points; the fast
 weights are re-assembled from the shards by the host as always. No rank waits for another, so no
 collective is added to the in-place sync.
+
+Note [Host syncs]
+-----------------
+A step that does not sync should cost what the inner optimizer costs, and on a GPU the dearest
+thing Python can do is wait for the device (``bool(tensor)``, ``.item()``). So a ``step()`` that
+neither launches nor applies a sync reads no tensor on the host: the fake-step test looks at the
+inner state (a host dict) before it looks at a tensor ``lr`` (only an empty state, i.e. the first
+step or DCP's template step, reads it); under GradScaler with a fused inner optimizer and a strategy
+that counts every call (local SGD) ``found_inf`` is handed to the inner optimizer and never read.
+Where the count depends on it (the in-place update counts applied steps only) one read per step
+remains, as with GradScaler's own unfused path. ``tests/unit/test_host_syncs.py`` counts the
+reads.
 """
 
 from __future__ import annotations
@@ -373,7 +385,8 @@ class Lookahead(Optimizer):
         if found_inf is None:
             loss = self._inner_step(closure)
         else:
-            loss, applied = self._scaled_inner_step(closure, found_inf, getattr(self, "grad_scale", None))
+            loss, applied = self._scaled_inner_step(closure, found_inf, getattr(self, "grad_scale", None),
+                                                    strategy.communicates)
             if not applied and not strategy.communicates:
                 return loss  # a skipped step does not count, unless ranks must stay in lockstep
         if self._fresh and applied:  # after a skipped step the inner optimizer has not seen them
@@ -407,17 +420,25 @@ class Lookahead(Optimizer):
 
     @torch.no_grad()
     def _scaled_inner_step(self, closure: Callable[[], float] | None, found_inf: torch.Tensor,
-                           grad_scale: torch.Tensor | None) -> tuple[Any, bool]:
-        """The inner step under GradScaler: (loss, whether it was applied). Note [Step counting]."""
+                           grad_scale: torch.Tensor | None, lockstep: bool) -> tuple[Any, bool]:
+        """The inner step under GradScaler: (loss, whether it was applied). Note [Step counting].
+
+        With a fused inner optimizer (it unscales and skips on the device) and a strategy that counts
+        every call (``lockstep``), whether the step was applied is not needed, so ``found_inf`` is
+        not read and the step stays free of host syncs (Note [Host syncs]); "applied" is then
+        reported as True, which only the placement of newly joined tensors would look at, and
+        that case reads the flag."""
         inner = self.optimizer
-        skipped = bool(found_inf)
         if getattr(inner, "_step_supports_amp_scaling", False):  # fused optimizers unscale and skip
             inner.grad_scale, inner.found_inf = grad_scale, found_inf
             try:
-                return self._inner_step(closure), not skipped
+                loss = self._inner_step(closure)
             finally:
                 del inner.grad_scale, inner.found_inf
-        if skipped:
+            if lockstep and not self._fresh:
+                return loss, True
+            return loss, not bool(found_inf)
+        if bool(found_inf):  # GradScaler's own unfused path reads found_inf on the host too
             return None, False
         if grad_scale is not None:  # GradScaler left the gradients scaled: unscale as it would
             inv_scale = grad_scale.double().reciprocal().float()
@@ -497,12 +518,16 @@ class Lookahead(Optimizer):
         # must count in lockstep (a communicating strategy) the decision may not depend on this
         # rank's gradients: there the test is "every lr is 0 and the inner state is empty", which
         # is the same on every rank (DCP fakes a step only for an empty state).
+        # DCP fakes a step only on an empty state, and the state is tested first: it is a host-side
+        # dict, while a tensor lr would cost a device->host sync at every step (Note [Host syncs]).
+        if any(self.optimizer.state.values()):
+            return False
         for g in groups:
             lr = g.get("lr")
             if lr is None or bool(lr != 0):
                 return False
         if lockstep:
-            return not any(self.optimizer.state.values())
+            return True
         for g in groups:
             for p in g["params"]:
                 if p.grad is not None and bool(local_tensor(p.grad).any()):

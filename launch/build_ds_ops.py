@@ -1,0 +1,72 @@
+"""Build the DeepSpeed ops the test suite needs, once (``launch/test.sh`` calls this).
+
+DeepSpeed JIT-compiles its C++ optimizers the first time one is used and caches the result in
+``~/.cache/torch_extensions`` (``TORCH_EXTENSIONS_DIR``). Without this step a fresh machine would
+skip every test case that needs one, so the suite would check less there than on a warm machine.
+Each op takes 1-3 minutes on 2 cores the first time and nothing afterwards (a cached op loads
+in well under a second). Ops already built, or prebuilt into DeepSpeed, are left alone.
+
+    python launch/build_ds_ops.py            # the ops the tests use
+    python launch/build_ds_ops.py cpu_adam   # only these
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+# op name -> DeepSpeed builder class name (as the accelerator's ``create_op_builder`` knows it)
+OPS = {
+    "fused_adam": "FusedAdamBuilder",
+    "cpu_adam": "CPUAdamBuilder",
+    "cpu_adagrad": "CPUAdagradBuilder",
+    "cpu_lion": "CPULionBuilder",
+}
+
+
+def built(name: str) -> bool:
+    """The op loads without compiling: prebuilt into DeepSpeed, or already in the JIT cache."""
+    from deepspeed.git_version_info import installed_ops
+    from torch.utils.cpp_extension import _get_build_directory
+
+    if installed_ops.get(name):
+        return True
+    return os.path.exists(os.path.join(_get_build_directory(name, verbose=False), f"{name}.so"))
+
+
+def main(names: list[str]) -> int:
+    try:
+        from deepspeed.accelerator import get_accelerator
+    except ImportError:
+        print("[build_ds_ops] DeepSpeed is not installed: nothing to build", file=sys.stderr)
+        return 0
+    unknown = [n for n in names if n not in OPS]
+    if unknown:
+        print(f"[build_ds_ops] unknown op(s) {unknown}; known: {sorted(OPS)}", file=sys.stderr)
+        return 2
+    accelerator = get_accelerator()
+    failed = []
+    for name in names:
+        if built(name):
+            continue
+        builder = accelerator.create_op_builder(OPS[name])
+        if builder is None or not builder.is_compatible(verbose=False):
+            print(f"[build_ds_ops] {name}: no build for the {accelerator._name} accelerator; skipped",
+                  file=sys.stderr)
+            continue
+        print(f"[build_ds_ops] building DeepSpeed op {name} (first run only, about 1-3 minutes)",
+              file=sys.stderr, flush=True)
+        start = time.perf_counter()
+        try:
+            builder.load(verbose=False)
+        except Exception as exc:  # noqa: BLE001 - report every op, then fail
+            print(f"[build_ds_ops] {name} failed to build: {exc}", file=sys.stderr)
+            failed.append(name)
+            continue
+        print(f"[build_ds_ops] {name} built in {time.perf_counter() - start:.0f} s", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:] or list(OPS)))
