@@ -253,6 +253,9 @@ DECISIONS: dict[tuple[str, str], dict] = {
              ops=["deepspeed_shm_comm", "fused_adam"]),
     ("docs/deepspeed.md", "# train_nodes.py -- run on each node: torchrun --nnodes 2 --nproc-per-node 8 --rdzv-endpoint HOST:29500 train_nodes.py"):
         dict(kind=RANKS, nodes=2, ops=["fused_adam"]),  # 2 "nodes" x 1 rank
+    ("docs/deepspeed.md", "# checkpoints (continues train_nodes.py): node i saves to and loads from ckpt/node<i>/"):
+        dict(kind=RANKS, nodes=2, ops=["fused_adam"],  # 2 "nodes" x 1 rank
+             after=["# train_nodes.py -- run on each node: torchrun --nnodes 2 --nproc-per-node 8 --rdzv-endpoint HOST:29500 train_nodes.py"]),
     ("docs/deepspeed.md", "python -m benchmarks.deepspeed_nodes_suite --rates 1gbit,100mbit --reps 3 --steps 34 --write"):
         dict(kind=ARGV, why="needs root (network namespaces) and minutes: " + _LONG),
     ("docs/deepspeed.md", '# saved with engine.save_checkpoint("ckpt", tag="step100") on 4 ranks'):
@@ -300,6 +303,10 @@ DECISIONS: dict[tuple[str, str], dict] = {
     ("docs/reliability.md", 'ckpt/latest                   "step_00000010": the last complete checkpoint'):
         dict(kind=TEXT, why="a directory listing"),
     ("docs/reliability.md", "python -m benchmarks.crash_resume --repeats 3"): dict(kind=ARGV, why=_LONG),
+    # docs/support-matrix.md
+    ("docs/support-matrix.md",
+     "python -m benchmarks.gpu_check --device cuda              # one PASS/FAIL line per case; exit 0 = all passed"):
+        dict(kind=ARGV, why="needs a GPU; the same cases run on CPU in tests/unit/test_gpu_check.py"),
     # docs/torchrun.md
     ("docs/torchrun.md", "launch/torchrun_single_node.sh                      # 2 processes on this machine (DDP)"):
         dict(kind=ARGV, why="launcher runs (two machines for the multi-node lines); run by "
