@@ -21,7 +21,16 @@ def one_rank_group():
 
     if dist.is_initialized():
         pytest.skip("a process group is already initialised in this process")
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    from tests.distributed._spawn import test_backend
+
+    if test_backend() == "nccl":  # LOOKAHEAD_TEST_BACKEND: CPU tensors still need gloo beside NCCL
+        import torch
+
+        if not torch.cuda.is_available():
+            pytest.skip("LOOKAHEAD_TEST_BACKEND=nccl and no GPU is visible")
+        dist.init_process_group("cpu:gloo,cuda:nccl", store=dist.HashStore(), rank=0, world_size=1)
+    else:
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
         yield
     finally:

@@ -27,7 +27,21 @@ import torch.multiprocessing as mp
 
 from lookahead_dist.distributed import free_port
 
-__all__ = ["run_ranks", "free_port"]
+__all__ = ["run_ranks", "free_port", "test_backend"]
+
+_BACKENDS = ("gloo", "nccl")
+
+
+def test_backend() -> str:
+    """The backend the tests run on: ``LOOKAHEAD_TEST_BACKEND`` (``gloo`` by default, or ``nccl``).
+
+    With ``nccl`` each rank takes the GPU of its rank, and a test that needs more ranks than there
+    are visible GPUs is skipped with the reason. The scenarios themselves still build CPU tensors
+    unless they ask for ``cuda``; only the tests written for a device run on NCCL as they stand."""
+    name = os.environ.get("LOOKAHEAD_TEST_BACKEND", "gloo").strip().lower()
+    if name not in _BACKENDS:
+        raise ValueError(f"LOOKAHEAD_TEST_BACKEND must be one of {_BACKENDS}, got {name!r}")
+    return name
 
 
 def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, queue: Any) -> None:
@@ -42,7 +56,13 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, qu
     )
     torch.set_num_threads(1)
     try:
-        dist.init_process_group("gloo", rank=rank, world_size=world_size)
+        backend = test_backend()
+        if backend == "nccl":
+            torch.cuda.set_device(rank)
+            dist.init_process_group(backend, rank=rank, world_size=world_size,
+                                    device_id=torch.device("cuda", rank))
+        else:
+            dist.init_process_group(backend, rank=rank, world_size=world_size)
         out = fn(rank, world_size, *args)
         queue.put((rank, True, out))
     except BaseException:  # noqa: BLE001 - reported to the parent
@@ -56,6 +76,11 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, qu
 
 
 def run_ranks(fn: Callable, world_size: int = 2, args: tuple = (), timeout: float = 240.0) -> list[Any]:
+    if test_backend() == "nccl" and world_size > torch.cuda.device_count():
+        import pytest
+
+        pytest.skip(f"LOOKAHEAD_TEST_BACKEND=nccl: this test needs {world_size} ranks, one GPU each, and "
+                    f"{torch.cuda.device_count()} GPU(s) are visible")
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = free_port()
