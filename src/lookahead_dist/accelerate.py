@@ -65,21 +65,14 @@ def _deepspeed_plugin(accelerator: Any) -> Any | None:
 
 def parse_lookahead_block(block: Any) -> dict[str, Any]:
     """Validate a ``"lookahead"`` block: the keys and checks of :func:`lookahead_dist.deepspeed.initialize`
-    (``k``, ``alpha``, ``pullback``, ``slow_dtype``, ``local_sgd: {"across": "nodes", ...}``), except
-    that ``local_sgd: true`` is accepted here (ZeRO stage 0 only, checked by :func:`prepare`).
-    Returns the parsed values."""
+    (``k``, ``alpha``, ``pullback``, ``slow_dtype``, ``local_sgd``: false, true -- ZeRO stage 0 only,
+    checked by :func:`prepare` as by ``initialize`` -- or ``{"across": "nodes", ...}``).
+    Returns the parsed values (``local_sgd``: False, True or the across-nodes entry)."""
     from .deepspeed import parse_lookahead_block  # one parser for the block; imports no DeepSpeed
 
-    if not isinstance(block, dict):
-        raise TypeError(f'DeepSpeed config "lookahead" must be a JSON object, got {block!r}')
-    local_sgd = block.get("local_sgd", False)
-    if isinstance(local_sgd, dict):  # {"across": "nodes", ...}: ZeRO inside each node, parsed there
-        return parse_lookahead_block(block)
-    if not isinstance(local_sgd, bool):
-        raise TypeError(f'DeepSpeed config "lookahead.local_sgd" must be true, false or {{"across": "nodes", ...}}, '
-                        f"got {local_sgd!r}")
-    parsed = parse_lookahead_block({key: v for key, v in block.items() if key != "local_sgd"})
-    parsed["local_sgd"] = local_sgd
+    parsed = parse_lookahead_block(block)
+    if parsed["local_sgd"] is None:
+        parsed["local_sgd"] = False
     return parsed
 
 
@@ -89,9 +82,9 @@ def lookahead_config(accelerator: Any) -> dict[str, Any] | None:
     None without DeepSpeed, or when the config has no such block.
     """
     plugin = _deepspeed_plugin(accelerator)
-    if plugin is None or "lookahead" not in plugin.deepspeed_config:
+    if plugin is None:
         return None
-    return parse_lookahead_block(plugin.deepspeed_config["lookahead"])
+    return lookahead_config_from(plugin.deepspeed_config)
 
 
 def _offload_device(config: dict[str, Any]) -> str:
@@ -124,32 +117,11 @@ def _prepare_deepspeed_config(plugin: Any, objects: list[Any]) -> Any:
         return None
     across = block["local_sgd"] if block is not None and isinstance(block["local_sgd"], dict) else None
     local = block["local_sgd"] is True if block is not None else any(objects[i].local_sgd is not None for i in wanted)
-    stage = int((config.get("zero_optimization") or {}).get("stage", 0))
-    if local and stage != 0:
-        raise ValueError(
-            f"Lookahead local-SGD mode under DeepSpeed needs ZeRO stage 0, got stage {stage}: stages 1-3 "
-            "partition the optimizer step across ranks, so no rank can keep its own fast weights. Set "
-            '"zero_optimization": {"stage": 0}, or local_sgd false for sharded training'
-        )
-    device = _offload_device(config)
-    if device != "none":
-        force = config.get("zero_force_ds_cpu_optimizer")
-        if force is True or (isinstance(force, str) and force.lower() == "true"):
-            raise ValueError(
-                f'DeepSpeed config sets "zero_force_ds_cpu_optimizer": true with optimizer offload to {device!r}: '
-                "accelerate would replace the Lookahead by DeepSpeedCPUAdam. Set \"zero_force_ds_cpu_optimizer\": "
-                "false (Lookahead(DeepSpeedCPUAdam(...)) keeps the fast CPU kernel) or turn optimizer offload off"
-            )
-        if force is None:
-            # Note [Optimizer offload swap]: unset means true to accelerate, which would drop the wrapper.
-            config["zero_force_ds_cpu_optimizer"] = False
-            warnings.warn(
-                'lookahead_dist.accelerate.prepare set "zero_force_ds_cpu_optimizer": false so that accelerate '
-                "keeps the Lookahead under optimizer offload (it would replace it by DeepSpeedCPUAdam). For the "
-                "fast CPU step, wrap DeepSpeedCPUAdam: Lookahead(DeepSpeedCPUAdam(params), ...)",
-                UserWarning,
-                stacklevel=3,
-            )
+    if local:
+        from .deepspeed import _check_local_sgd_stage  # the rule and message of lookahead_dist.deepspeed.initialize
+
+        _check_local_sgd_stage(int((config.get("zero_optimization") or {}).get("stage", 0)))
+    _keep_client_optimizer_under_offload(config, "lookahead_dist.accelerate.prepare", stacklevel=4)
     mpu = None
     if block is not None:
         local_sgd: Any = block["local_sgd"]
@@ -162,10 +134,38 @@ def _prepare_deepspeed_config(plugin: Any, objects: list[Any]) -> Any:
                     _align_across_world(obj)
             mpu = NodeMPU(groups)
             local_sgd = dataclasses.replace(across["options"], process_group=groups.inter)
+        from .deepspeed import _config_wins_on_load
+
         for i in optimizers:
             objects[i] = Lookahead(objects[i], k=block["k"], alpha=block["alpha"], pullback=block["pullback"],
                                    slow_dtype=block["slow_dtype"], local_sgd=local_sgd)
+            _config_wins_on_load(objects[i], block["k"], block["alpha"])  # on resume, the block's k and alpha
     return mpu
+
+
+def _keep_client_optimizer_under_offload(config: dict[str, Any], caller: str, stacklevel: int) -> None:
+    """Note [Optimizer offload swap]: under optimizer offload, keep a client Lookahead (a ``ValueError`` if
+    the config asks explicitly for the swap to DeepSpeedCPUAdam)."""
+    device = _offload_device(config)
+    if device == "none":
+        return
+    force = config.get("zero_force_ds_cpu_optimizer")
+    if force is True or (isinstance(force, str) and force.lower() == "true"):
+        raise ValueError(
+            f'DeepSpeed config sets "zero_force_ds_cpu_optimizer": true with optimizer offload to {device!r}: '
+            "accelerate would replace the Lookahead by DeepSpeedCPUAdam. Set \"zero_force_ds_cpu_optimizer\": "
+            "false (Lookahead(DeepSpeedCPUAdam(...)) keeps the fast CPU kernel) or turn optimizer offload off"
+        )
+    if force is None:
+        # Unset means true to accelerate and DeepSpeed, which would drop the wrapper.
+        config["zero_force_ds_cpu_optimizer"] = False
+        warnings.warn(
+            f'{caller} set "zero_force_ds_cpu_optimizer": false so that accelerate '
+            "keeps the Lookahead under optimizer offload (it would replace it by DeepSpeedCPUAdam). For the "
+            "fast CPU step, wrap DeepSpeedCPUAdam: Lookahead(DeepSpeedCPUAdam(params), ...)",
+            UserWarning,
+            stacklevel=stacklevel,
+        )
 
 
 @contextmanager
@@ -206,7 +206,14 @@ def _initialize_with_mpu(mpu: Any) -> Iterator[None]:
 
 
 def lookahead_config_from(config: dict[str, Any]) -> dict[str, Any] | None:
-    """The validated ``"lookahead"`` block of a DeepSpeed config dict, or None."""
+    """The validated ``"lookahead"`` block of a DeepSpeed config dict, or None.
+
+    A top-level key that looks like a misspelled ``"lookahead"`` (``"lookahaed"``, ``"LookAhead"``,
+    ...) is a ``ValueError`` naming it, with or without the block.
+    """
+    from .deepspeed import _check_block_name
+
+    _check_block_name(config)
     return parse_lookahead_block(config["lookahead"]) if "lookahead" in config else None
 
 

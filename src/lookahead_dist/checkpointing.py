@@ -35,6 +35,19 @@ a ``.tmp`` or sits in a directory ``latest`` does not name. Older checkpoints be
 deleted only after ``latest`` has moved on. The ``latest`` file holds the directory name, as
 DeepSpeed's own ``latest`` does, so ``engine.load_checkpoint(ckpt_dir)`` also finds it.
 
+Note [What loading trusts]
+--------------------------
+:func:`load_latest` reads the rank files with ``torch.load(..., weights_only=True)``: a tampered
+file that names a function or class (a pickled ``os.system`` call, ...) is refused with
+:class:`UnsafeCheckpointError` before anything in it runs (Note [Safe loading] in ``_safe_load``).
+Our own records need nothing beyond torch's default allow-list. An ``extra`` object whose
+``state_dict()`` holds other types (an enum, a dataclass, a numpy array) needs an explicit opt-in:
+``safe_globals=[those types]``, or ``trust_pickle=True`` to unpickle the files fully when the
+directory is one only the job itself can write. For a DeepSpeed engine, DeepSpeed's own loader
+unpickles its files fully, so before calling it the ranks check every ``.pt`` file of the
+checkpoint with the safe unpickler (:func:`check_safe_to_load`, the files split among the ranks),
+allowing the few DeepSpeed types those files hold.
+
 Note [Why per-rank files]
 -------------------------
 Every rank saves what it holds, with ``torch.save``: its model (unwrapped from DDP), its
@@ -70,15 +83,19 @@ import re
 import shutil
 import sys
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from . import _safe_load
+from ._safe_load import UnsafeCheckpointError
 from .lookahead import find_lookahead
 
-__all__ = ["save_checkpoint", "load_latest", "latest_step", "LATEST", "FORMAT"]
+__all__ = ["save_checkpoint", "load_latest", "latest_step", "check_safe_to_load", "UnsafeCheckpointError",
+           "LATEST", "FORMAT"]
 
 #: Name of the file that names the last complete checkpoint directory.
 LATEST = "latest"
@@ -299,6 +316,8 @@ def load_latest(
     *,
     group: Any = None,
     map_location: Any = "cpu",
+    trust_pickle: bool = False,
+    safe_globals: Iterable[Any] = (),
 ) -> int:
     """Load the last complete checkpoint under ``path`` into ``model``, ``optimizer`` and ``extra``.
 
@@ -307,6 +326,20 @@ def load_latest(
     optimizer has aligned the ranks' initial weights), with the objects passed to
     :func:`save_checkpoint`.
 
+    Files are loaded safely (Note [What loading trusts]): with ``weights_only=True``, so a file that
+    names any class or function beyond tensors and plain data is refused and nothing in it runs.
+
+    Args:
+        path, model, optimizer, extra, group: as for :func:`save_checkpoint`.
+        map_location: ``torch.load``'s, for the rank file.
+        trust_pickle: unpickle the files fully (``weights_only=False``), as ``torch.load`` did before
+            torch 2.6: only for a checkpoint directory that nobody but your own job can write, whose
+            ``extra`` state holds objects that are not plain data. A tampered file can then run any
+            code in this process.
+        safe_globals: the narrower opt-in: classes (or functions) that your ``extra`` state dicts
+            pickle, allowed in addition to torch's default (e.g. ``[MyEnum]``); see
+            ``torch.serialization.add_safe_globals``.
+
     Returns:
         The step of the loaded checkpoint: continue with step ``returned + 1``. 0 when ``path``
         holds no checkpoint yet (nothing is loaded).
@@ -314,7 +347,12 @@ def load_latest(
     Raises:
         ValueError: the checkpoint was saved by another world size, or with other ``extra`` names.
         FileNotFoundError: ``latest`` names a checkpoint whose file for this rank is missing.
+        UnsafeCheckpointError: a file of the checkpoint pickles a global that safe loading does not
+            allow (it names the global, ``trust_pickle=True`` and ``safe_globals``).
     """
+    if not isinstance(trust_pickle, bool):
+        raise TypeError(f"load_latest `trust_pickle` must be a bool, got {trust_pickle!r}")
+    safe_globals = list(safe_globals)
     _check_optimizer(model, optimizer, "load_latest")
     extra = _check_extra(extra, "load_latest")
     rank, world = _rank_world(group)
@@ -338,13 +376,34 @@ def load_latest(
             f"or was saved by fewer ranks than this job's {world}. Delete {root / LATEST} to start afresh, or "
             "point it at a complete checkpoint"
         )
+    deepspeed = _is_deepspeed_engine(model)
+    failed: Exception | None = None
     try:
-        record = torch.load(file, map_location=map_location, weights_only=False)
+        record = _safe_load.load(file, map_location=map_location, safe_globals=safe_globals,
+                                 trust_pickle=trust_pickle, opt_in=_OPT_IN)
+    except UnsafeCheckpointError as exc:
+        failed = exc
     except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same advice
         older = sorted(p.name for p in root.iterdir() if p.is_dir() and _TAG.match(p.name) and p.name < tag)
         hint = f"write {older[-1]} into {root / LATEST}" if older else f"delete {root / LATEST} to start afresh"
-        raise RuntimeError(f"checkpoint file {file} cannot be read ({type(exc).__name__}: {exc}); it is damaged. "
-                           f"To resume from the checkpoint before it, {hint}") from exc
+        damaged = RuntimeError(f"checkpoint file {file} cannot be read ({type(exc).__name__}: {exc}); it is "
+                               f"damaged. To resume from the checkpoint before it, {hint}")
+        damaged.__cause__ = exc
+        if not (deepspeed and not trust_pickle):
+            raise damaged from exc
+        failed = damaged
+    if deepspeed and not trust_pickle:
+        # DeepSpeed's loader unpickles its files fully: check them first, and agree, so that every
+        # rank raises and none enters DeepSpeed's collectives alone.
+        if failed is None:
+            try:
+                _check_mine(_checkpoint_files(root / tag), safe_globals + _safe_load.deepspeed_safe_globals(),
+                            group, _OPT_IN)
+            except Exception as exc:  # noqa: BLE001 - raised below, on every rank
+                failed = exc
+        _agree(failed, root / tag, group)
+    elif failed is not None:
+        raise failed
     if not isinstance(record, dict) or record.get("format") != FORMAT:
         raise ValueError(f"{file} is not a lookahead_dist.checkpointing file (format "
                          f"{record.get('format') if isinstance(record, dict) else type(record).__name__!r})")
@@ -377,6 +436,67 @@ def load_latest(
         obj.load_state_dict(saved_extra[name])
     _set_rng_state(record["rng"])
     return step
+
+
+_OPT_IN = "load it with load_latest(..., trust_pickle=True)"
+
+
+def check_safe_to_load(path: str | os.PathLike, *, safe_globals: Iterable[Any] = (), group: Any = None) -> int:
+    """Check that every ``.pt`` file under ``path`` loads with ``weights_only=True``; unpickle nothing else.
+
+    For a checkpoint that another library loads with ``weights_only=False``, checked first: a
+    DeepSpeed checkpoint folder (``lookahead_dist.deepspeed.load_checkpoint``, including a
+    universal one, and ``engine.load_checkpoint`` read their files fully). The DeepSpeed types
+    its files hold are allowed, and ``safe_globals`` besides. Only the pickled structure is read
+    (tensors are memory-mapped, not loaded). A collective when a process group exists: the files
+    are split among the ranks of ``group``, and every rank raises if any rank refused a file.
+
+    Returns:
+        The number of files this rank checked.
+
+    Raises:
+        UnsafeCheckpointError: a file names another global (it names the file and the global).
+        FileNotFoundError: ``path`` is not a directory.
+    """
+    root = Path(path)
+    if not root.is_dir():
+        raise FileNotFoundError(f"check_safe_to_load: {root} is not a directory")
+    failed = None
+    count = 0
+    try:
+        count = _check_mine(_checkpoint_files(root), list(safe_globals) + _safe_load.deepspeed_safe_globals(),
+                            group, "skip check_safe_to_load for it")
+    except Exception as exc:  # noqa: BLE001 - raised below, on every rank
+        failed = exc
+    _agree(failed, root, group)
+    return count
+
+
+def _checkpoint_files(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*.pt") if p.is_file())
+
+
+def _check_mine(files: list[Path], allowed: list[Any], group: Any, opt_in: str) -> int:
+    """Check this rank's share of ``files`` (every world-th, from its rank on); returns how many."""
+    rank, world = _rank_world(group)
+    mine = files[rank::world]
+    _safe_load.check_files(mine, safe_globals=allowed, opt_in=opt_in)
+    return len(mine)
+
+
+def _agree(failed: Exception | None, where: Path, group: Any) -> None:
+    """Raise on every rank if any rank failed to check its files (one small all-gather)."""
+    flags = _gather_int(0 if failed is None else 1 if isinstance(failed, UnsafeCheckpointError) else 2, group)
+    if failed is not None:
+        raise failed
+    if 1 in flags:
+        raise UnsafeCheckpointError(
+            f"rank(s) {[r for r, f in enumerate(flags) if f == 1]} refused a file of checkpoint {where}: it pickles "
+            "a global that safe loading does not allow (the error on those ranks names the file, the global and "
+            "the opt-in)", path=str(where), global_name="")
+    if 2 in flags:
+        raise RuntimeError(f"rank(s) {[r for r, f in enumerate(flags) if f == 2]} could not read a file of "
+                           f"checkpoint {where} (their error names it); it is damaged")
 
 
 def _warn_if_shared_store() -> None:

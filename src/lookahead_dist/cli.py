@@ -226,7 +226,118 @@ def build_parser() -> argparse.ArgumentParser:
                          f"lookahead) (default: {','.join(DEFAULT_RUNS)})")
     _add_common(compare)
     compare.set_defaults(subparser=compare)
+    _add_plan(sub)
     return parser
+
+
+# -- plan: the cost model's recommendation (lookahead_dist.plan) ---------------------------------
+def _parsed(parse: Callable[[str], Any], what: str) -> Callable[[str], Any]:
+    """An argparse type from one of lookahead_dist.plan's parsers (its ValueError becomes the message)."""
+
+    def convert(text: str) -> Any:
+        try:
+            return parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    convert.__name__ = what
+    return convert
+
+
+def _add_plan(sub: Any) -> None:
+    from . import plan as _p
+
+    p = sub.add_parser(
+        "plan", help="recommend k, fragments, delay and wire format for a cluster (cost model)",
+        description="Predict the throughput of DDP and of local SGD (blocking and streaming, fp32/bf16/int8/int4 "
+        "on the wire) from the model size, the step time and the link, with an alpha-beta model of the "
+        "collectives (lookahead_dist.plan), and print the recommended option with the config to paste.",
+        epilog="The model: docs/benchmarks.md, 'Scaling: the cost model'. Exit status: 0 ok, 2 bad command line.",
+    )
+    size = p.add_mutually_exclusive_group(required=True)
+    size.add_argument("--params", type=_parsed(_p.parse_count, "count"), metavar="COUNT",
+                      help="number of parameters, e.g. 1300000000, 1.3B, 350M")
+    size.add_argument("--model-file", metavar="PATH",
+                      help="a torch-saved state dict (.pt); the numels of its tensors are summed")
+    p.add_argument("--step-time", type=_parsed(_p.parse_seconds, "duration"), required=True, metavar="SECONDS",
+                   help="one inner step (forward, backward, optimizer) measured without communication, "
+                   "e.g. 0.5, 0.5s, 250ms")
+    p.add_argument("--nodes", type=_int_at_least(1), required=True, help="nodes (local-SGD replicas), >= 1")
+    p.add_argument("--ranks-per-node", type=_int_at_least(1), default=1,
+                   help="ranks per node; > 1: DDP inside each node, local SGD across nodes (default: 1)")
+    link = p.add_mutually_exclusive_group(required=True)
+    link.add_argument("--link", type=_parsed(_p.parse_rate, "rate"), metavar="RATE",
+                      help="each node's inter-node bandwidth: 200Mbit, 1Gbit, 10Gbit/s, 100Mbps (bits/s) or "
+                      "125MB/s (bytes/s)")
+    link.add_argument("--probe", metavar="HOST",
+                      help="NOT IMPLEMENTED YET (an error): measure the link with benchmarks/cluster_bandwidth.py "
+                      "or iperf3 and pass --link")
+    p.add_argument("--latency", type=_parsed(_p.parse_seconds, "duration"), default=1e-3, metavar="SECONDS",
+                   help="latency per message on the inter-node link, e.g. 1ms, 50us (default: 1ms)")
+    p.add_argument("--intra-link", type=_parsed(_p.parse_rate, "rate"), default=_p.DEFAULT_INTRA_LINK.bandwidth,
+                   metavar="RATE", help="bandwidth inside a node, with --ranks-per-node > 1 (default: 100GB/s)")
+    p.add_argument("--intra-latency", type=_parsed(_p.parse_seconds, "duration"),
+                   default=_p.DEFAULT_INTRA_LINK.latency, metavar="SECONDS",
+                   help="latency inside a node (default: 10us)")
+    p.add_argument("--k", type=_int_at_least(1), default=None,
+                   help=f"fix the sync period instead of choosing it from {', '.join(map(str, _p.DEFAULT_K_CHOICES))}")
+    p.add_argument("--alpha", type=_alpha, default=0.5, help="slow step size in the printed config (default: 0.5)")
+    p.add_argument("--target", type=_float_in("a number in (0, 1]", lambda v: 0.0 < v <= 1.0), default=0.95,
+                   help="utilisation to reach; the least stale option reaching it is recommended (default: 0.95)")
+    p.add_argument("--max-delay", type=_int_at_least(0), default=5,
+                   help="largest fragment_sync_delay (tau) considered (default: 5, the Streaming-DiLoCo advice)")
+    p.add_argument("--ddp-overlap", type=_unit_interval, default=2.0 / 3.0,
+                   help="share of a step DDP's gradient all-reduce overlaps (default: 0.67, the backward pass)")
+    p.add_argument("--json", action="store_true",
+                   help="print a JSON list, one object per option considered (DDP first), instead of the text")
+    p.set_defaults(subparser=p)
+
+
+def _count_model_file(path: str) -> int:
+    import torch
+
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:  # missing file, not a torch file, pickled code
+        raise UsageError(f"--model-file {path!r}: cannot read it as a torch-saved state dict ({exc})") from None
+    total, stack = 0, [obj]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, torch.Tensor):
+            total += item.numel()
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+    if total < 1:
+        raise UsageError(f"--model-file {path!r}: holds no tensors")
+    return total
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from . import plan as _p
+
+    try:
+        if args.probe is not None:
+            raise UsageError("--probe: not implemented yet; measure the link (benchmarks/cluster_bandwidth.py on the "
+                             "simulated cluster, or iperf3 between two nodes) and pass --link")
+        params = args.params if args.params is not None else _count_model_file(args.model_file)
+        workload = _p.Workload(params=params, step_time=args.step_time, ddp_overlap=args.ddp_overlap)
+        if args.step_time <= 0:
+            raise UsageError(f"--step-time must be positive, got {args.step_time}")
+        cluster = _p.Cluster(nodes=args.nodes, ranks_per_node=args.ranks_per_node,
+                             link=_p.Link(args.link, args.latency),
+                             intra_link=_p.Link(args.intra_link, args.intra_latency))
+    except ValueError as exc:
+        args.subparser.error(str(exc))
+    except UsageError as exc:
+        args.subparser.error(str(exc))
+    result = _p.plan(workload, cluster, k=args.k, target=args.target, max_delay=args.max_delay)
+    if args.json:
+        print(json.dumps([o.as_dict(recommended=o is result.recommended) for o in result.options], indent=2))
+    else:
+        print(_p.render(result, alpha=args.alpha))
+    return 0
 
 
 # -- turning arguments into run configs -----------------------------------------------------------
@@ -404,6 +515,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)  # exits with status 2 on a bad command line
     if extra:  # reported with the subcommand's usage, which lists its options
         args.subparser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.command == "plan":
+        return _plan(args)
     try:
         if args.command == "train":
             configs = _configs(args, [(args.mode, args.optimizer or _default_optimizer(args.mode))])

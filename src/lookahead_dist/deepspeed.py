@@ -32,12 +32,14 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
 import math
 import os
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -194,10 +196,11 @@ def parse_lookahead_block(block: Any) -> dict[str, Any]:
     """
     if not isinstance(block, dict):
         raise TypeError(f'DeepSpeed config "{LOOKAHEAD_CONFIG_KEY}" must be a JSON object, got {block!r}')
-    unknown = sorted(set(block) - set(_BLOCK_KEYS))
+    unknown = sorted(set(block) - set(_BLOCK_KEYS), key=str)
     if unknown:
         raise ValueError(
             f'unknown key(s) {unknown} in DeepSpeed config "{LOOKAHEAD_CONFIG_KEY}"; allowed: {list(_BLOCK_KEYS)}'
+            + _did_you_mean(unknown, _BLOCK_KEYS)
         )
     out: dict[str, Any] = {
         "k": check_k(block.get("k", 5), f"{LOOKAHEAD_CONFIG_KEY}.k"),
@@ -214,7 +217,56 @@ def parse_lookahead_block(block: Any) -> dict[str, Any]:
         raise ValueError(f'"{LOOKAHEAD_CONFIG_KEY}.slow_dtype" must be "fp32" or null, got {slow_dtype!r}')
     out["slow_dtype"] = dtypes[slow_dtype]
     out["local_sgd"] = _parse_local_sgd(block.get("local_sgd", False))
+    if isinstance(out["local_sgd"], dict):  # the fragment schedule needs k: checked now, not at the first step
+        from .sync import streaming
+
+        options = out["local_sgd"]["options"]
+        try:
+            streaming.check_schedule(out["k"], options.num_fragments, options.fragment_sync_delay,
+                                     f'"{LOOKAHEAD_CONFIG_KEY}.k"')
+        except ValueError as e:
+            raise ValueError(f'"{LOOKAHEAD_CONFIG_KEY}.local_sgd" does not fit "{LOOKAHEAD_CONFIG_KEY}.k" = {out["k"]}: {e}') from e
     return out
+
+
+def _normalized(key: str) -> str:
+    return "".join(c for c in key.lower() if c not in " _-\t")
+
+
+def _did_you_mean(unknown: list[Any], allowed: tuple[str, ...]) -> str:
+    """`` (did you mean "k"?)`` for the unknown keys close to an allowed one (case, ``_``/``-`` ignored), or ""."""
+    by_norm = {_normalized(a): a for a in allowed}
+    hints = []
+    for key in unknown:
+        if not isinstance(key, str):
+            continue
+        close = difflib.get_close_matches(_normalized(key), list(by_norm), n=1, cutoff=0.75)
+        if close:
+            hints.append(f"{key!r} -> {by_norm[close[0]]!r}")
+    return f" (did you mean: {', '.join(hints)}?)" if hints else ""
+
+
+def _check_block_name(config: dict[str, Any]) -> None:
+    """Raise if a top-level key of a DeepSpeed config looks like a misspelled ``"lookahead"``.
+
+    DeepSpeed ignores top-level keys it does not know, so ``"lookahaed"``, ``"LookAhead"``,
+    ``"look_ahead"`` or ``"lookahead "`` would train the plain optimizer without a word. Compared
+    case-insensitively, with spaces, ``_`` and ``-`` ignored, by :mod:`difflib` similarity (0.8).
+    Called by :func:`initialize`, :func:`lookahead_dist.accelerate.prepare` and
+    :class:`lookahead_dist.hf.LookaheadTrainer`, with or without a ``"lookahead"`` block.
+    """
+    if not isinstance(config, dict):
+        return
+    want = _normalized(LOOKAHEAD_CONFIG_KEY)
+    for key in config:
+        if key == LOOKAHEAD_CONFIG_KEY or not isinstance(key, str):
+            continue
+        if difflib.SequenceMatcher(None, _normalized(key), want).ratio() >= 0.8:
+            raise ValueError(
+                f'DeepSpeed config key {key!r} looks like a misspelled "{LOOKAHEAD_CONFIG_KEY}": DeepSpeed ignores '
+                f'keys it does not know, so this run would train without Lookahead. Rename it to "{LOOKAHEAD_CONFIG_KEY}" '
+                "(lower case, no spaces) or remove it"
+            )
 
 
 # -- local SGD across nodes (Note [Local SGD across nodes]) ---------------------------------------------
@@ -224,22 +276,20 @@ _COMM_DTYPES = {None: None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16
                 "int8": "int8", "int4": "int4"}
 
 
-def _parse_local_sgd(value: Any) -> dict[str, Any] | None:
-    """The ``"local_sgd"`` entry of the block: None (off), or ``{"ranks_per_node", "options"}``."""
+def _parse_local_sgd(value: Any) -> dict[str, Any] | bool | None:
+    """The ``"local_sgd"`` entry of the block: None (off), True (local SGD over all ranks: ZeRO stage 0
+    only, :func:`_check_local_sgd_stage`), or ``{"ranks_per_node", "options"}`` (across nodes)."""
     where = f'"{LOOKAHEAD_CONFIG_KEY}.local_sgd"'
     if value is False or value is None:
         return None
     if value is True:
-        raise ValueError(
-            f'{where}: true is not supported under DeepSpeed ZeRO: ZeRO reduces gradients over its data-parallel '
-            'group every step, so there is nothing local to average. For ZeRO inside each node and local SGD '
-            'across nodes write {"across": "nodes"} (docs/deepspeed.md, "Local SGD across nodes")'
-        )
+        return True
     if not isinstance(value, dict):
-        raise TypeError(f'{where} must be false or an object such as {{"across": "nodes"}}, got {value!r}')
-    unknown = sorted(set(value) - set(_LOCAL_SGD_KEYS))
+        raise TypeError(f'{where} must be true, false or an object such as {{"across": "nodes"}}, got {value!r}')
+    unknown = sorted(set(value) - set(_LOCAL_SGD_KEYS), key=str)
     if unknown:
-        raise ValueError(f"unknown key(s) {unknown} in {where}; allowed: {list(_LOCAL_SGD_KEYS)}")
+        raise ValueError(f"unknown key(s) {unknown} in {where}; allowed: {list(_LOCAL_SGD_KEYS)}"
+                         + _did_you_mean(unknown, _LOCAL_SGD_KEYS))
     if value.get("across") != "nodes":
         raise ValueError(f'{where}.across must be "nodes" (the only supported layout), got {value.get("across")!r}')
     rpn = value.get("ranks_per_node")
@@ -256,6 +306,19 @@ def _parse_local_sgd(value: Any) -> dict[str, Any] | None:
     except (TypeError, ValueError) as e:
         raise type(e)(f"{where}: {e}") from e
     return {"ranks_per_node": rpn, "options": options}
+
+
+def _check_local_sgd_stage(stage: Any) -> None:
+    """Local SGD over all ranks (``"local_sgd": true``, or a ``Lookahead(..., local_sgd=True)``) under
+    DeepSpeed: ZeRO stage 0 only. One rule and one message for :func:`initialize` and
+    :func:`lookahead_dist.accelerate.prepare`."""
+    if stage != 0:
+        raise ValueError(
+            f"Lookahead local-SGD mode (\"local_sgd\": true) under DeepSpeed needs ZeRO stage 0, got stage {stage}: "
+            "stages 1-3 partition the optimizer step across ranks, so no rank can keep its own fast weights. Set "
+            '"zero_optimization": {"stage": 0}, or write "local_sgd": {"across": "nodes"} for ZeRO inside each node '
+            'and local SGD across nodes (docs/deepspeed.md), or local_sgd false'
+        )
 
 
 @dataclass(frozen=True)
@@ -293,12 +356,14 @@ def node_groups(ranks_per_node: int | None = None) -> NodeGroups:
     if not dist.is_initialized():
         raise RuntimeError("node_groups() needs torch.distributed to be initialised")
     world, rank = dist.get_world_size(), dist.get_rank()
+    source = f'ranks_per_node={ranks_per_node} set in "lookahead.local_sgd"'
     if ranks_per_node is None:
         env = os.environ.get("LOCAL_WORLD_SIZE")
         if env is None:
             raise ValueError('local SGD across nodes: set "ranks_per_node" in the "lookahead.local_sgd" block, or '
                              "launch with torchrun/deepspeed, which set LOCAL_WORLD_SIZE")
         ranks_per_node = int(env)
+        source = f"ranks_per_node={ranks_per_node} from the launcher's LOCAL_WORLD_SIZE={env}"
     if ranks_per_node < 1 or world % ranks_per_node:
         raise ValueError(f"local SGD across nodes: the world size {world} is not a multiple of "
                          f"ranks_per_node={ranks_per_node}")
@@ -310,6 +375,15 @@ def node_groups(ranks_per_node: int | None = None) -> NodeGroups:
             f"ranks_per_node={ranks_per_node}: global ranks must be numbered node by node (torchrun, deepspeed), "
             "and ranks_per_node must be the number of ranks of each node")
     nodes = world // ranks_per_node
+    if nodes == 1:
+        warnings.warn(
+            f"local SGD across nodes found 1 node ({source}, world size {world}), so no local SGD runs: this is "
+            "ZeRO over that node's ranks with the Lookahead slow step. Launch on several machines (torchrun "
+            '--nnodes N, or the deepspeed launcher with a hostfile), or, to try it on one machine, set "ranks_per_node" '
+            f'in the "lookahead.local_sgd" block to a divisor of {world} smaller than it (1: each rank its own "node")',
+            UserWarning,
+            stacklevel=2,
+        )
     intra, _ = dist.new_subgroups_by_enumeration(
         [[n * ranks_per_node + i for i in range(ranks_per_node)] for n in range(nodes)])
     inter, _ = dist.new_subgroups_by_enumeration(
@@ -564,6 +638,9 @@ def initialize(*args: Any, **kwargs: Any) -> tuple[Any, ...]:
     if from_args:
         raw = kwargs["args"].deepspeed_config
     config = _load_config(raw)
+    if config is not None:
+        _check_block_name(config)
+        _notice_op_build(config)
     if config is None or LOOKAHEAD_CONFIG_KEY not in config:
         with _shm_kernel_skipped(), _quiet_deepspeed_collectives():
             return deepspeed.initialize(*args, **kwargs)
@@ -571,7 +648,10 @@ def initialize(*args: Any, **kwargs: Any) -> tuple[Any, ...]:
         raise TypeError("lookahead_dist.deepspeed.initialize takes keyword arguments only (as deepspeed.initialize)")
 
     block = parse_lookahead_block(config[LOOKAHEAD_CONFIG_KEY])
-    across = block["local_sgd"]
+    local_sgd = block["local_sgd"]
+    across = local_sgd if isinstance(local_sgd, dict) else None
+    if local_sgd is True:
+        _check_local_sgd_stage((config.get("zero_optimization") or {}).get("stage", 0))
     client = kwargs.get("optimizer")
     if isinstance(client, Lookahead):
         raise ValueError(
@@ -590,14 +670,122 @@ def initialize(*args: Any, **kwargs: Any) -> tuple[Any, ...]:
     if from_args:  # DeepSpeed refuses a config in both places; the caller's args stay as they are
         call["args"] = copy.copy(kwargs["args"])
         call["args"].deepspeed_config = None
-    options = None
+    options: Any = True if local_sgd is True else None
     with _shm_kernel_skipped(), _quiet_deepspeed_collectives():
         if across is not None:
             call["mpu"], options = _across_nodes(call, across)
         engine, _, loader, scheduler = deepspeed.initialize(**call)
-    wrap_engine(engine, block["k"], block["alpha"], pullback=block["pullback"], slow_dtype=block["slow_dtype"],
-                local_sgd=options)
+    la = wrap_engine(engine, block["k"], block["alpha"], pullback=block["pullback"], slow_dtype=block["slow_dtype"],
+                     local_sgd=options)
+    if local_sgd is True:  # stage 0: the Lookahead's sync is the only communication (as accelerate's prepare)
+        engine.enable_backward_allreduce = False
+    _config_wins_on_load(la, block["k"], block["alpha"])
+    _node_checkpoints(engine)  # across nodes: checkpoints in <dir>/node<i> (Note [Checkpoints across nodes])
     return engine, engine.optimizer, loader, scheduler
+
+
+# Note [Resuming with another k or alpha]
+# ---------------------------------------
+# A checkpoint keeps k and alpha in the Lookahead's param groups, and Lookahead.load_state_dict
+# restores them. A "lookahead" block is what the user wrote for this run, so where the Lookahead
+# comes from a block (initialize, accelerate's prepare, LookaheadTrainer) the block wins for the
+# hyperparameters k and alpha, and the checkpoint for the state: slow weights, cycle positions,
+# outer momenta. A cycle position at or past the new k ends its cycle at the next step. The first
+# load that finds other values says so once (a UserWarning naming both).
+
+def _config_wins_on_load(la: Lookahead, k: int, alpha: float) -> None:
+    """Note [Resuming with another k or alpha]: after each ``la.load_state_dict``, set the block's k and alpha."""
+    told = False
+
+    def keep_config(optimizer: Lookahead) -> None:
+        nonlocal told
+        saved = sorted({(g.get(K_KEY), g.get(ALPHA_KEY)) for g in optimizer.param_groups} - {(k, alpha)}, key=str)
+        for g in optimizer.param_groups:
+            g[K_KEY], g[ALPHA_KEY] = k, alpha
+        if saved and not told:
+            told = True
+            was = "; ".join(f"k={sk}, alpha={sa}" for sk, sa in saved)
+            warnings.warn(
+                f'the checkpoint was saved with {was}; the config\'s "{LOOKAHEAD_CONFIG_KEY}" block says k={k}, '
+                f"alpha={alpha}: the config wins (the new k and alpha apply from the next step; slow weights and "
+                "cycle positions come from the checkpoint, and a position at or past the new k ends its cycle at "
+                "the next step)",
+                UserWarning,
+                stacklevel=2,
+            )
+
+    la.register_load_state_dict_post_hook(keep_config)
+
+
+# DeepSpeed's JIT-compiled optimizer ops: op name -> builder class, as the accelerator names them.
+_OP_BUILDERS = {"fused_adam": "FusedAdamBuilder", "cpu_adam": "CPUAdamBuilder", "cpu_adagrad": "CPUAdagradBuilder",
+                "cpu_lion": "CPULionBuilder", "fused_lion": "FusedLionBuilder", "fused_lamb": "FusedLambBuilder"}
+_ops_noticed: set[str] = set()
+
+
+def _op_for_optimizer(config: dict[str, Any]) -> str | None:
+    """The compiled op the config's ``"optimizer"`` block makes DeepSpeed load (its engine's choice), or None."""
+    block = config.get("optimizer")
+    if not isinstance(block, dict):
+        return None
+    name = str(block.get("type", "")).lower()
+    params = block.get("params") or {}
+    offload = (config.get("zero_optimization") or {}).get("offload_optimizer") or {}
+    cpu = str(offload.get("device", "none") or "none").lower() in ("cpu", "nvme")
+    if name in ("adam", "adamw"):
+        return None if params.get("torch_adam") else ("cpu_adam" if cpu else "fused_adam")
+    if name == "adagrad":
+        return "cpu_adagrad" if cpu else None
+    if name == "lion":
+        return "cpu_lion" if cpu else "fused_lion"
+    if name == "lamb":
+        return "fused_lamb"
+    return None
+
+
+def _op_is_built(name: str) -> bool | None:
+    """True: the op loads without compiling (prebuilt, or in the JIT cache); False: it would compile;
+    None: no build of it for this accelerator (DeepSpeed reports that itself)."""
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.git_version_info import installed_ops
+
+    if installed_ops.get(name):
+        return True
+    builder = get_accelerator().create_op_builder(_OP_BUILDERS[name])
+    if builder is None or not builder.is_compatible(verbose=False):
+        return None
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
+
+        folder = _get_build_directory(getattr(builder, "name", name), verbose=False)
+    except Exception:  # noqa: BLE001 - a torch-internal helper: without it, assume nothing is built
+        return False
+    return os.path.exists(os.path.join(folder, f"{getattr(builder, 'name', name)}.so"))
+
+
+def _notice_op_build(config: dict[str, Any]) -> str | None:
+    """One line on stderr (first local rank, once per op and process) before DeepSpeed compiles an op.
+
+    Returns the notice (also where it is not printed), or None when nothing will compile.
+    """
+    name = _op_for_optimizer(config)
+    if name is None or name in _ops_noticed:
+        return None
+    try:
+        built = _op_is_built(name)
+    except Exception:  # noqa: BLE001 - a notice must never stop the run
+        return None
+    if built is not False:
+        return None
+    _ops_noticed.add(name)
+    notice = (f"[lookahead_dist] DeepSpeed will build its {name} op for the config's optimizer: first run only, "
+              "about 1-3 minutes (then cached in TORCH_EXTENSIONS_DIR; for Adam/AdamW, "
+              '"torch_adam": true in the optimizer params needs no build)')
+    if os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0")) == "0":
+        import sys
+
+        print(notice, file=sys.stderr, flush=True)
+    return notice
 
 
 # Note [Local SGD across nodes]
@@ -852,10 +1040,12 @@ UNIVERSAL_GROUPS_KEY = "lookahead_universal"
 #   group has one position, whatever the partitioning) and restores k and alpha per group.
 
 
-def _optim_files(folder: str) -> tuple[list[tuple[int, str]], int]:
+def _optim_files(folder: str, *, trust_pickle: bool = False) -> tuple[list[tuple[int, str]], int]:
     """[(dp rank, path)] of a ZeRO checkpoint's optimizer files, and its ZeRO stage."""
     import glob
     import re
+
+    from ._safe_load import deepspeed_safe_globals, load
 
     found = []
     for path in glob.glob(os.path.join(folder, "*_optim_states.pt")):
@@ -873,7 +1063,8 @@ def _optim_files(folder: str) -> tuple[list[tuple[int, str]], int]:
     found.sort()
     if [d for d, _ in found] != list(range(len(found))):
         raise ValueError(f"ZeRO optimizer files of {folder!r} do not cover ranks 0..{len(found) - 1}: {found}")
-    first = torch.load(found[0][1], map_location="cpu", weights_only=False)["optimizer_state_dict"]
+    first = load(found[0][1], safe_globals=deepspeed_safe_globals(), trust_pickle=trust_pickle,
+                 opt_in=_UNIVERSAL_OPT_IN)["optimizer_state_dict"]
     return found, int(first.get("zero_stage", 1))
 
 
@@ -925,8 +1116,12 @@ def _slow_pieces_zero3(osd: dict[str, Any], shapes: list[dict[str, Any]], rank: 
     return pieces, steps
 
 
+_UNIVERSAL_OPT_IN = "convert it with convert_to_universal(..., trust_pickle=True)"
+
+
 def convert_to_universal(input_folder: str, output_folder: str, *, inject_missing_state: bool = False,
-                         num_workers: int = 1, keep_temp_folder: bool = False, verbose: bool = False) -> None:
+                         num_workers: int = 1, keep_temp_folder: bool = False, verbose: bool = False,
+                         trust_pickle: bool = False) -> None:
     """``deepspeed.checkpoint.ds_to_universal``, keeping the Lookahead state (Note [Universal checkpoints]).
 
     Converts the ZeRO-1/2/3 checkpoint in ``input_folder`` (one tag's folder) into a universal
@@ -938,15 +1133,33 @@ def convert_to_universal(input_folder: str, output_folder: str, *, inject_missin
     ``zero/<param>/lookahead_slow.pt`` per parameter and the groups' Lookahead entries to
     ``zero/optimizer_state.pt``. Data parallelism only (no tensor or pipeline parallelism). From the
     command line: ``python -m lookahead_dist.deepspeed to-universal INPUT OUTPUT``.
+
+    Safe loading (Note [Safe loading] in ``lookahead_dist._safe_load``): DeepSpeed's converter
+    unpickles the input files fully (``weights_only=False``), so first every ``.pt`` file of
+    ``input_folder`` is checked with ``weights_only=True``, allowing only the DeepSpeed types those
+    files hold, and the files read here are loaded the same way. A file that names another global
+    (a tampered file, or an object in ``client_state``) raises
+    :class:`~lookahead_dist.checkpointing.UnsafeCheckpointError` before anything is unpickled
+    fully. ``trust_pickle=True`` skips the check and loads fully: only for a checkpoint that
+    nobody but your own job can have written.
     """
     import argparse
     import contextlib
+    import glob
     import io
 
     from deepspeed.checkpoint import ds_to_universal as d2u
     from deepspeed.checkpoint.constants import PARAM
 
-    files, stage = _optim_files(input_folder)  # checks the layout before DeepSpeed's converter runs
+    from ._safe_load import check_files, deepspeed_safe_globals, load
+
+    if not isinstance(trust_pickle, bool):
+        raise TypeError(f"convert_to_universal `trust_pickle` must be a bool, got {trust_pickle!r}")
+    allowed = deepspeed_safe_globals()
+    files, stage = _optim_files(input_folder, trust_pickle=trust_pickle)  # the layout, before the converter runs
+    if not trust_pickle:
+        check_files(sorted(glob.glob(os.path.join(input_folder, "**", "*.pt"), recursive=True)),
+                    safe_globals=allowed, opt_in=_UNIVERSAL_OPT_IN)
     args = argparse.Namespace(input_folder=input_folder, output_folder=output_folder,
                               num_extract_workers=num_workers, num_merge_workers=num_workers,
                               keep_temp_folder=keep_temp_folder, strict=True,
@@ -967,12 +1180,14 @@ def convert_to_universal(input_folder: str, output_folder: str, *, inject_missin
     by_name: dict[str, list[torch.Tensor]] = {}
     steps: list[int] | None = None
     for rank, path in files:
-        osd = torch.load(path, map_location="cpu", weights_only=False)["optimizer_state_dict"]
+        osd = load(path, safe_globals=allowed, trust_pickle=trust_pickle, opt_in=_UNIVERSAL_OPT_IN)
+        osd = osd["optimizer_state_dict"]
         if stage <= 2:
             pieces, rank_steps = _slow_pieces_zero12(osd, path)
         else:
             model_file = os.path.join(input_folder, os.path.basename(path).replace("optim_states", "model_states"))
-            shapes = torch.load(model_file, map_location="cpu", weights_only=False)["param_shapes"]
+            shapes = load(model_file, safe_globals=allowed, trust_pickle=trust_pickle,
+                          opt_in=_UNIVERSAL_OPT_IN)["param_shapes"]
             pieces, rank_steps = _slow_pieces_zero3(osd, shapes, rank, path)
         if steps is not None and rank_steps != steps:
             raise ValueError(f"{path}: cycle positions {rank_steps} differ from rank 0's {steps}")
@@ -982,7 +1197,8 @@ def convert_to_universal(input_folder: str, output_folder: str, *, inject_missin
     zero_dir = os.path.join(output_folder, "zero")
     for name, parts in by_name.items():
         # Written like the fp32 weight beside it: ZeRO-1/2 a dict {PARAM: tensor, ...}, ZeRO-3 a flat tensor.
-        fp32 = torch.load(os.path.join(zero_dir, name, "fp32.pt"), map_location="cpu", weights_only=False)
+        fp32 = load(os.path.join(zero_dir, name, "fp32.pt"), safe_globals=allowed, trust_pickle=trust_pickle,
+                    opt_in=_UNIVERSAL_OPT_IN)
         like = fp32[PARAM] if isinstance(fp32, dict) else fp32
         full = torch.cat(parts)
         if full.numel() != like.numel():
@@ -992,7 +1208,7 @@ def convert_to_universal(input_folder: str, output_folder: str, *, inject_missin
         torch.save(slow, os.path.join(zero_dir, name, f"{SLOW_KEY}.pt"))
 
     state_path = os.path.join(zero_dir, "optimizer_state.pt")
-    sd = torch.load(state_path, map_location="cpu", weights_only=False)
+    sd = load(state_path, safe_globals=allowed, trust_pickle=trust_pickle, opt_in=_UNIVERSAL_OPT_IN)
     group_lists = [sd["param_groups"]]
     if "optimizer_state_dict" in sd:  # ZeRO-3's loader reads the groups from here
         group_lists.append(sd["optimizer_state_dict"]["param_groups"])
@@ -1006,7 +1222,8 @@ def convert_to_universal(input_folder: str, output_folder: str, *, inject_missin
     torch.save(sd, state_path)
 
 
-def load_checkpoint(engine: Any, load_dir: str, tag: str | None = None, **kwargs: Any) -> tuple[Any, Any]:
+def load_checkpoint(engine: Any, load_dir: str, tag: str | None = None, *, trust_pickle: bool = False,
+                    **kwargs: Any) -> tuple[Any, Any]:
     """``engine.load_checkpoint(load_dir, tag, **kwargs)``, completing the Lookahead state of a universal one.
 
     Same arguments and return value. For a regular checkpoint it is exactly
@@ -1017,18 +1234,59 @@ def load_checkpoint(engine: Any, load_dir: str, tag: str | None = None, **kwargs
     alpha are restored, so training continues the saved cycle. A universal checkpoint made by
     ``ds_to_universal`` alone has no Lookahead state: a ``UserWarning`` says so, and Lookahead
     starts a new cycle from the loaded weights at the next step. A collective, like
-    ``engine.load_checkpoint``.
+    ``engine.load_checkpoint``. Under local SGD across nodes, node i reads ``load_dir/node<i>``
+    (Note [Checkpoints across nodes]).
+
+    DeepSpeed unpickles its checkpoint files in full (``weights_only=False``), so a tampered file
+    could run code. Unless ``trust_pickle=True``, the tag folder about to be loaded is first checked
+    with :func:`lookahead_dist.checkpointing.check_safe_to_load` (DeepSpeed's own types allowed,
+    nothing else): a file naming any other global raises
+    :class:`~lookahead_dist.checkpointing.UnsafeCheckpointError` on every rank before DeepSpeed
+    reads anything.
     """
+    if not isinstance(trust_pickle, bool):
+        raise TypeError(f"load_checkpoint: trust_pickle must be a bool, got {trust_pickle!r}")
+    if not trust_pickle:
+        _check_tag_folder(engine, load_dir, tag)
     with _quiet_deepspeed_collectives():
         path, client_state = engine.load_checkpoint(load_dir, tag, **kwargs)
     if path is None or not engine.load_universal_checkpoint() or not kwargs.get("load_optimizer_states", True) \
             or kwargs.get("load_module_only", False):
         return path, client_state
+    load_dir = _node_dir(engine, load_dir)  # local SGD across nodes: <load_dir>/node<i> (Note [Checkpoints across nodes])
     if tag is None:
         with open(os.path.join(load_dir, "latest_universal")) as f:
             tag = f.read().strip()
     _restore_universal(engine, os.path.join(load_dir, str(tag)))
     return path, client_state
+
+
+def _check_tag_folder(engine: Any, load_dir: str, tag: str | None) -> None:
+    """Check the folder ``engine.load_checkpoint(load_dir, tag)`` will read, as DeepSpeed resolves it."""
+    from . import _safe_load
+    from .checkpointing import _agree, _check_mine, _checkpoint_files
+
+    folder = _node_dir(engine, load_dir)
+    if tag is None:
+        latest = os.path.join(folder, "latest_universal" if engine.load_universal_checkpoint() else "latest")
+        if not os.path.isfile(latest):
+            return  # DeepSpeed finds nothing to load and says so; nothing is unpickled
+        with open(latest) as f:
+            tag = f.read().strip()
+    path = os.path.join(folder, str(tag))
+    if not os.path.isdir(path):
+        return  # DeepSpeed reports the missing folder itself
+    mpu = getattr(engine, "mpu", None)
+    # The ranks that read the same folder split its files: the node's ranks under local SGD across
+    # nodes (each node has its own folder), else the whole world.
+    group = mpu.get_data_parallel_group() if isinstance(mpu, NodeMPU) else None
+    failed = None
+    try:  # as checkpointing.check_safe_to_load, with the opt-in of this call in the message
+        _check_mine(_checkpoint_files(Path(path)), _safe_load.deepspeed_safe_globals(), group,
+                    "load it with lookahead_dist.deepspeed.load_checkpoint(..., trust_pickle=True)")
+    except Exception as exc:  # noqa: BLE001 - raised below, on every rank
+        failed = exc
+    _agree(failed, Path(path), group)
 
 
 def _restore_universal(engine: Any, folder: str) -> None:
@@ -1104,6 +1362,114 @@ def _unshare_step_tensors(la: Lookahead, units: list[torch.Tensor]) -> None:
             seen.add(id(step))
 
 
+# -- checkpoints of local SGD across nodes -------------------------------------------------------------
+# Note [Checkpoints across nodes]
+# -------------------------------
+# With "local_sgd": {"across": "nodes"} each node is DeepSpeed's data-parallel group and trains a
+# replica of its own between syncs. DeepSpeed names its checkpoint files by the data-parallel rank
+# (zero_pp_rank_<r>_*, mp_rank_00_model_states.pt), which repeats on every node, and only global
+# rank 0 writes `latest` (and creates the directory). Saved as is into one directory the nodes
+# overwrite each other's files, the last writer winning; saved into a directory per node, only node
+# 0 finds `latest`, and DeepSpeed's load_checkpoint returns (None, None) on the others. So
+# initialize gives the engine its own save_checkpoint/load_checkpoint (_node_checkpoints): node i
+# saves and loads <dir>/node<i>/, a complete DeepSpeed checkpoint of that node's ranks (with its
+# own `latest`, written by the node's first rank once the node's files are written), whether <dir>
+# is shared by the nodes or is a directory of each node's own. On load, every rank finds its tag
+# (the one given, or its node's `latest`) and the ranks compare them before DeepSpeed reads
+# anything: a node that lacks the checkpoint (a node-local disk, a node directory missing) or finds
+# another tag raises on every rank, instead of starting that node alone from scratch (or hanging in
+# DeepSpeed's collectives). No checkpoint on any node is DeepSpeed's (None, None), as before.
+# DeepSpeed's own methods stay reachable as type(engine).save_checkpoint(engine, ...).
+
+_NODE_SUBDIR = "node{}"
+
+
+def _node_checkpoints(engine: Any) -> None:
+    """Note [Checkpoints across nodes]: node i's ``engine.save_checkpoint(d)`` / ``load_checkpoint(d)`` use ``d/node<i>``.
+
+    Does nothing unless the engine's ``mpu`` is a :class:`NodeMPU` (local SGD across nodes), or
+    when already done.
+    """
+    mpu = getattr(engine, "mpu", None)
+    if not isinstance(mpu, NodeMPU) or getattr(engine, "_lookahead_node", None) is not None:
+        return
+    import functools
+
+    import torch.distributed as dist
+
+    groups = mpu.groups
+    subdir = _NODE_SUBDIR.format(groups.node)
+    ds_save, ds_load = engine.save_checkpoint, engine.load_checkpoint
+
+    @functools.wraps(ds_save)
+    def save_checkpoint(save_dir: str, tag: Any = None, client_state: Any = None, save_latest: bool = True,
+                        **kwargs: Any) -> Any:
+        client_state = {} if client_state is None else client_state
+        if not save_dir:
+            return ds_save(save_dir, tag, client_state, save_latest, **kwargs)  # DeepSpeed's error
+        decoupled = getattr(getattr(engine, "checkpoint_engine", None), "is_decoupled", None)
+        if decoupled is not None and decoupled():
+            raise NotImplementedError(
+                "local SGD across nodes: a decoupled DeepSpeed checkpoint engine writes `latest` later, from global "
+                "rank 0 only; use DeepSpeed's default checkpoint engine (docs/deepspeed.md, 'Checkpoints across nodes')")
+        node_dir = os.path.join(save_dir, subdir)
+        os.makedirs(node_dir, exist_ok=True)  # DeepSpeed creates save_dir on global rank 0 only
+        tag = f"global_step{engine.global_steps}" if tag is None else str(tag)  # DeepSpeed's default tag
+        result = ds_save(node_dir, tag, client_state, False, **kwargs)  # no `latest`; ends with a barrier of all ranks
+        if save_latest and dist.get_rank(groups.intra) == 0:
+            tmp = os.path.join(node_dir, f".latest.{os.getpid()}")
+            with open(tmp, "w") as f:
+                f.write(tag)
+            os.replace(tmp, os.path.join(node_dir, "latest"))
+        dist.barrier()
+        return result
+
+    @functools.wraps(ds_load)
+    def load_checkpoint(load_dir: str, tag: Any = None, *args: Any, **kwargs: Any) -> Any:
+        node_dir = os.path.join(load_dir, subdir)
+        found = _node_tag(engine, node_dir, tag)
+        legacy = found is None and (os.path.isfile(os.path.join(load_dir, "latest")) if tag is None
+                                    else os.path.isdir(os.path.join(load_dir, str(tag))))
+        everyone: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, (groups.node, found, legacy))
+        by_node = {n: t for n, t, _ in everyone}
+        if len({t for _, t, _ in everyone}) > 1:
+            seen = ", ".join(f"node {n}: {'no checkpoint' if t is None else repr(t)}" for n, t in sorted(by_node.items()))
+            raise RuntimeError(
+                f"local SGD across nodes: the nodes do not find the same checkpoint under {load_dir!r} ({seen}; node i "
+                f"reads {os.path.join(load_dir, 'node<i>')!r}, tag {'from its latest file' if tag is None else repr(str(tag))}). "
+                "Every node must find the directory its ranks saved: copy the missing node directories there, or pass "
+                "a tag that every node has")
+        if found is None and any(old for _, _, old in everyone):
+            raise FileNotFoundError(
+                f"local SGD across nodes: {load_dir!r} holds a checkpoint saved without node directories (by "
+                "DeepSpeed's own save_checkpoint: where the nodes shared the directory, it holds the files of whichever "
+                f"node wrote last) and no {os.path.join(load_dir, subdir)!r}. A directory of one node's own saved that way "
+                "loads with DeepSpeed's own method and an explicit tag: type(engine).load_checkpoint(engine, load_dir, tag)")
+        return ds_load(node_dir, tag, *args, **kwargs)
+
+    engine.save_checkpoint = save_checkpoint
+    engine.load_checkpoint = load_checkpoint
+    engine._lookahead_node = groups.node
+
+
+def _node_tag(engine: Any, node_dir: str, tag: Any) -> str | None:
+    """The tag a node finds in ``node_dir`` (the given one, or its latest file's), None without a checkpoint."""
+    if tag is None:
+        latest = os.path.join(node_dir, "latest_universal" if engine.load_universal_checkpoint() else "latest")
+        if not os.path.isfile(latest):
+            return None
+        with open(latest) as f:
+            tag = f.read().strip()
+    return str(tag) if os.path.isdir(os.path.join(node_dir, str(tag))) else None
+
+
+def _node_dir(engine: Any, directory: str) -> str:
+    """Where this rank's node keeps the checkpoints of ``directory`` (Note [Checkpoints across nodes])."""
+    node = getattr(engine, "_lookahead_node", None)
+    return directory if node is None else os.path.join(directory, _NODE_SUBDIR.format(node))
+
+
 def _main(argv: list[str] | None = None) -> int:
     import argparse
 
@@ -1116,9 +1482,13 @@ def _main(argv: list[str] | None = None) -> int:
     conv.add_argument("--inject-missing-state", action="store_true", help="as ds_to_universal --inject_missing_state")
     conv.add_argument("--num-workers", type=int, default=1, help="processes for ds_to_universal's extract and merge")
     conv.add_argument("--keep-temp-folder", action="store_true")
+    conv.add_argument("--trust-pickle", action="store_true",
+                      help="skip the check that every input file loads with weights_only=True (only for files "
+                           "you trust: DeepSpeed's converter unpickles them in full)")
     args = parser.parse_args(argv)
     convert_to_universal(args.input_folder, args.output_folder, inject_missing_state=args.inject_missing_state,
-                         num_workers=args.num_workers, keep_temp_folder=args.keep_temp_folder, verbose=True)
+                         num_workers=args.num_workers, keep_temp_folder=args.keep_temp_folder, verbose=True,
+                         trust_pickle=args.trust_pickle)
     return 0
 
 

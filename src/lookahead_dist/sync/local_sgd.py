@@ -91,14 +91,15 @@ bucket runs the quantised mean of ``_quant``: all-to-all of the quantised chunks
 add in fp32 on the chunk's owner, divide by N, requantise, all-gather. On 2 ranks the wire bytes
 are ``bits/32 * (1 + 32/(bits * B))`` of an fp32 all-reduce (0.25 x 1.0078 for int8, 0.125 x
 1.0156 for int4 at B = 512), plus padding to whole blocks. The bucket is laid out like a
-:class:`ShardLayout` whose segments are padded to whole blocks (``_BlockLayout``), so the chunk a
+:class:`ShardLayout` whose segments are padded to whole blocks (``_Layout``), so the chunk a
 rank owns in the reduce is its 1/N chunk of every tensor.
 
 With ``error_feedback=True`` (default) each rank adds the quantisation error of its previous
 send to the next one (``lookahead_ef_residual``, shaped like the slow weight), and the owner of a
 chunk does the same for the requantised mean (``lookahead_ef_owner``, 1/N of it): the sums of the
 values sent track the sums of the true values. Both residuals are per-parameter state: they are
-checkpointed and, with fragments, naturally kept per fragment. A sync skipped for NaN/inf zeroes
+checkpointed and, with fragments, naturally kept per fragment (a tensor split over fragments
+updates the slices of its pieces: Note [Fragments] in streaming.py). A sync skipped for NaN/inf zeroes
 them. Quantisation needs progress, so it runs in the flat and the hierarchical-sharded modes; the
 plain sharded mode (which reduce-scatters weights) refuses it, like bf16. The reduce runs on a
 worker thread over a process group of its own (``new_group`` of the same ranks, made at
@@ -173,7 +174,7 @@ import torch.distributed as dist
 
 from .. import _comm, _sync
 from .._comm import CommStats, ShardLayout, flat_view
-from .._keys import SLOW_KEY
+from .._keys import K_KEY, SLOW_KEY, STEP_KEY
 from .._sync import local_tensor
 from . import streaming
 from .base import SyncHost, SyncStrategy
@@ -457,7 +458,13 @@ class _Plan:
     params: list[torch.Tensor] = field(default_factory=list)  # the bucket's parameters, in order
     slow_t: list[torch.Tensor] = field(default_factory=list)  # the slow weights themselves
     names: list[str] = field(default_factory=list)            # "param_groups[g][i]", for messages
-    quant: ShardLayout | None = None  # int8/int4: the send tensors over the reduce group (Note [Quantised sync])
+    quant: _Layout | None = None     # int8/int4: the send tensors over the reduce group (Note [Quantised sync])
+    # Per entry, where a tensor split over fragments (Note [Fragments] in streaming.py) has one entry
+    # per chunk part of its piece: the range of the per-parameter state shaped like the slow weight
+    # (None: all of it), and of ``lookahead_ef_owner``.
+    sl: list[slice | None] = field(default_factory=list)
+    osl: list[slice | None] = field(default_factory=list)
+    report: list[torch.Tensor] = field(default_factory=list)  # handed to host.on_synced once this bucket is applied
 
 
 @dataclass
@@ -495,27 +502,50 @@ class _Reduced:
     full: torch.Tensor | None = None
 
 
-class _BlockLayout(ShardLayout):
-    """A :class:`ShardLayout` whose segments are padded to a multiple of the quantisation block.
+class _Layout(ShardLayout):
+    """A :class:`ShardLayout` whose chunk sizes are given per tensor (``chunks[i][r]``), and whose
+    segments may be padded to a multiple of ``multiple`` elements.
 
-    The quantised reduce splits its flat buffer into N equal chunks of whole blocks; with this
-    layout chunk r is exactly segment r, i.e. chunk r of every tensor, so the residual of the chunk
-    a rank owns is a per-parameter tensor (chunk r of each), like a sharded slow weight.
+    Whole tensors get ``chunk_sizes(numel, n)`` (then it is the plain layout); the part of a piece
+    that lies in chunk r of a tensor split over fragments gets ``[0, .., len, .., 0]`` (Note
+    [Fragments] in streaming.py). With ``multiple`` = the quantisation block, the quantised reduce,
+    which splits its flat buffer into N equal chunks of whole blocks, hands rank r exactly segment
+    r, i.e. its chunk of every tensor, so the residual of the chunk a rank owns is a per-parameter
+    tensor (chunk r of each), like a sharded slow weight.
     """
 
-    def __init__(self, numels: list[int], n: int, multiple: int) -> None:
-        super().__init__(numels, n)
-        seg = -(-max(self.segment, 1) // multiple) * multiple
+    def __init__(self, chunks: list[list[int]], n: int, multiple: int = 1) -> None:
+        self.m = len(chunks)
+        self.n = n
+        self.chunks = chunks
+        seg = max((sum(c[r] for c in chunks) for r in range(n)), default=0)
+        if multiple > 1:
+            seg = -(-max(seg, 1) // multiple) * multiple
         self.segment = seg
-        self.pads = [seg - sum(c[r] for c in self.chunks) for r in range(n)]
+        self.pads = [seg - sum(c[r] for c in chunks) for r in range(n)]
         self.numel = n * seg
-        self.split_sizes = [s for r in range(n) for s in ([c[r] for c in self.chunks] + [self.pads[r]])]
+        self.split_sizes = [s for r in range(n) for s in ([c[r] for c in chunks] + [self.pads[r]])]
+        self.segment_sizes = [c[0] for c in chunks]
+
+    def split_each(self, views: list[torch.Tensor]) -> list[torch.Tensor]:
+        """``[chunk r of views[i] for r for i]``: the order of :meth:`chunk_views`."""
+        parts = [v.split(c) for v, c in zip(views, self.chunks)]
+        return [c[r] for r in range(self.n) for c in parts]
 
 
-def _chunked(views: list[torch.Tensor], n: int) -> list[torch.Tensor]:
-    """``[chunk r of views[i] for r in range(n) for i]``: the order of ``ShardLayout.chunk_views``."""
-    parts = [v.tensor_split(n) for v in views]
-    return [c[r] for r in range(n) for c in parts]
+def _offsets(numel: int, n: int) -> list[tuple[int, int]]:
+    """``(offset, size)`` of the chunks of ``tensor_split(n)`` of ``numel`` elements."""
+    out, o = [], 0
+    for c in _comm.chunk_sizes(numel, n):
+        out.append((o, c))
+        o += c
+    return out
+
+
+def _cut(t: torch.Tensor, sl: slice | None) -> torch.Tensor:
+    """The flat view of per-parameter state ``t``, or its range ``sl`` (a piece's part)."""
+    v = flat_view(t)
+    return v if sl is None else v[sl]
 
 
 def _shaped_like(d: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
@@ -780,16 +810,22 @@ class LocalSGD(SyncStrategy):
         where = f"param group {index}" if index >= 0 else "a param-group subset"
         slow = [host.state_entry(p)[SLOW_KEY] for p in params]
         F = self.num_fragments
+        numels = [local_tensor(p).numel() for p in params]
         if self.options.fragments is not None:
             names = self._param_names()
             split = streaming.fragments_from_prefixes([names.get(id(p)) for p in params],
                                                       self.options.fragments, where)
-        else:
-            split = streaming.split_fragments(
-                [local_tensor(p).numel() * s.element_size() for p, s in zip(params, slow)], F)
+            pieces = [[(i, 0, numels[i]) for i in idx] for idx in split]
+        else:  # Note [Fragments]: large tensors (a ZeRO partition) are split; not under a user outer optimizer
+            block = None if self.options.outer_optimizer is not None else self.options.quant_block_size
+            pieces = streaming.split_ranges(numels, [s.element_size() for s in slow], F, block)
         labels = [f"param_groups[{index}][{i}]" for i in range(len(params))]
-        fragments = [self._build_plans(host, [params[i] for i in idx], [labels[i] for i in idx]) for idx in split]
-        unit = _Unit(params, len(params), index, fragments, [[params[i] for i in idx] for idx in split])
+        fragments = [self._build_plans(host, [(params[i], a, b) for i, a, b in fr],
+                                       [labels[i] if (a, b) == (0, numels[i]) else f"{labels[i]}[{a}:{b}]"
+                                        for i, a, b in fr])
+                     for fr in pieces]
+        frag_params = [list({id(params[i]): params[i] for i, _, _ in fr}.values()) for fr in pieces]
+        unit = _Unit(params, len(params), index, fragments, frag_params)
         self._units[params[0]] = unit
         if self.delay > 0 and params[0] not in self._inflight:
             self._resume_inflight(host, unit)
@@ -801,10 +837,14 @@ class LocalSGD(SyncStrategy):
             module = module.module
         return {id(p): name for name, p in module.named_parameters()}
 
-    def _build_plans(self, host: SyncHost, params: list[torch.Tensor], names: list[str]) -> list[_Plan]:
-        if not params:
+    def _build_plans(self, host: SyncHost, pieces: list[tuple[torch.Tensor, int, int]],
+                     names: list[str]) -> list[_Plan]:
+        """The buckets of one fragment: ``pieces`` are ``(param, a, b)``, flat element ranges (whole
+        tensors: ``(p, 0, numel)``), Note [Fragments] in streaming.py."""
+        if not pieces:
             return []
         n, r = self.shard_size, self.shard_rank
+        params = [pc[0] for pc in pieces]
         fast = [local_tensor(p) for p in params]
         entries = [host.state_entry(p) for p in params]
         slow = [e[SLOW_KEY] for e in entries]
@@ -823,30 +863,78 @@ class LocalSGD(SyncStrategy):
                     e[OUTER_MOMENTUM_KEY] = torch.zeros_like(slow[i])
                 mom[i] = e[OUTER_MOMENTUM_KEY]
         keys = [(f.device, f.dtype, s.dtype) for f, s in zip(fast, slow)]
-        nbytes = [f.numel() * s.element_size() for f, s in zip(fast, slow)]
+        nbytes = [(b - a) * s.element_size() for (_, a, b), s in zip(pieces, slow)]
         plans = []
         for idx in _comm.plan_buckets(keys, nbytes, self.cap_bytes):
-            fv = [flat_view(fast[i]) for i in idx]
-            layout = ShardLayout([f.numel() for f in fv], n)
-            chunks = [f.tensor_split(n) for f in fv]
-            sv = [flat_view(slow[i]) for i in idx]
-            plans.append(_Plan(
-                layout=layout,
-                fast=fv,
-                fast_chunks=[c[rr] for rr in range(n) for c in chunks],
-                fast_own=[c[r] for c in chunks],
-                slow=sv,
-                mom=[flat_view(mom[i]) for i in idx] if self.beta > 0 else [],
-                stage_dtype=slow[idx[0]].dtype,
-                fast_dtype=fast[idx[0]].dtype,
-                device=fast[idx[0]].device,
-                params=[params[i] for i in idx],
-                slow_t=[slow[i] for i in idx],
-                names=[names[i] for i in idx],
-                quant=(_BlockLayout([s.numel() for s in sv], self.quant_size, self.options.quant_block_size)
-                       if self.quant_bits is not None else None),
-            ))
+            plan = _Plan(layout=None, fast=[], fast_chunks=[], fast_own=[], slow=[], mom=[],  # type: ignore[arg-type]
+                         stage_dtype=slow[idx[0]].dtype, fast_dtype=fast[idx[0]].dtype, device=fast[idx[0]].device)
+            chunks: list[list[int]] = []
+            qchunks: list[list[int]] = []
+            per_rank: list[list[torch.Tensor]] = [[] for _ in range(n)]
+            for i in idx:
+                p, a, b = pieces[i]
+                fv, sv = flat_view(fast[i]), flat_view(slow[i])
+                mv = flat_view(mom[i]) if self.beta > 0 else None
+                if a == 0:
+                    plan.report.append(p)  # once per cycle: with the fragment of its first element
+                if (a, b) == (0, fv.numel()):  # a whole tensor: the plain layout
+                    parts = fv.tensor_split(n)
+                    chunks.append(_comm.chunk_sizes(fv.numel(), n))
+                    qchunks.append(_comm.chunk_sizes(sv.numel(), self.quant_size))
+                    leaves = [(fv, parts, sv, mv, None, None)]
+                else:
+                    leaves = []
+                    for lo, hi, rr, u, v, q, ou, ov in self._leaves(fv.numel(), a, b):
+                        own = rr is None or rr == r
+                        sl = slice(u, v) if own else slice(0, 0)
+                        piece = fv[lo:hi]
+                        parts = tuple(piece if rr is None or k == rr else piece[:0] for k in range(n))
+                        ch = [0] * n
+                        ch[0 if rr is None else rr] = hi - lo
+                        chunks.append(ch)
+                        qc = [0] * self.quant_size
+                        if q is not None and own:
+                            qc[q] = v - u
+                        qchunks.append(qc)
+                        osl = slice(ou, ov) if q is not None and own and q == self.quant_rank else slice(0, 0)
+                        leaves.append((piece, parts, sv[sl], mv[sl] if mv is not None else None, sl, osl))
+                for piece, parts, s_view, m_view, sl, osl in leaves:
+                    plan.fast.append(piece)
+                    for k in range(n):
+                        per_rank[k].append(parts[k])
+                    plan.fast_own.append(parts[r])
+                    plan.slow.append(s_view)
+                    if m_view is not None:
+                        plan.mom.append(m_view)
+                    plan.params.append(p)
+                    plan.slow_t.append(slow[i])
+                    plan.names.append(names[i])
+                    plan.sl.append(sl)
+                    plan.osl.append(osl)
+            plan.fast_chunks = [t for k in range(n) for t in per_rank[k]]
+            plan.layout = _Layout(chunks, n)
+            if self.quant_bits is not None:
+                plan.quant = _Layout(qchunks, self.quant_size, self.options.quant_block_size)
+            plans.append(plan)
         return plans
+
+    def _leaves(self, m: int, a: int, b: int) -> list[tuple[int, int, int | None, int, int, int | None, int, int]]:
+        """The parts of piece ``[a, b)`` of a tensor of ``m`` elements, one per chunk of the mode
+        (Note [Fragments] in streaming.py): ``(lo, hi)`` in the tensor's flat elements, its shard
+        rank (None: unsharded), ``(u, v)`` in the slow weight's flat elements (the owned chunk when
+        sharded), its owner in the quantised reduce (None: not quantised) and ``(ou, ov)`` in that
+        owner's ``lookahead_ef_owner``. Empty parts are left out (the same on every rank)."""
+        out = []
+        quant = self.quant_bits is not None
+        for rr, (o, c) in enumerate(_offsets(m, self.shard_size)):
+            subs = _offsets(c, self.quant_size) if quant else [(0, c)]
+            for q, (e, d) in enumerate(subs):
+                lo, hi = a * d // m, b * d // m
+                if hi > lo:
+                    out.append((o + e + lo, o + e + hi, rr if self.sharded else None,
+                                (e + lo) if self.sharded else (o + e + lo), (e + hi) if self.sharded else (o + e + hi),
+                                q if quant else None, lo, hi))
+        return out
 
     # -- the schedule (Note [Streaming schedule] in streaming.py) ------------------------------
     @torch.no_grad()
@@ -960,30 +1048,58 @@ class LocalSGD(SyncStrategy):
                 for i, p in enumerate(red.plan.params):
                     entry = host.state_entry(p)
                     if not rec.parked:
-                        flat_view(entry[INFLIGHT_KEY]).copy_(red.d[i])
+                        _cut(entry[INFLIGHT_KEY], red.plan.sl[i]).copy_(red.d[i])
                         if red.bad is not None:
-                            flat_view(entry[INFLIGHT_KEY]).fill_(math.nan)
+                            _cut(entry[INFLIGHT_KEY], red.plan.sl[i]).fill_(math.nan)
                     entry[INFLIGHT_DUE_KEY] = rec.due_in
             rec.parked = True
 
     def _resume_inflight(self, host: SyncHost, unit: _Unit) -> None:
         """Rebuild the fragment in flight at a checkpoint from per-parameter state (after a load)."""
+        found: list[tuple[int, int]] = []
         for f, plans in enumerate(unit.fragments):
-            due = {host.state_entry(p).get(INFLIGHT_DUE_KEY, 0) for plan in plans for p in plan.params}
+            # A tensor split over fragments (plan.sl) carries the due count of whichever of its
+            # fragments is in flight: the fragment's whole tensors decide, if it has any.
+            whole = {host.state_entry(p).get(INFLIGHT_DUE_KEY, 0)
+                     for plan in plans for p, sl in zip(plan.params, plan.sl) if sl is None}
+            split = {host.state_entry(p).get(INFLIGHT_DUE_KEY, 0)
+                     for plan in plans for p, sl in zip(plan.params, plan.sl) if sl is not None}
+            due = whole or split
             if due == {0} or not due:
                 continue
-            if len(due) != 1:
+            if len(due) != 1 or (whole and split and split != whole):
                 raise ValueError(
                     f"Lookahead checkpoint: the tensors of fragment {f} of param group {unit.index} disagree on "
-                    f"`{INFLIGHT_DUE_KEY}` ({sorted(due)}); the checkpoint is inconsistent")
-            reduced = []
-            for plan in plans:
-                d = [flat_view(host.state_entry(p)[INFLIGHT_KEY]) for p in plan.params]
-                reduced.append(_Reduced(plan, d, _sync.first_nonfinite(d)))
-            self._inflight[unit.params[0]] = streaming.InFlight(
-                fragment=f, due_in=due.pop(), launched=[], reduced=reduced, parked=True,
-                describe=self._describe(host, unit, f, None, None) + " (resumed from a checkpoint)")
+                    f"`{INFLIGHT_DUE_KEY}` ({sorted(whole | split)}); the checkpoint is inconsistent")
+            found.append((f, due.pop()))
+        if not found:
             return
+        f, due = found[0]
+        if len(found) > 1:  # a tensor split over fragments carries the due count of the one in flight
+            f = self._launched_fragment(host, unit, due, found)
+        reduced = []
+        for plan in unit.fragments[f]:
+            d = [_cut(host.state_entry(p)[INFLIGHT_KEY], sl) for p, sl in zip(plan.params, plan.sl)]
+            reduced.append(_Reduced(plan, d, _sync.first_nonfinite(d)))
+        self._inflight[unit.params[0]] = streaming.InFlight(
+            fragment=f, due_in=due, launched=[], reduced=reduced, parked=True,
+            describe=self._describe(host, unit, f, None, None) + " (resumed from a checkpoint)")
+
+    def _launched_fragment(self, host: SyncHost, unit: _Unit, due: int, found: list[tuple[int, int]]) -> int:
+        """Which of the fragments ``found`` (all sharing tensors split over fragments) was in flight:
+        the one launched ``tau - due`` counted steps before the unit's saved count."""
+        group = host.param_groups[unit.index] if unit.index >= 0 else {}
+        k = group.get(K_KEY, getattr(host, "defaults", {}).get(K_KEY))
+        if not isinstance(k, int) or k < 1:
+            return found[0][0]
+        n = host.state_entry(unit.params[0]).get(STEP_KEY, 0) or k
+        launched = (n - (self.delay - due) - 1) % k + 1
+        f = streaming.launch_fragment(launched, k, self.num_fragments)
+        if f not in [g for g, _ in found]:
+            raise ValueError(
+                f"Lookahead checkpoint: param group {unit.index} has `{INFLIGHT_DUE_KEY}`={due} at count {n} of k={k}, "
+                f"which no fragment launched; the checkpoint is inconsistent")
+        return f
 
     # -- one bucket: launch, reduce, apply -----------------------------------------------------
     def _wire(self, t: torch.Tensor) -> torch.Tensor:
@@ -1031,17 +1147,18 @@ class LocalSGD(SyncStrategy):
 
         ql, q = plan.quant, self.quant_size
         qstage = torch.zeros(ql.numel, dtype=torch.float32, device=plan.device)
-        torch._foreach_copy_(ql.chunk_views(qstage), _chunked(views, q))
+        torch._foreach_copy_(ql.chunk_views(qstage), ql.split_each(views))
         if poisoned:  # every block, so that every owner sees it
             qstage.fill_(math.nan)
         residual = owner = None
         if self._ef:
             entries = [host.state_entry(p) for p in plan.params]
             residual = torch.zeros(ql.numel, dtype=torch.float32, device=plan.device)
-            res_views = _chunked([flat_view(e[EF_RESIDUAL_KEY]) for e in entries], q)
+            res_views = ql.split_each([_cut(e[EF_RESIDUAL_KEY], sl) for e, sl in zip(entries, plan.sl)])
             torch._foreach_copy_(ql.chunk_views(residual), res_views)
             owner = torch.zeros(ql.segment, dtype=torch.float32, device=plan.device)
-            torch._foreach_copy_(ql.own_views(owner, self.quant_rank), [e[EF_OWNER_KEY] for e in entries])
+            torch._foreach_copy_(ql.own_views(owner, self.quant_rank),
+                                 [_cut(e[EF_OWNER_KEY], sl) for e, sl in zip(entries, plan.osl)])
         work = _quant.quantized_all_reduce_async(
             qstage, self._qgroup, bits=self.quant_bits, block_size=self.options.quant_block_size,
             average=True, residual=residual, owner_residual=owner, out=qstage, stats=self.stats, label="params")
@@ -1055,9 +1172,9 @@ class LocalSGD(SyncStrategy):
         streaming.wait_work(item.work, self.timeout, describe)
         if item.qstage is not None:  # already the mean (of progress): back into the stage layout
             ql = plan.quant
-            torch._foreach_copy_(_chunked(item.extra, self.quant_size), ql.chunk_views(item.qstage))
+            torch._foreach_copy_(ql.split_each(item.extra), ql.chunk_views(item.qstage))
             if item.owner_res is not None:
-                torch._foreach_copy_([host.state_entry(p)[EF_OWNER_KEY] for p in plan.params],
+                torch._foreach_copy_([_cut(host.state_entry(p)[EF_OWNER_KEY], sl) for p, sl in zip(plan.params, plan.osl)],
                                      ql.own_views(item.owner_res, self.quant_rank))
             buf.neg_()
         else:
@@ -1097,7 +1214,7 @@ class LocalSGD(SyncStrategy):
             self._merge(plan.fast, plan.slow)
         else:
             self._gather(plan, red.seg, red.full, describe)
-        ok += plan.params
+        ok += plan.report
 
     def _merge(self, fast: list[torch.Tensor], new: list[torch.Tensor], alpha_local: float | None = None) -> None:
         """``fast <- a * fast + (1 - a) * new``, ``a = fragment_update_alpha`` (a copy when a = 0)."""

@@ -6,15 +6,42 @@ flight between the two. Nothing here touches weights.
 
 Note [Fragments]
 ----------------
-A step unit (a param group) is split into ``F = num_fragments`` fragments. Default rule: the
-unit's tensors, in parameter order and never split, go to fragment ``floor(F * m_i / B)``, where
-``B`` is the unit's total slow-weight bytes and ``m_i`` the byte offset of tensor i's *midpoint*
-(its start plus half its size). The fragments are contiguous runs in parameter order of about
-``B / F`` bytes each; a tensor larger than ``B / F`` makes its fragment larger (and may leave a
-neighbour empty: an empty fragment's sync sends nothing). Every rank computes the same split from
-the same parameter list. With ``fragments=[[prefix, ...], ...]`` (module FQN prefixes, needs
-``module=``) fragment f holds the parameters whose name is one of its prefixes or starts with
-``prefix + "."``; every parameter must match exactly one fragment.
+A step unit (a param group) is split into ``F = num_fragments`` fragments. Default rule: lay the
+unit's tensors end to end in parameter order, ``B`` slow-weight bytes in all, and cut that byte
+stream at ``c_f = f * B / F`` (``f = 1 .. F-1``).
+
+1. A tensor of more than ``b`` elements (``b = quant_block_size``, 512 by default, also when the
+   sync is not quantised) that a cut falls inside is split there, at the multiple of ``b``
+   elements (counted from the tensor's start) nearest to the cut; a split that would leave an
+   empty piece is dropped. Smaller tensors are never split.
+2. Every piece (a whole tensor, or an element range ``[a, b)`` of a split one) goes to fragment
+   ``floor(F * m / B)``, where ``m`` is the byte offset of the piece's *midpoint* in the stream;
+   adjacent pieces of one tensor that land in the same fragment are merged.
+
+So each fragment is a contiguous run of the stream of ``B / F`` bytes, give or take one block
+(half a block of rounding at each of its two ends, or half of a small tensor kept whole): a
+DeepSpeed ZeRO partition (one flat tensor per param group or sub-group) or a large embedding is
+spread over the fragments like any other bytes. For ``F = 1`` nothing is split. The rule reads
+only the tensors' sizes and element sizes, so every rank of the group computes the same split.
+
+A piece is a range of the tensor's *flat* elements (memory order, as :func:`~lookahead_dist._comm.
+flat_view`). Where a mode cuts every tensor into chunks (the shard chunks of ``sharded=True``, the
+owner chunks of the quantised reduce, both in the hierarchical-sharded int8/int4 mode), the piece
+``[a, b)`` of a tensor of ``M`` elements is instead the same fraction of *every* chunk: elements
+``floor(a * c / M) .. floor(b * c / M)`` of a chunk of ``c`` elements. Each chunk's part stays on
+the rank that owns the chunk, so the per-parameter state keeps its shape and meaning (the sharded
+slow weight and outer momentum, ``lookahead_ef_residual``, ``lookahead_ef_owner``,
+``lookahead_inflight`` are sliced, not re-laid-out, and checkpoints have the same format); without
+chunks (flat fp32/bf16 sync) the fraction of the one chunk is ``[a, b)`` itself. A tensor split
+over fragments takes one outer step per cycle on each piece, at the piece's fragment; its inner
+state's ``pullback`` (``"pullback"``/``"reset"``) happens once per cycle, at the sync of the
+fragment that holds its first element.
+
+Not split: with ``outer_optimizer=`` (a user optimizer's state such as Adam's step count is one per
+tensor; the tensors keep the midpoint rule above, whole), and with explicit ``fragments=``.
+With ``fragments=[[prefix, ...], ...]`` (module FQN prefixes, needs ``module=``) fragment f holds
+the parameters whose name is one of its prefixes or starts with ``prefix + "."``; every parameter
+must match exactly one fragment.
 
 Note [Streaming schedule]
 -------------------------
@@ -69,6 +96,7 @@ __all__ = [
     "fragments_from_prefixes",
     "launch_fragment",
     "split_fragments",
+    "split_ranges",
     "suggest_schedule",
     "wait_work",
 ]
@@ -76,7 +104,7 @@ __all__ = [
 
 # -- which tensors --------------------------------------------------------------------------------
 def split_fragments(nbytes: Sequence[int], num_fragments: int) -> list[list[int]]:
-    """Indices of each fragment under the midpoint rule of Note [Fragments]."""
+    """Indices of each fragment under the midpoint rule of Note [Fragments], tensors kept whole."""
     total = sum(nbytes)
     out: list[list[int]] = [[] for _ in range(num_fragments)]
     start = 0
@@ -87,6 +115,43 @@ def split_fragments(nbytes: Sequence[int], num_fragments: int) -> list[list[int]
             f = min(num_fragments - 1, i * num_fragments // max(len(nbytes), 1))
         out[f].append(i)
         start += nb
+    return out
+
+
+def split_ranges(numels: Sequence[int], elsizes: Sequence[int], num_fragments: int,
+                 block: int | None) -> list[list[tuple[int, int, int]]]:
+    """Each fragment's pieces ``(tensor index, start, stop)`` (flat element ranges, in stream order)
+    under Note [Fragments]: tensors of more than ``block`` elements are split at the block-aligned
+    element nearest to each cut inside them; ``block=None`` never splits (:func:`split_fragments`)."""
+    F = num_fragments
+    nbytes = [m * e for m, e in zip(numels, elsizes)]
+    total = sum(nbytes)
+    out: list[list[tuple[int, int, int]]] = [[] for _ in range(F)]
+    if total == 0 or F == 1 or block is None:
+        for f, idx in enumerate(split_fragments(nbytes, F)):
+            out[f] = [(i, 0, numels[i]) for i in idx]
+        return out
+    start = 0
+    for i, (m, e) in enumerate(zip(numels, elsizes)):
+        bounds = [0]
+        if m > block:
+            for f in range(1, F):
+                num = f * total - F * start  # F * (cut f - tensor start), in bytes
+                if not 0 < num < F * m * e:
+                    continue
+                den = F * e * block
+                x = (2 * num + den) // (2 * den) * block  # nearest multiple of the block
+                if bounds[-1] < x < m:
+                    bounds.append(x)
+        bounds.append(m)
+        for a, b in zip(bounds, bounds[1:]):
+            f = min(F - 1, F * (2 * start + (a + b) * e) // (2 * total))
+            frag = out[f]
+            if frag and frag[-1][0] == i and frag[-1][2] == a:
+                frag[-1] = (i, frag[-1][1], b)
+            else:
+                frag.append((i, a, b))
+        start += m * e
     return out
 
 
