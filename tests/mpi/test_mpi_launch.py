@@ -29,7 +29,11 @@ def world():
 
     torch.set_num_threads(1)
     assert "RANK" not in os.environ or dist.is_initialized(), "these tests must be started by mpiexec, not torchrun"
-    rank, size = init_distributed()
+    # These tests reduce CPU tensors: gloo, even where CUDA is visible (init_distributed's default
+    # would pick NCCL there); LOOKAHEAD_TEST_BACKEND=nccl adds NCCL for CUDA tensors beside gloo.
+    from tests.distributed._spawn import test_backend
+
+    rank, size = init_distributed("cpu:gloo,cuda:nccl" if test_backend() == "nccl" else "gloo")
     yield rank, size, MPI.COMM_WORLD
     dist.destroy_process_group()
 
@@ -38,7 +42,7 @@ def test_init_from_mpi_environment(world):
     rank, size, comm = world
     assert (rank, size) == (comm.Get_rank(), comm.Get_size())
     assert detect_launch().launcher in ("env", "mpi")  # "env" once init_distributed exported RANK
-    assert dist.get_backend() == ("nccl" if torch.cuda.is_available() else "gloo")
+    assert dist.get_backend() in ("gloo", "cpu:gloo,cuda:nccl"), dist.get_backend()
     # Every rank agreed on one rendezvous, and the group really connects them.
     assert len(set(comm.allgather((os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"])))) == 1
     t = torch.tensor([float(rank + 1)])
