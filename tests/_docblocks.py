@@ -236,6 +236,10 @@ DECISIONS: dict[tuple[str, str], dict] = {
     ("docs/accelerate.md", "class LookaheadAdamW(Lookahead):"):
         dict(kind=COMPILE, why="the Trainer under DeepSpeed needs ranks and a minute; this class and call are "
                                "launch/hf_trainer.py's, run by tests/distributed/test_hf_trainer.py"),
+    ("docs/accelerate.md", "from lookahead_dist.hf import LookaheadTrainer"):
+        dict(kind=COMPILE, why="the Trainer under DeepSpeed needs ranks and a minute (model, dataset: the tiny GPT-2 "
+                               "of launch/hf_trainer.py); LookaheadTrainer with this block is run by "
+                               "tests/distributed/test_hf_trainer.py"),
     # docs/api.md
     ("docs/api.md", "from lookahead_dist import Lookahead, strip_lookahead_state"): dict(kind=RUN, inproc=True),
     # docs/benchmarks.md
@@ -291,6 +295,9 @@ DECISIONS: dict[tuple[str, str], dict] = {
         dict(kind=RANKS, after=["import torch, torch.distributed as dist"]),
     ("docs/local-sgd.md", '$ python -c "from lookahead_dist.sync.streaming import suggest_schedule as s; \\'):
         dict(kind=CONSOLE),
+    ("docs/local-sgd.md", "$ lookahead-dist plan --params 6.3M --step-time 100ms --nodes 2 --link 200Mbit --k 16"):
+        dict(kind=TEXT, why="a command and its output, with blank lines (which the console check drops); "
+                            "tests/unit/test_plan.py runs the command and compares every line"),
     ("docs/local-sgd.md", "opt = Lookahead(torch.optim.AdamW(model.parameters(), lr=3e-4), k=64, local_sgd=LocalSGDOptions("):
         dict(kind=RANKS, after=["import torch, torch.distributed as dist",
                                 'opt = Lookahead(inner, k=16, alpha=0.5, local_sgd=LocalSGDOptions(   # inner, model: as in "API" above']),

@@ -244,6 +244,15 @@ def _parsed(parse: Callable[[str], Any], what: str) -> Callable[[str], Any]:
     return convert
 
 
+def _positive_seconds(text: str) -> float:
+    from .plan import parse_seconds
+
+    value = parse_seconds(text)
+    if value <= 0:
+        raise ValueError(f"expected a positive duration, got {text!r}")
+    return value
+
+
 def _add_plan(sub: Any) -> None:
     from . import plan as _p
 
@@ -259,7 +268,7 @@ def _add_plan(sub: Any) -> None:
                       help="number of parameters, e.g. 1300000000, 1.3B, 350M")
     size.add_argument("--model-file", metavar="PATH",
                       help="a torch-saved state dict (.pt); the numels of its tensors are summed")
-    p.add_argument("--step-time", type=_parsed(_p.parse_seconds, "duration"), required=True, metavar="SECONDS",
+    p.add_argument("--step-time", type=_parsed(_positive_seconds, "duration"), required=True, metavar="SECONDS",
                    help="one inner step (forward, backward, optimizer) measured without communication, "
                    "e.g. 0.5, 0.5s, 250ms")
     p.add_argument("--nodes", type=_int_at_least(1), required=True, help="nodes (local-SGD replicas), >= 1")
@@ -323,8 +332,6 @@ def _plan(args: argparse.Namespace) -> int:
                              "simulated cluster, or iperf3 between two nodes) and pass --link")
         params = args.params if args.params is not None else _count_model_file(args.model_file)
         workload = _p.Workload(params=params, step_time=args.step_time, ddp_overlap=args.ddp_overlap)
-        if args.step_time <= 0:
-            raise UsageError(f"--step-time must be positive, got {args.step_time}")
         cluster = _p.Cluster(nodes=args.nodes, ranks_per_node=args.ranks_per_node,
                              link=_p.Link(args.link, args.latency),
                              intra_link=_p.Link(args.intra_link, args.intra_latency))

@@ -90,11 +90,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Literal
 
 __all__ = [
+    "DEFAULT_INTRA_LINK",
+    "DEFAULT_K_CHOICES",
     "WIRE_FORMATS",
+    "Cost",
     "Link",
     "Cluster",
     "Workload",
@@ -115,6 +118,8 @@ __all__ = [
     "parse_rate",
     "parse_seconds",
     "step_time_from_mfu",
+    "config_blocks",
+    "render",
 ]
 
 #: Wire formats of the local-SGD sync, most precise first (the order of preference).
@@ -238,7 +243,7 @@ class Cost:
     rank_bytes: float = 0.0
     node_bytes: float = 0.0
 
-    def __add__(self, other: "Cost") -> "Cost":
+    def __add__(self, other: Cost) -> Cost:
         return Cost(self.seconds + other.seconds, self.rank_bytes + other.rank_bytes, self.node_bytes + other.node_bytes)
 
 
@@ -417,7 +422,7 @@ def _best_schedule(k: int, comm_dtype: str, workload: Workload, cluster: Cluster
     for f in range(1, min(k, max_fragments) + 1):
         if k % f:
             continue
-        for tau in range(0, min(k // f - 1, max_delay) + 1):
+        for tau in range(min(k // f - 1, max_delay) + 1):
             if tau == 0 and f > 1:
                 continue  # fragments without overlap only add latency
             p = predict(Option("local_sgd", k, f, tau, comm_dtype), workload, cluster)
@@ -492,7 +497,7 @@ def parse_count(text: str) -> int:
     value = float(m.group(1).replace("_", "")) * _COUNT_SUFFIX[m.group(2).lower()]
     if not (1 <= value < math.inf):
         raise ValueError(f"expected a positive count such as 1300000, 1.3B or 350M, got {text!r}")
-    return int(round(value))
+    return round(value)
 
 
 def parse_rate(text: str) -> float:
@@ -534,10 +539,6 @@ def step_time_from_mfu(params: float, tokens_per_step: float, *, peak_flops: flo
         raise ValueError("step_time_from_mfu needs positive params, tokens, peak FLOP/s and mfu in (0, 1]")
     return 6.0 * params * tokens_per_step / (peak_flops * mfu)
 
-
-def with_link(cluster: Cluster, link: Link) -> Cluster:
-    """``cluster`` with another inter-node link."""
-    return replace(cluster, link=link)
 
 
 # -- what ``lookahead-dist plan`` prints ----------------------------------------------------------
@@ -613,14 +614,14 @@ def render(result: Plan, *, alpha: float = 0.5) -> str:
     w, c, rec = result.workload, result.cluster, result.recommended
     best = result.best_local_sgd
     lines = [
-        f"{format_count(w.params)} parameters, {c.nodes} node(s) x {c.ranks_per_node} rank(s), "
-        f"{format_rate(c.link.bandwidth)} link, {format_seconds(c.link.latency)} latency, "
-        f"{format_seconds(w.step_time)} per step without communication",
-        f"model: step = compute + exposed communication (alpha-beta, ring collectives; DDP overlaps "
-        f"{100 * w.ddp_overlap:.0f}% of the step)",
+        (f"{format_count(w.params)} parameters, {c.nodes} node(s) x {c.ranks_per_node} rank(s), "
+         f"{format_rate(c.link.bandwidth)} link, {format_seconds(c.link.latency)} latency, "
+         f"{format_seconds(w.step_time)} per step without communication"),
+        (f"model: step = compute + exposed communication (alpha-beta, ring collectives; DDP overlaps "
+         f"{100 * w.ddp_overlap:.0f}% of the step)"),
         "",
-        f"{'option':<22}{'k':>5}{'F':>4}{'tau':>5}  {'wire':<5}{'one sync':>11}{'bytes/step/rank':>17}"
-        f"{'utilisation':>13}",
+        (f"{'option':<22}{'k':>5}{'F':>4}{'tau':>5}  {'wire':<5}{'one sync':>11}{'bytes/step/rank':>17}"
+         f"{'utilisation':>13}"),
     ]
     shown = [result.ddp] + [p for p in result.options[1:] if p.option.k == best.option.k]
     for p in shown:
@@ -638,10 +639,10 @@ def render(result: Plan, *, alpha: float = 0.5) -> str:
     else:
         lines.append("recommended (*):")
     lines += [
-        f"  k={o.k}, num_fragments={o.num_fragments}, fragment_sync_delay={o.fragment_sync_delay}, "
-        f"comm_dtype={o.comm_dtype}, eager update: no (not yet available in the library)",
-        f"  predicted utilisation {100 * best.utilization:.1f}% (DDP: {100 * result.ddp.utilization:.1f}%), "
-        f"{format_bytes(best.bytes_per_step)} per step per rank (DDP: {format_bytes(result.ddp.bytes_per_step)})",
+        (f"  k={o.k}, num_fragments={o.num_fragments}, fragment_sync_delay={o.fragment_sync_delay}, "
+         f"comm_dtype={o.comm_dtype}, eager update: no (not yet available in the library)"),
+        (f"  predicted utilisation {100 * best.utilization:.1f}% (DDP: {100 * result.ddp.utilization:.1f}%), "
+         f"{format_bytes(best.bytes_per_step)} per step per rank (DDP: {format_bytes(result.ddp.bytes_per_step)})"),
     ]
     lines += [f"  note: {n}" for n in result.notes]
     blocks = config_blocks(best, c, alpha=alpha)
