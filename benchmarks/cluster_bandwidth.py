@@ -126,13 +126,11 @@ def main(argv: list[str] | None = None) -> int:
         worker(args.payload_mb, args.iters)
         return 0
 
-    sys.path.insert(0, str(ROOT))
-    from tools.netcluster import unavailable_reason
+    sys.path.insert(0, str(ROOT))  # the driver imports tools/ and benchmarks/; the worker needs neither
+    from benchmarks._common import cluster_unavailable
 
-    reason = unavailable_reason()
-    if reason:
-        print(f"cluster_bandwidth: cannot build a cluster on this host: {reason}", file=sys.stderr)
-        return 77
+    if (status := cluster_unavailable("cluster_bandwidth")) is not None:
+        return status
     rows = []
     for rate in args.rates.split(","):
         r = measure(rate.strip(), seconds_per_call=args.seconds_per_call, iters=args.iters)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import statistics
 import time
 from contextlib import nullcontext
@@ -23,6 +22,7 @@ import torch
 from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from benchmarks._common import median_range, shuffled
 from lookahead_dist import Lookahead
 from lookahead_dist.demo.commcount import _C10D_OPS, _FUNCTIONAL_OPS, CommCounter
 from lookahead_dist.demo.model import ModelConfig, TinyLM, lm_loss
@@ -69,10 +69,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     for _ in range(5):  # warm-up
         step()
-    order = [name for name in VARIANTS for _ in range(args.reps)]
-    random.Random(0).shuffle(order)
     ms: dict[str, list[float]] = {name: [] for name in VARIANTS}
-    for name in order:
+    for name, _ in shuffled(VARIANTS, args.reps, seed=0):
         with VARIANTS[name]():
             t0 = time.perf_counter()
             for _ in range(args.steps):
@@ -84,7 +82,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for name, v in ms.items():
         med = statistics.median(v)
         rows[name] = {"ms_per_step": med, "min": min(v), "max": max(v), "ratio": med / base, "runs": v}
-        print(f"{name:<26} {med:7.2f} [{min(v):.2f}-{max(v):.2f}]        {med / base:.3f}")
+        print(f"{name:<26} {median_range(v, '.2f'):<24} {med / base:.3f}")
     result = {"torch": torch.__version__, "reps": args.reps, "steps": args.steps, "rows": rows}
     if args.json_out:
         with open(args.json_out, "w") as fh:

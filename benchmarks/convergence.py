@@ -35,13 +35,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from benchmarks._common import ROOT, cluster_unavailable, error_line, trainer_exe
+
 IMG = ROOT / "docs" / "img"
 
 RUNS = [  # label, RunConfig overrides
@@ -89,31 +89,42 @@ def run(corpus: str, steps: int, batch: int, nproc: int) -> list[dict]:
     return out
 
 
-def plot(corpus: str, results: list[dict], path: Path) -> None:
+def _plot_losses(curves: list[tuple[str, dict]], wallclock: set[str], path: Path, titles: tuple[str, str],
+                 fontsize: int, legend_both: bool) -> None:
+    """Loss vs steps (left) and vs wall-clock (right; the runs labelled in ``wallclock``), each run's
+    loop time spread evenly over its steps."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
-    for r in results:
+    for label, r in curves:
         steps = [s for s, _ in r["loss_curve"]]
         loss = [v for _, v in r["loss_curve"]]
-        per_step = r["seconds"] / r["config"]["steps"]
-        a.plot(steps, loss, label=r["label"])
-        b.plot([s * per_step for s in steps], loss, label=r["label"])
+        a.plot(steps, loss, label=label)
+        if label in wallclock:
+            per_step = r["seconds"] / r["config"]["steps"]
+            b.plot([s * per_step for s in steps], loss, label=label)
     a.set_xlabel("step")
     b.set_xlabel("wall-clock (s, loop time spread evenly over steps)")
     a.set_ylabel("training loss (nats/byte, mean over ranks)")
-    a.set_title(f"{corpus}: loss vs steps")
-    b.set_title(f"{corpus}: loss vs wall-clock")
-    a.legend(fontsize=8)
+    a.set_title(titles[0])
+    b.set_title(titles[1])
+    for ax in (a, b) if legend_both else (a,):
+        ax.legend(fontsize=fontsize)
     for ax in (a, b):
         ax.grid(alpha=0.3)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def plot(corpus: str, results: list[dict], path: Path) -> None:
+    curves = [(r["label"], r) for r in results]
+    _plot_losses(curves, {c[0] for c in curves}, path, (f"{corpus}: loss vs steps", f"{corpus}: loss vs wall-clock"),
+                 8, legend_both=False)
 
 
 def table(results: list[dict]) -> str:
@@ -125,11 +136,6 @@ def table(results: list[dict]) -> str:
                      f"| {r['val_loss'] - base['val_loss']:+.3f} | {r['samples_per_s']:.0f} "
                      f"| {r['comm_bytes_per_step'] / 1e6:.3f} |")
     return "\n".join(lines)
-
-
-def _exe() -> str:
-    exe = Path(sys.executable).parent / "lookahead-dist"
-    return str(exe) if exe.exists() else (shutil.which("lookahead-dist") or "lookahead-dist")
 
 
 def run_streaming(rows: list[tuple], *, steps: int, batch: int, fragments: int, seeds: list[int],
@@ -155,18 +161,17 @@ def run_streaming(rows: list[tuple], *, steps: int, batch: int, fragments: int, 
             args = ("train", *flags, *common, "--seed", str(seed), *(() if cluster else ("--nproc", "2")))
             t0 = time.perf_counter()
             if cluster is not None:
-                from benchmarks.throughput import error_line
                 from tools.netcluster import torchrun_argv
 
                 cluster.master_port = 29800 + i
-                res = cluster.run(torchrun_argv([_exe(), *args, "--json", str(path)]), timeout=timeout)
+                res = cluster.run(torchrun_argv([trainer_exe(), *args, "--json", str(path)]), timeout=timeout)
                 failed = next((r for r in res if r.returncode != 0), None)
                 error = None if failed is None else (f"node {failed.node_rank} exit {failed.returncode}: "
                                                      f"{error_line(failed.output())[:300]}")
             else:
                 import subprocess
 
-                done = subprocess.run([_exe(), *args, "--json", str(path)], capture_output=True,
+                done = subprocess.run([trainer_exe(), *args, "--json", str(path)], capture_output=True,
                                       text=True, timeout=timeout, check=False)
                 error = None if done.returncode == 0 else (done.stderr or done.stdout).strip()[-300:]
             if error is not None or not path.exists():
@@ -184,36 +189,11 @@ def run_streaming(rows: list[tuple], *, steps: int, batch: int, fragments: int, 
 
 
 def plot_streaming(results: list[dict], path: Path, rate: str | None) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     seed = min(r["config"]["seed"] for r in results)
-    for r in results:
-        if r["config"]["seed"] != seed:
-            continue
-        steps = [s for s, _ in r["loss_curve"]]
-        loss = [v for _, v in r["loss_curve"]]
-        a.plot(steps, loss, label=r["label"])
-        if r["key"] in WALLCLOCK_ROWS:
-            per_step = r["seconds"] / r["config"]["steps"]
-            b.plot([s * per_step for s in steps], loss, label=r["label"])
-    a.set_xlabel("step")
-    b.set_xlabel("wall-clock (s, loop time spread evenly over steps)")
-    a.set_ylabel("training loss (nats/byte, mean over ranks)")
-    a.set_title(f"loss vs steps (seed {seed})")
+    curves = [(r["label"], r) for r in results if r["config"]["seed"] == seed]
     link = f"{rate} link, 2 nodes" if rate else "2 local ranks, no simulated link"
-    b.set_title(f"loss vs wall-clock ({link})")
-    a.legend(fontsize=7)
-    b.legend(fontsize=7)
-    for ax in (a, b):
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _plot_losses(curves, {r["label"] for r in results if r["key"] in WALLCLOCK_ROWS}, path,
+                 (f"loss vs steps (seed {seed})", f"loss vs wall-clock ({link})"), 7, legend_both=True)
 
 
 def streaming_table(results: list[dict]) -> str:
@@ -297,12 +277,8 @@ def main_streaming(args: argparse.Namespace) -> int:
         rate = runs[0].get("rate", rate)
     else:
         if rate is not None:
-            from tools.netcluster import unavailable_reason
-
-            reason = unavailable_reason()
-            if reason:
-                print(f"simulated cluster unavailable: {reason} (use --rate none)", file=sys.stderr)
-                return 77
+            if (status := cluster_unavailable("convergence", " (use --rate none)")) is not None:
+                return status
         wanted = args.rows.split(",") if args.rows else [r[0] for r in STREAMING_ROWS]
         bad = [k for k in wanted if k not in known]
         if bad:

@@ -17,17 +17,15 @@ Usage: ``python -m benchmarks.faults [--timeout 5]``; prints a Markdown table.
 from __future__ import annotations
 
 import argparse
-import os
 import time
 import warnings
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from benchmarks.memory import spawn_and_collect
+from benchmarks._common import spawn_and_collect
 
 K = 4
 STEPS = 12
@@ -47,8 +45,8 @@ def _flat(model: nn.Module) -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
 
-def _run(rank: int, fault: str, timeout: float) -> dict[str, Any]:
-    from lookahead_dist import Lookahead, LocalSGDOptions
+def _run(rank: int, n: int, fault: str, timeout: float) -> dict[str, Any]:
+    from lookahead_dist import LocalSGDOptions, Lookahead
 
     model = _model()
     opt = Lookahead(torch.optim.AdamW(model.parameters(), lr=1e-2), k=K, alpha=0.5,
@@ -98,30 +96,13 @@ def _run(rank: int, fault: str, timeout: float) -> dict[str, Any]:
     return out
 
 
-def _rank_main(rank: int, n: int, port: int, out_dir: str, fault: str, timeout: float) -> None:
-    import json
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(n))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=n)
-    try:
-        res = _run(rank, fault, timeout)
-    finally:
-        if fault != "hang":
-            dist.destroy_process_group()
-    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-        json.dump(res, f)
-    if fault == "hang":
-        os._exit(0)  # the group is broken; do not wait in its teardown
-
-
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--timeout", type=float, default=5.0, help="LocalSGDOptions(timeout=...) in seconds")
     args = ap.parse_args(argv)
     rows = []
     for fault in ("none", "nan", "overflow", "hang"):
-        r0, r1 = spawn_and_collect(_rank_main, 2, fault, args.timeout)
+        r0, r1 = spawn_and_collect(_run, 2, fault, args.timeout, teardown=fault != "hang")
         rows.append((fault, r0, r1))
         print(f"[{fault}] rank0={r0}\n        rank1={r1}", flush=True)
     print("\n| fault | outcome on rank 0 | replicas identical | skipped outer updates | time |")

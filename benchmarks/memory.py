@@ -1,36 +1,35 @@
-"""Optimizer-state memory per rank under each torch host, against a naive replicated Lookahead.
+"""Optimizer-state memory per rank under each host, against a naive replicated Lookahead.
 
-For every host (DDP, ZeroRedundancyOptimizer, FSDP1 flat and orig params, FSDP2, HSDP) at N=2
-and N=4 gloo ranks on CPU, an 8-layer MLP (about 8M fp32 parameters) takes one AdamW step inside a
-:class:`lookahead_dist.Lookahead`; then each rank measures, from the tensors in its optimizer
-state (:func:`lookahead_dist.memory.optimizer_state_bytes`), the inner optimizer's state bytes and
-the slow-weight bytes. The naive baseline is what every Lookahead wrapper outside this project
-keeps: a full fp32 copy of the model per rank, whatever the host.
+For every torch host (DDP, ZeroRedundancyOptimizer, FSDP1 flat and orig params, FSDP2, HSDP) and
+DeepSpeed ZeRO-1/2/3 at N=2 and N=4 gloo ranks on CPU, an 8-layer MLP (about 8M fp32 parameters)
+takes one AdamW step inside a :class:`lookahead_dist.Lookahead`; then each rank measures, from the
+tensors in its optimizer state, the inner optimizer's state bytes and the slow-weight bytes
+(:func:`lookahead_dist.memory.optimizer_state_bytes`; under DeepSpeed, where the Lookahead is the
+client optimizer of ``deepspeed.initialize`` on its CPU accelerator,
+:func:`lookahead_dist.deepspeed.state_bytes`: the slow weights shadow the rank's fp32 master
+partition, so they are ``total / N`` plus DeepSpeed's alignment padding). The naive baseline is
+what every Lookahead wrapper outside this project keeps: a full fp32 copy of the model per rank,
+whatever the host.
 
-Run: ``python -m benchmarks.memory`` (prints the table; ``--write`` puts it into
-docs/benchmarks.md under "## Memory per rank").
-
-Extending the table (e.g. ``benchmarks/memory_deepspeed.py``): build rows with :func:`make_row`
-and call :func:`update_table`; rows are keyed by (host, N), so each script replaces only its own.
+Run: ``python -m benchmarks.memory`` (prints the table; ``--write`` merges the rows into
+docs/benchmarks.md under "## Memory per rank", keyed by (host, N); ``--hosts torch`` or
+``--hosts deepspeed`` measures one family only).
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import re
 import sys
-import tempfile
 from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn as nn
 
-from lookahead_dist.distributed import free_port
+from benchmarks._common import spawn_and_collect
 
 TITLE = "Memory per rank"
 WIDTH, DEPTH = 1000, 8  # 8 x (1000*1000 + 1000) = 8.0M parameters
@@ -43,6 +42,9 @@ HOST_LABELS = {
     "fsdp2": "FSDP2 fully_shard",
     "hsdp": "HSDP (2 x N/2 mesh)",
 }
+STAGES = (1, 2, 3)  # DeepSpeed ZeRO stages
+STAGE_LABELS = {1: "DeepSpeed ZeRO-1", 2: "DeepSpeed ZeRO-2", 3: "DeepSpeed ZeRO-3"}
+COMMAND = "python -m benchmarks.memory --write"
 COLUMNS = ["host", "N", "params", "inner state / rank (MiB)", "slow weights / rank (MiB)",
            "naive replicated slow (MiB)", "slow vs naive", "Lookahead + inner / rank (MiB)",
            "naive Lookahead + inner / rank (MiB)"]
@@ -166,72 +168,102 @@ def _build(host: str, n: int) -> tuple[nn.Module, Any, Any]:
     return model, la, la
 
 
-def _rank_main(rank: int, n: int, port: int, out_dir: str, hosts: list[str]) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(n),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=n)
+def _torch_rank(rank: int, n: int, hosts: list[str]) -> dict[str, Any]:
     from lookahead_dist.memory import optimizer_state_bytes
 
     out = {}
-    try:
-        for host in hosts:
-            model, opt, la = _build(host, n)
-            x = torch.randn(4, WIDTH)
-            model(x).square().mean().backward()
-            opt.step()
-            opt.zero_grad()
-            b = optimizer_state_bytes(la)
-            out[host] = {"inner": b.inner, "slow": b.slow}
-            del model, opt, la
-            gc.collect()
-            dist.barrier()
-    finally:
-        dist.destroy_process_group()
-    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-        json.dump(out, f)
+    for host in hosts:
+        model, opt, la = _build(host, n)
+        x = torch.randn(4, WIDTH)
+        model(x).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+        b = optimizer_state_bytes(la)
+        out[host] = {"inner": b.inner, "slow": b.slow}
+        del model, opt, la
+        gc.collect()
+        dist.barrier()
+    return out
 
 
-def spawn_and_collect(rank_main: Any, n: int, *args: Any) -> list[dict[str, Any]]:
-    """Run ``rank_main(rank, n, port, out_dir, *args)`` on n processes; each writes rank{r}.json."""
-    with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(rank_main, args=(n, free_port(), tmp, *args), nprocs=n, join=True)
-        per_rank = []
-        for r in range(n):
-            with open(os.path.join(tmp, f"rank{r}.json")) as f:
-                per_rank.append(json.load(f))
-    return per_rank
+def _deepspeed_rank(rank: int, n: int, stages: list[int]) -> dict[str, Any]:
+    import logging
+
+    import deepspeed
+    from deepspeed.utils import logger
+
+    from lookahead_dist import Lookahead
+    from lookahead_dist.deepspeed import (
+        lookahead_config,
+        skip_cpu_shm_kernel,
+        state_bytes,
+    )
+
+    logger.setLevel(logging.ERROR)
+    skip_cpu_shm_kernel()  # only inference all-reduce uses that JIT-compiled op
+    out = {}
+    for stage in stages:
+        model = make_model()
+        la = Lookahead(torch.optim.AdamW(model.parameters(), lr=1e-3), k=5, alpha=0.5)
+        cfg = lookahead_config({"train_batch_size": 2 * n, "train_micro_batch_size_per_gpu": 2,
+                                "zero_optimization": {"stage": stage}, "steps_per_print": 10**9})
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=la, config=cfg)
+        x = torch.randn(2, model[0].in_features)
+        engine.backward(engine(x).square().mean())
+        engine.step()
+        b = state_bytes(engine)
+        out[str(stage)] = {"inner": b.inner, "slow": b.slow, "master": b.master}
+        del engine, model, la
+        gc.collect()
+        dist.barrier()
+    return out
 
 
 def measure(world_sizes: tuple[int, ...] = (2, 4), hosts: tuple[str, ...] = HOSTS) -> list[dict[str, Any]]:
-    """Rows (see :func:`make_row`) for each host at each world size; HSDP needs N >= 4."""
+    """Rows (see :func:`make_row`) for each torch host at each world size; HSDP needs N >= 4."""
     total = sum(p.numel() for p in make_model().parameters())
     naive = 4 * total
     rows = []
     for n in world_sizes:
         run = [h for h in hosts if not (h == "hsdp" and n < 4)]
-        per_rank = spawn_and_collect(_rank_main, n, run)
+        per_rank = spawn_and_collect(_torch_rank, n, run)
         for h in run:
             rows.append(make_row(HOST_LABELS[h], n, total, [pr[h]["inner"] for pr in per_rank],
                                  [pr[h]["slow"] for pr in per_rank], naive))
     return rows
 
 
-def run_cli(argv: list[str] | None, description: str, measure: Any, command: str) -> None:
-    """The command line of the memory benchmarks: ``--world-sizes``, ``--write`` (rows into docs/benchmarks.md)."""
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--write", action="store_true", help="merge the rows into docs/benchmarks.md")
-    parser.add_argument("--world-sizes", type=int, nargs="+", default=[2, 4])
-    args = parser.parse_args(argv)
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    rows = measure(tuple(args.world_sizes))
-    print(format_table(rows))
-    if args.write:
-        update_table(rows, command)
+def measure_deepspeed(world_sizes: tuple[int, ...] = (2, 4), stages: tuple[int, ...] = STAGES) -> list[dict[str, Any]]:
+    """Rows for each DeepSpeed ZeRO stage at each world size (DeepSpeed's CPU accelerator)."""
+    total = sum(p.numel() for p in make_model().parameters())
+    rows = []
+    for n in world_sizes:
+        per_rank = spawn_and_collect(_deepspeed_rank, n, list(stages), env={"DS_ACCELERATOR": "cpu"})
+        for s in stages:
+            rows.append(make_row(STAGE_LABELS[s], n, total, [pr[str(s)]["inner"] for pr in per_rank],
+                                 [pr[str(s)]["slow"] for pr in per_rank], 4 * total))
+    return rows
 
 
 def main(argv: list[str] | None = None) -> None:
-    run_cli(argv, __doc__.splitlines()[0], measure, "python -m benchmarks.memory --write")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--write", action="store_true", help="merge the rows into docs/benchmarks.md")
+    parser.add_argument("--world-sizes", type=int, nargs="+", default=[2, 4])
+    parser.add_argument("--hosts", default="torch,deepspeed",
+                        help="comma-separated: torch (DDP, ZeRO, FSDP1/2, HSDP), deepspeed (ZeRO-1/2/3)")
+    args = parser.parse_args(argv)
+    families = args.hosts.split(",")
+    if bad := set(families) - {"torch", "deepspeed"}:
+        parser.error(f"--hosts: unknown {sorted(bad)}; choose from torch, deepspeed")
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    rows = []
+    if "torch" in families:
+        rows += measure(tuple(args.world_sizes))
+    if "deepspeed" in families:
+        rows += measure_deepspeed(tuple(args.world_sizes))
+    print(format_table(rows))
+    if args.write:
+        update_table(rows, COMMAND)
 
 
 if __name__ == "__main__":

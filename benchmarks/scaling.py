@@ -28,14 +28,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from benchmarks._common import ROOT, cluster_unavailable, error_line, trainer_exe
 
 
 @dataclass(frozen=True)
@@ -71,15 +70,9 @@ def _rows(host_steps: int, local_steps: int) -> list[Spec]:
     ]
 
 
-def _exe() -> str:
-    exe = Path(sys.executable).parent / "lookahead-dist"
-    return str(exe) if exe.exists() else (shutil.which("lookahead-dist") or "lookahead-dist")
-
-
 def run_all(specs: list[Spec], nodes: list[int], *, rate: str, model: list[str], per_rank_batch: int,
             timeout: float, echo: bool, port: int = 29700) -> list[dict]:
     from tools.netcluster import Cluster, torchrun_argv
-    from benchmarks.throughput import error_line
 
     out_dir = Path(tempfile.mkdtemp(prefix="lkd-scaling-"))
     results: list[dict] = []
@@ -93,7 +86,7 @@ def run_all(specs: list[Spec], nodes: list[int], *, rate: str, model: list[str],
                 port += 1
                 ranks = n * s.per_node
                 path = out_dir / f"{s.key}-{n}.json"
-                cmd = [_exe(), "train", *s.args, *model, "--steps", str(s.steps), "--batch-size",
+                cmd = [trainer_exe(), "train", *s.args, *model, "--steps", str(s.steps), "--batch-size",
                        str(per_rank_batch * ranks), "--eval-batches", "1",
                        "--device", "cpu", "--no-progress", "--json", str(path)]
                 rec = {"key": s.key, "row": s.label, "nodes": n, "ranks": ranks, "steps": s.steps,
@@ -201,12 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.from_json:
         results = json.loads(Path(args.from_json).read_text())
     else:
-        from tools.netcluster import unavailable_reason
-
-        reason = unavailable_reason()
-        if reason:
-            print(f"scaling: cannot build a cluster on this host: {reason}", file=sys.stderr)
-            return 77
+        if (status := cluster_unavailable("scaling")) is not None:
+            return status
         specs = _rows(args.host_steps, args.local_steps)
         if args.rows:
             keys = args.rows.split(",")

@@ -4,7 +4,7 @@ The throughput half of issue 9's benchmarks: the real trainer (``lookahead-dist 
 nodes of ``tools/netcluster.py`` (one rank each, gloo on CPU), k = 16, per link rate:
 
 1. the **no-communication ceiling** (local SGD with k larger than the run), ``--reps`` times;
-2. a **probe** of one fragment's all-reduce alone on the link (``benchmarks/_allreduce_probe.py``)
+2. a **probe** of one fragment's all-reduce alone on the link (``benchmarks/workers/allreduce_probe.py``)
    for F = 1, 2, 4 and each wire format: the time per fragment, and how many inner steps of the
    ceiling run it spans; it chooses tau (below);
 3. every row ``--reps`` times, the (row, repetition) jobs in one shuffled order (``--seed``);
@@ -33,7 +33,6 @@ import argparse
 import json
 import math
 import os
-import random
 import shutil
 import statistics
 import subprocess
@@ -43,7 +42,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from benchmarks._common import (
+    ROOT,
+    cluster_unavailable,
+    error_line,
+    median_range,
+    shuffled,
+    trainer_exe,
+)
+
 K = 16
 DTYPES = ("fp32", "bf16", "int8", "int4")
 FRAGMENTS = (2, 4)
@@ -93,12 +100,7 @@ def rows(taus: dict[tuple[int, str], int]) -> list[Spec]:
 CEILING = Spec("ceiling", "no-communication ceiling", ("--mode", "local-sgd", "--k", "1000000"), group="ceiling")
 
 
-def _exe() -> str:
-    exe = Path(sys.executable).parent / "lookahead-dist"
-    return str(exe) if exe.exists() else (shutil.which("lookahead-dist") or "lookahead-dist")
-
-
-def _lighthouse_exe() -> str:
+def _lighthousetrainer_exe() -> str:
     exe = Path(sys.executable).parent / "torchft_lighthouse"
     return str(exe) if exe.exists() else (shutil.which("torchft_lighthouse") or "torchft_lighthouse")
 
@@ -127,14 +129,13 @@ class Job:
     log: list[str] = field(default_factory=list)
 
     def run(self, s: Spec, rep: int) -> dict:
-        from benchmarks.throughput import error_line
         from tools.netcluster import torchrun_argv
 
         c = self.cluster
         c.master_port = self.port
         self.port += 1
         path = self.out_dir / f"{s.key}-{rep}-{self.port}.json"
-        cmd = [_exe(), "train", *s.args, *self.model, "--steps", str(self.steps), "--batch-size",
+        cmd = [trainer_exe(), "train", *s.args, *self.model, "--steps", str(self.steps), "--batch-size",
                str(self.per_rank_batch * 2), "--eval-batches", "1", "--device", "cpu", "--no-progress",
                "--json", str(path)]
         rec = {"key": s.key, "row": s.label, "rep": rep, "steps": self.steps, "fragments": s.fragments,
@@ -147,7 +148,7 @@ class Job:
         if s.torchft:
             lh_port = self.port + 5000
             lighthouse = subprocess.Popen(
-                ["ip", "netns", "exec", c.node_ns(0), _lighthouse_exe(), "--min_replicas", "2",
+                ["ip", "netns", "exec", c.node_ns(0), _lighthousetrainer_exe(), "--min_replicas", "2",
                  "--quorum_tick_ms", str(self.ft_tick_ms), "--join_timeout_ms", "10000", "--bind", f"[::]:{lh_port}"],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
             env["TORCHFT_LIGHTHOUSE"] = f"http://{c.addr(0)}:{lh_port}"
@@ -185,7 +186,7 @@ class Job:
         c.master_port = self.port
         self.port += 1
         out = self.out_dir / f"probe-{self.port}.json"
-        cmd = [str(ROOT / "benchmarks" / "_allreduce_probe.py"), "--numel", str(numel), "--fragments", "1,2,4",
+        cmd = [str(ROOT / "benchmarks" / "workers" / "allreduce_probe.py"), "--numel", str(numel), "--fragments", "1,2,4",
                "--dtypes", ",".join(DTYPES), "--reps", str(reps), "--out", str(out)]
         env = dict(os.environ, PYTHONPATH=str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
         c.run(torchrun_argv(cmd), timeout=self.timeout, echo=self.echo, env=env)
@@ -224,8 +225,8 @@ def run_link(rate: str, args: argparse.Namespace, base_src: Path | None) -> dict
         taus = choose_taus(link["probe"], t_step, args.tau_margin, args.tau)
         link["taus"] = {f"F={f} {dt}": t for (f, dt), t in taus.items()}
         specs = [s for s in rows(taus) if s.key in args.rows and (not s.base or rate in args.base_rates)]
-        jobs = [(s, r) for s in specs for r in range(args.reps)]
-        random.Random(args.seed).shuffle(jobs)
+        by_key = {s.key: s for s in specs}
+        jobs = [(by_key[key], r) for key, r in shuffled(by_key, args.reps, args.seed)]
         link["order"] = [f"{s.key}#{r}" for s, r in jobs]
         link["results"] = []
         for s, r in jobs:
@@ -251,14 +252,6 @@ def _best_ceiling(link: dict) -> float:
     """The fastest ceiling run of the link (before, after, paired): the least disturbed by other load."""
     runs = link["ceiling_before"] + link["ceiling_after"] + link.get("ceiling_paired", [])
     return max(r["samples_per_s"] for r in runs if "error" not in r)
-
-
-def _med(xs: list[float], fmt: str) -> str:
-    if not xs:
-        return "n/a"
-    if len(xs) == 1:
-        return format(xs[0], fmt)
-    return f"{format(statistics.median(xs), fmt)} [{format(min(xs), fmt)}-{format(max(xs), fmt)}]"
 
 
 ORDER = ["ddp", "block-fp32", "block-fp32-base", "block-bf16", *[f"s{f}-{dt}" for f in FRAGMENTS for dt in DTYPES],
@@ -298,10 +291,10 @@ def table(link: dict) -> str:
     for name, runs in (("no-communication ceiling, before", link["ceiling_before"]),
                        ("no-communication ceiling, after", link["ceiling_after"])):
         sps = [r["samples_per_s"] for r in runs if "error" not in r]
-        lines.append(f"| {name} | - | - | - | {_med(sps, '.2f')} | {_med([s / c for s in sps], '.3f')} | "
+        lines.append(f"| {name} | - | - | - | {median_range(sps, '.2f')} | {median_range([s / c for s in sps], '.3f')} | "
                      f"{max(sps) / best_c:.3f} | " + ("- | " if paired else "") + "0.00 | "
-                     f"{_med([r['wire_tx_bytes_per_step'] / 1e6 for r in runs if 'error' not in r], '.3f')} | "
-                     f"{_med([r['train_loss'] for r in runs if 'error' not in r], '.3f')} |")
+                     f"{median_range([r['wire_tx_bytes_per_step'] / 1e6 for r in runs if 'error' not in r], '.3f')} | "
+                     f"{median_range([r['train_loss'] for r in runs if 'error' not in r], '.3f')} |")
     for key, runs in _by_row(link).items():
         good = [r for r in runs if "error" not in r]
         r0 = runs[0]
@@ -313,11 +306,11 @@ def table(link: dict) -> str:
         wire = [r["wire_tx_bytes_per_step"] / 1e6 for r in good if r.get("wire_tx_bytes_per_step") is not None]
         fail = f" ({len(runs) - len(good)} of {len(runs)} failed)" if len(good) < len(runs) else ""
         pc = [r["samples_per_s"] / r["paired_ceiling_sps"] for r in good if "paired_ceiling_sps" in r]
-        lines.append(f"| {r0['row']}{fail} | {r0['fragments']} | {r0['tau']} | {r0['wire']} | {_med(sps, '.2f')} "
-                     f"| {_med([s / c for s in sps], '.3f')} | {max(sps) / best_c:.3f} | "
-                     + (f"{_med(pc, '.3f')} | " if paired else "")
+        lines.append(f"| {r0['row']}{fail} | {r0['fragments']} | {r0['tau']} | {r0['wire']} | {median_range(sps, '.2f')} "
+                     f"| {median_range([s / c for s in sps], '.3f')} | {max(sps) / best_c:.3f} | "
+                     + (f"{median_range(pc, '.3f')} | " if paired else "")
                      + f"{statistics.median(r['comm_bytes_per_step'] for r in good) / 1e6:.3f} "
-                     f"| {_med(wire, '.3f')} | {_med([r['train_loss'] for r in good], '.3f')} |")
+                     f"| {median_range(wire, '.3f')} | {median_range([r['train_loss'] for r in good], '.3f')} |")
     return "\n".join(lines)
 
 
@@ -327,7 +320,7 @@ def probe_table(link: dict) -> str:
     for name, ts in link["probe"]["times"].items():
         f, dt = name[2:].split()
         tau = link["taus"].get(name, "-")
-        lines.append(f"| {f} | {dt} | {_med(ts, '.3f')} | {statistics.median(ts) / t_step:.2f} | {tau} |")
+        lines.append(f"| {f} | {dt} | {median_range(ts, '.3f')} | {statistics.median(ts) / t_step:.2f} | {tau} |")
     return "\n".join(lines)
 
 
@@ -442,12 +435,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.from_json:
         links = json.loads(Path(args.from_json).read_text())
     else:
-        from tools.netcluster import unavailable_reason
-
-        reason = unavailable_reason()
-        if reason:
-            print(f"streaming: cannot build a cluster on this host: {reason}", file=sys.stderr)
-            return 77
+        if (status := cluster_unavailable("streaming")) is not None:
+            return status
         base_src = base_tree(args.base_commit) if args.base_commit else None
         links = []
         for rate in args.rates.split(","):

@@ -260,7 +260,7 @@ DECISIONS: dict[tuple[str, str], dict] = {
     ("docs/deepspeed.md", "# checkpoints (continues train_nodes.py): node i saves to and loads from ckpt/node<i>/"):
         dict(kind=RANKS, nodes=2, ops=["fused_adam"],  # 2 "nodes" x 1 rank
              after=["# train_nodes.py -- run on each node: torchrun --nnodes 2 --nproc-per-node 8 --rdzv-endpoint HOST:29500 train_nodes.py"]),
-    ("docs/deepspeed.md", "python -m benchmarks.deepspeed_nodes_suite --rates 1gbit,100mbit --reps 3 --steps 34 --write"):
+    ("docs/deepspeed.md", "python -m benchmarks.deepspeed_nodes --rates 1gbit,100mbit --reps 3 --steps 34 --write"):
         dict(kind=ARGV, why="needs root (network namespaces) and minutes: " + _LONG),
     ("docs/deepspeed.md", '# saved with engine.save_checkpoint("ckpt", tag="step100") on 4 ranks'):
         dict(kind=ARGV, why="needs a 4-rank ZeRO checkpoint; tests/distributed/test_deepspeed_universal.py converts one"),

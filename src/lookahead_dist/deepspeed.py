@@ -223,7 +223,7 @@ def parse_lookahead_block(block: Any) -> dict[str, Any]:
         options = out["local_sgd"]["options"]
         try:
             streaming.check_schedule(out["k"], options.num_fragments, options.fragment_sync_delay,
-                                     f'"{LOOKAHEAD_CONFIG_KEY}.k"')
+                                     f'the "{LOOKAHEAD_CONFIG_KEY}" block')
         except ValueError as e:
             raise ValueError(f'"{LOOKAHEAD_CONFIG_KEY}.local_sgd" does not fit "{LOOKAHEAD_CONFIG_KEY}.k" = {out["k"]}: {e}') from e
     return out
@@ -349,7 +349,8 @@ def node_groups(ranks_per_node: int | None = None) -> NodeGroups:
     out node by node, as torchrun and the deepspeed launcher do (``rank = node * ranks_per_node +
     local_rank``); ``LOCAL_RANK``, where set, is checked against that when ``ranks_per_node`` is
     the launcher's ``LOCAL_WORLD_SIZE`` (a smaller explicit value splits each machine into several
-    "nodes", e.g. to try the set-up on one machine).
+    "nodes", e.g. to try the set-up on one machine). One node in all is a ``UserWarning`` saying how
+    the nodes were counted: the inter-node groups have one rank each, so no local SGD runs.
     """
     import torch.distributed as dist
 
@@ -589,10 +590,51 @@ def wrap_engine(engine: Any, k: int = 5, alpha: float = 0.5, *, pullback: str = 
             for g, params in zip(opt.param_groups, saved):
                 g["params"] = params
     la.register_step_pre_hook(_refuse_unfinished_universal_load)
+    _zero_partition_padding(holder)
     holder.optimizer = la
     if getattr(engine, "basic_optimizer", None) is opt:
         engine.basic_optimizer = la
     return la
+
+
+@torch.no_grad()
+def _zero_partition_padding(holder: Any) -> None:
+    """Zero the padding of ZeRO-3's flat partitions (fp32 master and low-precision copy) on this rank.
+
+    ZeRO-3 gives every parameter a partition of ``ceil(numel / world)`` elements per rank and
+    allocates it with ``torch.empty``: the tail that lies past the parameter's end (on the last
+    ranks) is never written, and the fp32 master partition is copied from it. DeepSpeed never reads
+    those elements back into a parameter, but the Lookahead steps the whole flat partition: the
+    slow weights, the non-finite check of a sync and local SGD's averaged pseudo-gradients all see
+    them, and a NaN/inf bit pattern left there by earlier allocations made syncs be skipped now and
+    then (docs/deepspeed.md, "Partition padding"). Zeroed, they stay zero: their gradient is zero.
+    A no-op for other wrappers and for partitions that are swapped out (NVMe) or offloaded.
+    """
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+
+    if not isinstance(holder, DeepSpeedZeroOptimizer_Stage3):
+        return
+    for sg, params in enumerate(holder.fp16_groups):
+        flats = [t for t in (holder.fp32_partitioned_groups_flat[sg], holder.fp16_partitioned_groups_flat[sg])
+                 if t is not None and t.numel() > 0]
+        offset = 0
+        for p in params:
+            n = p.partition_numel()
+            rank = _partition_rank(p)
+            valid = max(0, min(p.ds_numel - rank * n, n))
+            for flat in flats:
+                if offset + n <= flat.numel():
+                    flat.narrow(0, offset + valid, n - valid).zero_()
+            offset += n
+        for flat in flats:  # alignment after the last parameter, if any
+            if flat.numel() > offset:
+                flat.narrow(0, offset, flat.numel() - offset).zero_()
+
+
+def _partition_rank(p: Any) -> int:
+    import deepspeed.comm as dist
+
+    return dist.get_rank(group=p.ds_process_group)
 
 
 def _refuse_unfinished_universal_load(optimizer: Lookahead, args: Any, kwargs: Any) -> None:
@@ -621,10 +663,15 @@ def initialize(*args: Any, **kwargs: Any) -> tuple[Any, ...]:
 
     Keys: ``k`` (int >= 1, default 5), ``alpha`` (float in (0, 1], default 0.5), ``pullback``
     (``"none"``/``"reset"``/``"pullback"``), ``slow_dtype`` (``"fp32"`` or null), ``local_sgd``
-    (false, or ``{"across": "nodes", ...}``: ZeRO inside each node, local SGD across nodes, Note
-    [Local SGD across nodes]; plain true is refused under ZeRO). An unknown key or bad value raises an error naming it; so
-    does a client optimizer that already is a Lookahead (two k's). Without the block this is exactly
-    ``deepspeed.initialize``.
+    (false; true: local SGD over all ranks, ZeRO stage 0 only, the engine's gradient all-reduce
+    turned off; or ``{"across": "nodes", ...}``: ZeRO inside each node, local SGD across nodes, Note
+    [Local SGD across nodes]). An unknown key or bad value raises an error naming it, before
+    DeepSpeed builds anything (the fragment schedule against ``k`` included); so does a client
+    optimizer that already is a Lookahead (two k's), and a top-level key that looks like a
+    misspelled ``"lookahead"`` (:func:`_check_block_name`), with or without the block. On resume
+    the block's k and alpha win over the checkpoint's (Note [Resuming with another k or alpha]).
+    Before DeepSpeed compiles the op its ``"optimizer"`` block needs, one line says so
+    (:func:`_notice_op_build`). Without the block this is otherwise exactly ``deepspeed.initialize``.
 
     Nothing outside the call changes: the caller's config dict and ``args`` are not modified (a
     config given as ``args.deepspeed_config`` is read and passed on through a copy of ``args``), and
@@ -715,6 +762,7 @@ def _config_wins_on_load(la: Lookahead, k: int, alpha: float) -> None:
             )
 
     la.register_load_state_dict_post_hook(keep_config)
+    la._lookahead_keep_config = keep_config  # type: ignore[attr-defined]  # universal loads bypass the hook
 
 
 # DeepSpeed's JIT-compiled optimizer ops: op name -> builder class, as the accelerator names them.
@@ -1342,6 +1390,9 @@ def _restore_universal(engine: Any, folder: str) -> None:
             raise RuntimeError(f"after loading {folder!r} a partition of param group {g} has no slow weight: the "
                                f"checkpoint's zero/<param>/{SLOW_KEY}.pt files are missing or unread")
         st[STEP_KEY] = entry["steps"][g]
+    keep_config = getattr(la, "_lookahead_keep_config", None)
+    if keep_config is not None:  # a block made this Lookahead: its k and alpha win (Note [Resuming with ...])
+        keep_config(la)
 
 
 def _unshare_step_tensors(la: Lookahead, units: list[torch.Tensor]) -> None:

@@ -37,7 +37,10 @@ transformers is imported when ``LookaheadTrainer`` is first used, not by ``impor
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Any
+
+import torch
 
 from .lookahead import Lookahead, find_lookahead
 
@@ -81,6 +84,14 @@ def _make_trainer_class() -> type:
             super().__init__(*args, **kwargs)
             if not self.is_deepspeed_enabled:
                 return
+            launched = int(os.environ.get("WORLD_SIZE", "1"))
+            if self.args.world_size == 1 < launched and not self.args.use_cpu and not torch.cuda.is_available():
+                # DeepSpeed would stop in its batch-size assertion (train_batch_size != micro x accumulation x world)
+                raise ValueError(
+                    f"TrainingArguments see 1 process but {launched} were launched (WORLD_SIZE): on a machine "
+                    "without CUDA, set TrainingArguments(use_cpu=True, ddp_backend=\"gloo\") and DS_ACCELERATOR=cpu "
+                    "(docs/deepspeed.md, \"The Hugging Face Trainer\")"
+                )
             config = self.accelerator.state.deepspeed_plugin.deepspeed_config
             block = lookahead_config_from(config)  # also refuses a misspelled block name
             if isinstance(self.optimizer, Lookahead):
@@ -98,8 +109,9 @@ def _make_trainer_class() -> type:
                     "(the Trainer builds the optimizer from TrainingArguments: optim, learning_rate, weight_decay)"
                 )
             if block["local_sgd"]:
+                value = "true" if block["local_sgd"] is True else '{"across": "nodes", ...}'
                 raise ValueError(
-                    f'"lookahead.local_sgd": {block["local_sgd"] if block["local_sgd"] is True else "{...}"} is '
+                    f'"lookahead.local_sgd": {value} is '
                     "not supported under the Hugging Face Trainer (it builds the DeepSpeed engine through "
                     "accelerate, with no place for local SGD's process groups); set it to false, or train with "
                     "lookahead_dist.accelerate.prepare or lookahead_dist.deepspeed.initialize"

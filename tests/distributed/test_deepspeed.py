@@ -18,7 +18,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -262,6 +261,33 @@ def _np(obj: Any) -> Any:
     return obj
 
 
+def _poison_padding(zero_opt) -> int:
+    """Write NaN into the padding of ZeRO-3's flat partitions on this rank; the count written.
+
+    ZeRO-3 allocates each rank's partition of a parameter with ``torch.empty`` and never writes the
+    tail past the parameter's end (on the last rank here: 146 parameters in odd sizes over 2
+    ranks). Whatever bytes were there before -- NaN/inf bit patterns now and then, after earlier
+    cases in the same process -- used to make the Lookahead skip a sync of that sub-group
+    (zero3_bf16 ended 0.0275 from the reference in about one run in three). The test puts the worst
+    case there every time: the results must not move.
+    """
+    n = 0
+    with torch.no_grad():
+        for sg, params in enumerate(zero_opt.fp16_groups):
+            flats = [t for t in (zero_opt.fp32_partitioned_groups_flat[sg], zero_opt.fp16_partitioned_groups_flat[sg])
+                     if t is not None and t.numel() > 0]
+            offset = 0
+            for p in params:
+                size = p.partition_numel()
+                rank = torch.distributed.get_rank(group=p.ds_process_group)
+                valid = max(0, min(p.ds_numel - rank * size, size))
+                for flat in flats:
+                    flat.narrow(0, offset + valid, size - valid).fill_(float("nan"))
+                n += size - valid
+                offset += size
+    return n
+
+
 def _full_phase(rank: int, world: int, ckpt_root: str, cases: list[dict[str, Any]]) -> dict[str, Any]:
     _quiet_deepspeed()
     from tests.distributed._torch_hosts import CollectiveCounter
@@ -271,6 +297,8 @@ def _full_phase(rank: int, world: int, ckpt_root: str, cases: list[dict[str, Any
         engine, zero_opt, la = _engine(case)
         la_log = _count_la_steps(la)
         res: dict[str, Any] = {}
+        if case["stage"] == 3:
+            res["poisoned"] = _poison_padding(zero_opt)
         # The counter must see DeepSpeed's own collectives: a whole engine.step (gradient
         # reduction/all-gather of the updated partitions) is not free of them.
         engine_step = engine.step
@@ -304,6 +332,7 @@ def _full_phase(rank: int, world: int, ckpt_root: str, cases: list[dict[str, Any
         res["engine_step_collectives"] = seen
         res["empty_between"] = empty_between
         res["n_subgroups"] = len(getattr(zero_opt, "fp16_groups", [])) if case["stage"] == 3 else None
+        res["nonfinite_syncs"] = la.nonfinite_syncs
         if rank == 0:
             res["ref"] = _reference(case)
             res["ref_k2"] = _reference(case, k=2)  # what a shrunk k would give
@@ -377,21 +406,10 @@ def _max_err(a: list[Any], b: list[Any]) -> float:
 
 
 @pytest.mark.distributed
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(420)
 def test_deepspeed_rows(tmp_path):
-    cases = _cases(_cpu_adam_ready())
-    failures = _rows(tmp_path / "run1", cases)
-    if failures:
-        # Seen in about one clean-clone CI run in three, never in isolated runs: zero3_bf16's final
-        # master weights 0.0275 from the reference (cause not found; see the closing notes). The
-        # failed cases run once more in fresh processes (with zero2, whose checkpoint the universal
-        # check converts): a deterministic defect fails again, with both reports; a pass is
-        # reported as a warning, not hidden.
-        again = [c for c in cases if c["name"] in failures or c["name"] == "zero2"]
-        second = _rows(tmp_path / "run2", again)
-        assert not second, "\n".join([*failures.values(), "--- rerun ---", *second.values()])
-        warnings.warn("test_deepspeed_rows passed on a rerun of the cases that failed first: "
-                      + "; ".join(failures.values()), stacklevel=1)
+    failures = _rows(tmp_path, _cases(_cpu_adam_ready()))
+    assert not failures, "\n".join(failures.values())
 
 
 def _rows(tmp_path: Path, cases: list[dict[str, Any]]) -> dict[str, str]:
@@ -460,7 +478,11 @@ def _rows(tmp_path: Path, cases: list[dict[str, Any]]) -> dict[str, str]:
                         assert float(abs(a - b).max()) <= resume_tol, (name, rank, key, float(abs(a - b).max()))
                 assert s["counters"] == r["final"]["counters"], (name, s["counters"])
             # 5. DeepSpeed specifics
+            for r in (r0, r1):
+                assert r["nonfinite_syncs"] == 0, (name, "syncs skipped", r["nonfinite_syncs"])
             if case["stage"] == 3:
+                # NaN in the partitions' padding (written by the test) changes nothing
+                assert r0["poisoned"] + r1["poisoned"] > 0, (name, "no padding to poison")
                 assert r0["n_subgroups"] > r0["layout"]["n_groups"], (name, "want several sub-groups per group")
                 assert r0["final"]["n_units"] == r0["n_subgroups"], name
                 assert all(r0["empty_between"]) and r0.get("z3_sd_ok"), name
@@ -484,7 +506,7 @@ def _rows(tmp_path: Path, cases: list[dict[str, Any]]) -> dict[str, str]:
         ({"alpha": 1.5}, ValueError, "lookahead.alpha"),
         ({"pullback": "back"}, ValueError, "pullback"),
         ({"slow_dtype": "fp8"}, ValueError, "slow_dtype"),
-        ({"local_sgd": True}, ValueError, "local_sgd"),
+        ({"local_sgd": "yes"}, TypeError, "local_sgd"),  # true: ZeRO stage 0 only, checked by initialize
         ([5, 0.5], TypeError, "lookahead"),
     ],
 )

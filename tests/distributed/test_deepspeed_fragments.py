@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import io
+import itertools
 import os
 from typing import Any
 
@@ -41,7 +42,7 @@ def cut_by_hand(m: int, f: int, block: int) -> list[tuple[int, int]]:
         if bounds[-1] < x < m:
             bounds.append(x)
     bounds.append(m)
-    return list(zip(bounds, bounds[1:]))
+    return list(itertools.pairwise(bounds))
 
 
 def _load(model: nn.Module, vec: torch.Tensor) -> None:

@@ -162,7 +162,7 @@ def test_zero_inside_nodes_local_sgd_across_nodes_matches_simulation():
 @pytest.mark.parametrize(
     "local_sgd, error, match",
     [
-        (True, ValueError, "across"),
+        ({"across": "nodes", "num_fragments": 3}, ValueError, "num_fragments=3"),  # k=4: checked at parse time
         ("nodes", TypeError, "across"),
         ({"across": "racks"}, ValueError, "racks"),
         ({"across": "nodes", "ranks": 2}, ValueError, "ranks"),

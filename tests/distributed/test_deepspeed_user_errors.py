@@ -18,7 +18,6 @@ op-build notice) are in ``tests/unit/test_deepspeed_block.py``.
 from __future__ import annotations
 
 import copy
-import os
 import warnings
 from typing import Any
 

@@ -83,6 +83,7 @@ def _runs(rank: int, world: int, root: str) -> dict[str, Any]:
     out["restarted"] = _weights(third)
     if importlib.util.find_spec("deepspeed") is not None:
         out["deepspeed"] = _deepspeed_runs(root)
+        out["lookahead_trainer"] = _lookahead_trainer_runs(root)
     return out
 
 
@@ -125,6 +126,75 @@ def _deepspeed_runs(root: str) -> dict[str, Any]:
     return out
 
 
+def _lookahead_trainer_runs(root: str) -> dict[str, Any]:
+    """``lookahead_dist.hf.LookaheadTrainer`` with the block in the Trainer's DeepSpeed config: no optimizer
+    given, the Trainer builds AdamW from TrainingArguments. Then a resume with another k/alpha in the block,
+    and the set-ups it refuses (each one a plain Trainer would run without Lookahead, without a word)."""
+    import warnings
+
+    from transformers import TrainerCallback, TrainingArguments
+
+    from launch.hf_trainer import build_dataset, build_model
+    from lookahead_dist import STEP_KEY, Lookahead
+    from lookahead_dist.deepspeed import find_lookahead
+    from lookahead_dist.hf import LookaheadTrainer
+    from lookahead_dist.lookahead import ALPHA_KEY, K_KEY
+
+    def config(**extra) -> dict[str, Any]:
+        return {"train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto",
+                "gradient_accumulation_steps": "auto", "gradient_clipping": "auto",
+                "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}, **extra}
+
+    def trainer(name: str, ds_config: dict[str, Any], **kwargs: Any):
+        args = TrainingArguments(output_dir=os.path.join(root, name), max_steps=MAX_STEPS, per_device_train_batch_size=4,
+                                 save_strategy="steps", save_steps=SAVE_STEPS, logging_strategy="no", report_to=[],
+                                 seed=0, data_seed=0, use_cpu=True, ddp_backend="gloo", dataloader_num_workers=0,
+                                 disable_tqdm=True, learning_rate=3e-3, deepspeed=ds_config)
+        return LookaheadTrainer(model=build_model(0), args=args, train_dataset=build_dataset(), **kwargs)
+
+    class Probe(TrainerCallback):
+        def __init__(self, t) -> None:
+            self.t, self.seen = t, []
+
+        def on_step_begin(self, args, state, control, **kwargs) -> None:
+            la = find_lookahead(self.t.model_wrapped)
+            self.seen.append((state.global_step, sorted({(g[K_KEY], g[ALPHA_KEY]) for g in la.param_groups}),
+                              sorted({int(s[STEP_KEY]) for s in la.state.values() if STEP_KEY in s})))
+
+    out: dict[str, Any] = {}
+    for name, block, resume in (("block", {"k": K, "alpha": 0.5}, None),
+                                ("block-resumed", {"k": 4, "alpha": 0.6},
+                                 os.path.join(root, "block", f"checkpoint-{SAVE_STEPS}"))):
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            t = trainer(name, config(lookahead=block))
+            probe = Probe(t)
+            t.add_callback(probe)
+            t.train(resume_from_checkpoint=resume)
+        out[name] = probe.seen
+        out[f"{name}_warnings"] = [str(w.message) for w in seen if "lookahead" in str(w.message).lower()
+                                   or "zero_force_ds_cpu_optimizer" in str(w.message)]
+
+    refused = {
+        "optimizer-block": config(lookahead={"k": K}, optimizer={"type": "AdamW", "params": {"lr": "auto"}}),
+        "misspelled": config(lookahaed={"k": K}),
+        "local-sgd": config(lookahead={"k": K, "local_sgd": True}),
+    }
+    for name, ds_config in refused.items():
+        try:
+            trainer(f"refused-{name}", ds_config)
+            out[f"refused-{name}"] = None
+        except ValueError as e:
+            out[f"refused-{name}"] = str(e)
+    model = build_model(0)
+    try:
+        trainer("refused-optimizers", config(), optimizers=(Lookahead(torch.optim.AdamW(model.parameters())), None))
+        out["refused-optimizers"] = None
+    except ValueError as e:
+        out["refused-optimizers"] = str(e)
+    return out
+
+
 @pytest.mark.distributed
 @pytest.mark.timeout(300)
 def test_trainer_resumes_lookahead_mid_cycle(tmp_path):
@@ -149,3 +219,21 @@ def test_trainer_resumes_lookahead_mid_cycle(tmp_path):
         assert (SAVE_STEPS, True, [SAVE_STEPS % K]) in ds["straight_seen"], ds["straight_seen"]
         for a, b in zip(ds["resumed"], ds["straight"]):
             assert (a == b).all(), (rank, "deepspeed", float(abs(a - b).max()))
+        _check_lookahead_trainer(r["lookahead_trainer"])
+
+
+def _check_lookahead_trainer(lt: dict[str, Any]) -> None:
+    # the block is read: the engine steps Lookahead(k=3, alpha=0.5) from the first step, cycling 0, 1, 2
+    assert [s for s, _, _ in lt["block"]] == list(range(MAX_STEPS)), lt["block"]
+    assert all(groups == [(K, 0.5)] for _, groups, _ in lt["block"]), lt["block"]
+    assert (SAVE_STEPS, [(K, 0.5)], [SAVE_STEPS % K]) in lt["block"], lt["block"]
+    assert any("zero_force_ds_cpu_optimizer" in w for w in lt["block_warnings"]), lt["block_warnings"]
+    # resumed with k=4, alpha=0.6 in the block: the config wins, the cycle position comes from the checkpoint
+    first = lt["block-resumed"][0]
+    assert first == (SAVE_STEPS, [(4, 0.6)], [SAVE_STEPS % K]), lt["block-resumed"]
+    wins = [w for w in lt["block-resumed_warnings"] if "the config wins" in w]
+    assert len(wins) == 1 and "saved with k=3, alpha=0.5" in wins[0] and "says k=4, alpha=0.6" in wins[0], wins
+    assert 'an "optimizer" block' in lt["refused-optimizer-block"], lt
+    assert "'lookahaed' looks like a misspelled" in lt["refused-misspelled"], lt
+    assert "not supported under the Hugging Face Trainer" in lt["refused-local-sgd"], lt
+    assert "discards optimizers=(...)" in lt["refused-optimizers"], lt

@@ -255,6 +255,16 @@ def _deepspeed_cases() -> list[Case]:
             la_ds.initialize(**kwargs)
         return run
 
+    def initialize_with(**config) -> Callable[[Path], None]:
+        def run(_: Path) -> None:
+            pytest.importorskip("deepspeed")
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+            import lookahead_dist.deepspeed as la_ds
+
+            model = torch.nn.Linear(2, 1)
+            la_ds.initialize(model=model, config={"train_batch_size": 1, "optimizer": {"type": "SGD"}, **config})
+        return run
+
     def accelerate_both_blocks(_: Path) -> None:
         from lookahead_dist.accelerate import _prepare_deepspeed_config
 
@@ -287,8 +297,14 @@ def _deepspeed_cases() -> list[Case]:
              _block({"pullback": "yes"}), "'yes'"),
         Case("block-slow-dtype", "DeepSpeed block", '"lookahead": {"slow_dtype": "bf16"}',
              _block({"slow_dtype": "bf16"}), "'bf16'"),
-        Case("block-local-sgd-zero", "DeepSpeed block", '"lookahead": {"local_sgd": true}  # initialize()',
-             _block({"local_sgd": True}), "local_sgd"),
+        Case("block-local-sgd-zero", "DeepSpeed block",
+             '"lookahead": {"local_sgd": true}, "zero_optimization": {"stage": 2}  # initialize()',
+             initialize_with(lookahead={"local_sgd": True}, zero_optimization={"stage": 2}), "stage 2"),
+        Case("block-misspelled", "DeepSpeed block", '"lookahaed": {"k": 5}  # initialize(), no "lookahead" key',
+             initialize_with(lookahaed={"k": 5}), "'lookahaed'"),
+        Case("block-fragments-k", "DeepSpeed block",
+             '"lookahead": {"k": 5, "local_sgd": {"across": "nodes", "num_fragments": 2}}',
+             _block({"k": 5, "local_sgd": {"across": "nodes", "num_fragments": 2}}), "num_fragments=2"),
         Case("block-no-optimizer", "DeepSpeed block",
              'lookahead_dist.deepspeed.initialize(model=m, config={..., "lookahead": {...}})  # no optimizer',
              initialize("none"), '"optimizer"'),

@@ -53,6 +53,27 @@ from .._sync import Bucket, local_tensor
 __all__ = ["SyncHost", "SyncStrategy", "InPlaceSync"]
 
 
+def _first_new_nonfinite(b: Bucket) -> int | None:
+    """Index of the first fast weight with NaN/inf where its slow weight is finite, or None.
+
+    Values that were non-finite already when the slow weight was taken (theta_0) are not a divergence
+    of this cycle: DeepSpeed ZeRO-3 leaves the padding at the end of a rank's flat partition
+    uninitialised, and a NaN/inf bit pattern there would otherwise skip every sync of the unit
+    (docs/deepspeed.md, "Partition padding"). The common case costs what first_nonfinite costs.
+    """
+    start = 0
+    while start < len(b.fast):
+        rel = _sync.first_nonfinite(b.fast[start:])
+        if rel is None:
+            return None
+        i = start + rel
+        fast, slow = b.fast[i], b.slow[i]
+        if bool((~torch.isfinite(fast) & torch.isfinite(slow)).any()):
+            return i
+        start = i + 1
+    return None
+
+
 class SyncHost(Protocol):
     """What a sync strategy may use of the optimizer it serves (a :class:`~lookahead_dist.Lookahead`)."""
 
@@ -229,7 +250,7 @@ class InPlaceSync(SyncStrategy):
     def sync(self, host: SyncHost, params: list[torch.Tensor], alpha: float) -> None:
         buckets = self._unit_buckets(host, params)
         for b in buckets:  # Note [Non-finite syncs] in lookahead.py
-            bad = _sync.first_nonfinite(b.fast)
+            bad = _first_new_nonfinite(b)
             if bad is not None:
                 for bb in buckets:
                     _sync.copy_(bb.fast, bb.slow)  # fast <- slow: this cycle's steps are dropped

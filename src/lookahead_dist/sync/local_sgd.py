@@ -1145,7 +1145,7 @@ class LocalSGD(SyncStrategy):
         """Note [Quantised sync]: the progress ``views`` into the block layout, launch the quantised mean."""
         from .. import _quant
 
-        ql, q = plan.quant, self.quant_size
+        ql = plan.quant
         qstage = torch.zeros(ql.numel, dtype=torch.float32, device=plan.device)
         torch._foreach_copy_(ql.chunk_views(qstage), ql.split_each(views))
         if poisoned:  # every block, so that every owner sees it

@@ -84,6 +84,7 @@ replicas would drift apart: only meaningful for a single replica).
 from __future__ import annotations
 
 import datetime
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -144,7 +145,7 @@ def split_ranges(numels: Sequence[int], elsizes: Sequence[int], num_fragments: i
                 if bounds[-1] < x < m:
                     bounds.append(x)
         bounds.append(m)
-        for a, b in zip(bounds, bounds[1:]):
+        for a, b in itertools.pairwise(bounds):
             f = min(F - 1, F * (2 * start + (a + b) * e) // (2 * total))
             frag = out[f]
             if frag and frag[-1][0] == i and frag[-1][2] == a:

@@ -6,7 +6,7 @@ Started by ``benchmarks/streaming.py`` on every node of the simulated cluster, a
 the path of ``comm_dtype="int8"/"int4"``), one warm-up call, then ``--reps`` timed calls between
 barriers. Rank 0 writes ``{"numel": P, "times": {"F=2 int8": [s, ...], ...}}`` to ``--out``.
 
-    python -m torch.distributed.run ... benchmarks/_allreduce_probe.py --numel 6400000 --fragments 1,2,4 \\
+    python -m torch.distributed.run ... benchmarks/workers/allreduce_probe.py --numel 6400000 --fragments 1,2,4 \\
         --dtypes fp32,bf16,int8,int4 --out probe.json
 """
 

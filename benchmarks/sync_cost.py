@@ -1,0 +1,205 @@
+"""The CPU cost of a local-SGD sync, per step of the cycle, for the sync step alone, or for the
+quantisation inside it. Three modes:
+
+``--mode cycle`` (default; torchrun, 2 ranks on loopback, no shaping: the CPU cost alone): where a
+sync's time goes, step by step of the cycle. ``opt.step()`` and forward+backward are timed
+separately at each position ``t mod k``, median over the cycles after two warm-up cycles, printed
+by rank 0. The streaming benchmark's model (4.82M parameters, batch 2 x 64 tokens),
+Lookahead(AdamW), k = 16; a run with ``--k 1000000`` (no sync) gives a step without one::
+
+    OMP_NUM_THREADS=1 torchrun --nproc-per-node 2 benchmarks/sync_cost.py --num-fragments 2 --delay 3
+    OMP_NUM_THREADS=1 torchrun --nproc-per-node 2 benchmarks/sync_cost.py --num-fragments 4 --delay 2 --comm-dtype int4
+
+``--mode sync-step`` (torchrun, one rank per node of the simulated cluster): the blocking sync
+step of Lookahead(AdamW) alone. The same model, k = 4, 8 syncs; rank 0 prints ``RESULT {json}``
+with every sync step's ``opt.step()`` time and the median of the other steps. Compare two versions
+of the library by putting one first on PYTHONPATH (``git archive <commit> src | tar -x -C /tmp/base``)::
+
+    PYTHONPATH=/tmp/base/src python tools/netcluster.py --nodes 2 --rate 200mbit --log-dir /tmp/st \\
+        --torchrun benchmarks/sync_cost.py --mode sync-step && grep RESULT /tmp/st/node0.log
+
+``--mode quant`` (one process, no torchrun): the blockwise int8/int4 quantisation of
+``lookahead_dist._quant`` on this CPU, per MB of fp32 input (2**20 bytes), for a flat buffer of
+``--numel`` elements: ``quantise``, ``dequantise``, ``q+dq`` (the compute one quantised sync adds
+per rank at least twice over), ``feedback`` (quantise + update the residual, what
+``quantized_all_reduce_async`` does on the caller's thread), and the bytes per element on the
+wire (codes + fp32 scales), beside a bf16 cast for scale. Rows interleave round by round; the
+median of ``--rounds`` rounds is printed::
+
+    python -m benchmarks.sync_cost --mode quant                 # 4M elements (16 MB), 1 thread
+    python -m benchmarks.sync_cost --mode quant --numel 16777216 --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+
+def _model() -> torch.nn.Module:
+    from lookahead_dist.demo.model import ModelConfig, TinyLM
+
+    torch.manual_seed(0)
+    return TinyLM(ModelConfig(n_layer=6, d_model=256, n_head=8, seq_len=64))
+
+
+def cycle(args: argparse.Namespace) -> None:
+    """``opt.step()`` and forward+backward at each position of the cycle (rank 0 prints)."""
+    import torch.distributed as dist
+
+    from lookahead_dist import LocalSGDOptions, Lookahead
+    from lookahead_dist.demo.model import lm_loss
+
+    dist.init_process_group("gloo")
+    model = _model()
+    cd = torch.bfloat16 if args.comm_dtype == "bf16" else args.comm_dtype
+    opt = Lookahead(torch.optim.AdamW(model.parameters(), lr=1e-4), k=args.k, alpha=0.5,
+                    local_sgd=LocalSGDOptions(num_fragments=args.num_fragments,
+                                              fragment_sync_delay=args.delay, comm_dtype=cd))
+    x, y = torch.randint(0, 256, (2, 64)), torch.randint(0, 256, (2, 64))
+    period = min(args.k, 16)
+    fwd: dict[int, list[float]] = {}
+    stp: dict[int, list[float]] = {}
+    for t in range(period * args.cycles):
+        t0 = time.perf_counter()
+        opt.zero_grad()
+        lm_loss(model(x), y).backward()
+        t1 = time.perf_counter()
+        opt.step()
+        t2 = time.perf_counter()
+        if t >= 2 * period:
+            fwd.setdefault(t % period, []).append(t1 - t0)
+            stp.setdefault(t % period, []).append(t2 - t1)
+    if dist.get_rank() == 0:
+        what = f"k={args.k} F={args.num_fragments} tau={args.delay} wire={args.comm_dtype or 'fp32'}"
+        for label, d in (("forward+backward", fwd), ("opt.step()", stp)):
+            print(f"{what}: {label + ' ms at t mod ' + str(period) + ':':<34}",
+                  " ".join(f"{1e3 * statistics.median(d[i]):.1f}" for i in range(period)))
+        total = sum(statistics.median(fwd[i]) + statistics.median(stp[i]) for i in range(period))
+        print(f"{what}: one cycle {1e3 * total:.0f} ms")
+    dist.destroy_process_group()
+
+
+def sync_step(args: argparse.Namespace) -> None:
+    """The blocking sync step alone: k = 4, 8 syncs (rank 0 prints ``RESULT {json}``)."""
+    import torch.distributed as dist
+
+    import lookahead_dist
+    from lookahead_dist import Lookahead
+
+    try:
+        from lookahead_dist import LocalSGDOptions
+    except ImportError:  # a library older than the top-level export (PYTHONPATH=<commit>/src)
+        from lookahead_dist.sync.local_sgd import LocalSGDOptions
+
+    dist.init_process_group("gloo")
+    m = _model()
+    k = 4
+    opt = Lookahead(torch.optim.AdamW(m.parameters(), lr=3e-3, foreach=True), k=k, alpha=0.5,
+                    local_sgd=LocalSGDOptions(module=m))
+    x = torch.randint(0, 256, (2, 64))
+    sync, other = [], []
+    for i in range(1, 8 * k + 1):
+        loss = m(x).float().mean()
+        opt.zero_grad()
+        loss.backward()
+        dist.barrier()
+        t = time.perf_counter()
+        opt.step()
+        dt = time.perf_counter() - t
+        (sync if i % k == 0 else other).append(dt)
+    if dist.get_rank() == 0:
+        print("RESULT " + json.dumps({"lib": lookahead_dist.__file__, "sync_s": [round(s, 4) for s in sorted(sync)],
+                                      "sync_median": statistics.median(sync),
+                                      "other_median": statistics.median(other)}))
+    dist.destroy_process_group()
+
+
+def _time(fn: Callable[[], object], reps: int) -> float:
+    fn()  # warm-up (allocator, first-call paths)
+    t = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    return (time.perf_counter() - t) / reps
+
+
+def quant(args: argparse.Namespace) -> None:
+    """Quantise/dequantise time per MB and bytes per element (one process)."""
+    from lookahead_dist._quant import (
+        dequantize,
+        quantize,
+        quantize_with_feedback,
+        quantized_nbytes,
+    )
+
+    torch.set_num_threads(args.threads)
+    x = torch.randn(args.numel, generator=torch.Generator().manual_seed(0))
+    mb = x.numel() * 4 / 2**20
+    rows: dict[str, dict[str, list[float]]] = {}
+    configs = [(bits, block) for bits in (8, 4) for block in args.blocks]
+    for _ in range(args.rounds):
+        r = rows.setdefault("bf16 cast", {"q": [], "dq": [], "qdq": [], "fb": []})
+        r["q"].append(_time(lambda: x.bfloat16(), args.reps))
+        xb = x.bfloat16()
+        r["dq"].append(_time(xb.float, args.reps))
+        r["qdq"].append(_time(lambda: x.bfloat16().float(), args.reps))
+        r["fb"].append(float("nan"))
+        for bits, block in configs:
+            r = rows.setdefault(f"int{bits} B={block}", {"q": [], "dq": [], "qdq": [], "fb": []})
+            q = quantize(x, bits=bits, block_size=block)
+            e = torch.zeros_like(x)
+            kw = {"bits": bits, "block_size": block}
+            r["q"].append(_time(lambda kw=kw: quantize(x, **kw), args.reps))
+            r["dq"].append(_time(lambda q=q: dequantize(q), args.reps))
+            r["qdq"].append(_time(lambda kw=kw: dequantize(quantize(x, **kw)), args.reps))
+            r["fb"].append(_time(lambda e=e, kw=kw: quantize_with_feedback(x, e, **kw), args.reps))
+
+    def bytes_per_elem(name: str) -> float:
+        if name == "bf16 cast":
+            return 2.0
+        bits, block = name[3], int(name.split("B=")[1])
+        return quantized_nbytes(args.numel, bits=int(bits), block_size=block) / args.numel
+
+    print(f"numel={args.numel} ({mb:.0f} MB fp32), threads={args.threads}, torch {torch.__version__}, "
+          f"median of {args.rounds} rounds x {args.reps} calls; times in ms per MB of fp32 input")
+    print()
+    print("| format | bytes/elem | vs fp32 | quantise | dequantise | q+dq | with feedback |")
+    print("|---|---|---|---|---|---|---|")
+    for name, r in rows.items():
+        med = {k: statistics.median(v) * 1e3 / mb for k, v in r.items()}
+        b = bytes_per_elem(name)
+        fb = "-" if name == "bf16 cast" else f"{med['fb']:.2f}"
+        print(f"| {name} | {b:.4f} | {b / 4:.4f} | {med['q']:.2f} | {med['dq']:.2f} | {med['qdq']:.2f} | {fb} |")
+
+
+MODES = {"cycle": cycle, "sync-step": sync_step, "quant": quant}
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--mode", choices=tuple(MODES), default="cycle")
+    g = ap.add_argument_group("--mode cycle")
+    g.add_argument("--k", type=int, default=16)
+    g.add_argument("--num-fragments", type=int, default=1)
+    g.add_argument("--delay", type=int, default=0, help="fragment_sync_delay (tau)")
+    g.add_argument("--comm-dtype", default=None, choices=(None, "bf16", "int8", "int4"))
+    g.add_argument("--cycles", type=int, default=12)
+    g = ap.add_argument_group("--mode quant")
+    g.add_argument("--numel", type=int, default=4 * 2**20, help="elements of the fp32 buffer")
+    g.add_argument("--blocks", type=int, nargs="+", default=[256, 512, 1024], help="block sizes")
+    g.add_argument("--rounds", type=int, default=5)
+    g.add_argument("--reps", type=int, default=3, help="calls per timing")
+    g.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    args = ap.parse_args(argv)
+    if args.mode != "quant":
+        torch.set_num_threads(1)
+    MODES[args.mode](args)
+
+
+if __name__ == "__main__":
+    main()
