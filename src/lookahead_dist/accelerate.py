@@ -126,9 +126,9 @@ def _prepare_deepspeed_config(plugin: Any, objects: list[Any]) -> Any:
     if block is not None:
         local_sgd: Any = block["local_sgd"]
         if across is not None:  # Note [Local SGD across nodes] in lookahead_dist.deepspeed
-            from .deepspeed import NodeMPU, _align_across_world, node_groups
+            from .deepspeed import NodeMPU, _align_across_world, inter_node_backend, node_groups
 
-            groups = node_groups(across["ranks_per_node"])
+            groups = node_groups(across["ranks_per_node"], inter_backend=inter_node_backend(config))
             for obj in objects:
                 if isinstance(obj, torch.nn.Module):
                     _align_across_world(obj)

@@ -342,8 +342,13 @@ class NodeGroups:
     node: int
 
 
-def node_groups(ranks_per_node: int | None = None) -> NodeGroups:
+def node_groups(ranks_per_node: int | None = None, *, inter_backend: str | None = None) -> NodeGroups:
     """Build :class:`NodeGroups` (a collective: every rank calls it, in the same order).
+
+    ``inter_backend`` is the backend of the across-node groups (default: the world's). Under ZeRO
+    optimizer offload the fp32 partitions that local SGD averages live on the CPU, which NCCL
+    cannot reduce, so :func:`initialize` and accelerate's ``prepare`` build those groups on
+    ``"gloo"`` there (:func:`inter_node_backend`).
 
     ``ranks_per_node`` defaults to the launcher's ``LOCAL_WORLD_SIZE``. Global ranks must be laid
     out node by node, as torchrun and the deepspeed launcher do (``rank = node * ranks_per_node +
@@ -388,8 +393,17 @@ def node_groups(ranks_per_node: int | None = None) -> NodeGroups:
     intra, _ = dist.new_subgroups_by_enumeration(
         [[n * ranks_per_node + i for i in range(ranks_per_node)] for n in range(nodes)])
     inter, _ = dist.new_subgroups_by_enumeration(
-        [[n * ranks_per_node + i for n in range(nodes)] for i in range(ranks_per_node)])
+        [[n * ranks_per_node + i for n in range(nodes)] for i in range(ranks_per_node)], backend=inter_backend)
     return NodeGroups(intra, inter, ranks_per_node, nodes, rank // ranks_per_node)
+
+
+def inter_node_backend(config: dict[str, Any]) -> str | None:
+    """The backend of the across-node groups for a DeepSpeed ``config``: ``"gloo"`` under optimizer
+    offload (the fp32 partitions local SGD averages are CPU tensors; NCCL reduces only CUDA ones),
+    else None (the world's backend)."""
+    offload = (config.get("zero_optimization") or {}).get("offload_optimizer") or {}
+    device = str(offload.get("device", "none") or "none").lower()
+    return "gloo" if device in ("cpu", "nvme") else None
 
 
 class NodeMPU:
@@ -871,7 +885,7 @@ def _across_nodes(call: dict[str, Any], across: dict[str, Any]) -> tuple[NodeMPU
     deepspeed.comm.init_distributed(dist_backend=get_accelerator().communication_backend_name(),
                                     distributed_port=call.get("distributed_port", TORCH_DISTRIBUTED_DEFAULT_PORT),
                                     dist_init_required=call.get("dist_init_required"))
-    groups = node_groups(across["ranks_per_node"])
+    groups = node_groups(across["ranks_per_node"], inter_backend=inter_node_backend(call.get("config") or {}))
     if call.get("model") is not None:
         _align_across_world(call["model"])
     options = dataclasses.replace(across["options"], process_group=groups.inter)

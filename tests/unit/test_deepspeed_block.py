@@ -127,3 +127,33 @@ def test_op_build_notice(monkeypatch, capsys):
     err = capsys.readouterr().err
     assert err.count("[lookahead_dist] DeepSpeed will build its fused_adam op") == 1, err
     assert "first run only, about 1-3 minutes" in err
+
+
+# -- across nodes under optimizer offload ------------------------------------------------------------
+@pytest.mark.parametrize("offload, backend", [(None, None), ({"device": "none"}, None), ({"device": "cpu"}, "gloo"),
+                                              ({"device": "nvme"}, "gloo")])
+def test_across_node_groups_use_gloo_under_optimizer_offload(offload, backend):
+    # Offloaded fp32 partitions are CPU tensors: NCCL cannot reduce them, so the across-node
+    # groups local SGD averages over are built on gloo (the world's backend otherwise).
+    from lookahead_dist.deepspeed import inter_node_backend
+
+    zero = {"stage": 2} if offload is None else {"stage": 2, "offload_optimizer": offload}
+    assert inter_node_backend(_config(zero_optimization=zero)) == backend
+
+
+def test_node_groups_builds_the_inter_groups_on_the_backend_asked(one_rank_group, monkeypatch):
+    import torch.distributed as dist
+
+    from lookahead_dist.deepspeed import node_groups
+
+    seen = []
+    real = dist.new_subgroups_by_enumeration
+
+    def record(ranks, timeout=None, backend=None, pg_options=None):
+        seen.append(backend)
+        return real(ranks, timeout=timeout, backend=backend, pg_options=pg_options)
+
+    monkeypatch.setattr(dist, "new_subgroups_by_enumeration", record)
+    with pytest.warns(UserWarning, match="found 1 node"):
+        groups = node_groups(1, inter_backend="gloo")
+    assert seen == [None, "gloo"] and dist.get_backend(groups.inter) == "gloo"
