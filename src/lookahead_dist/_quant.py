@@ -91,8 +91,9 @@ Note [Asynchronous quantised all-reduce]
 ----------------------------------------
 :func:`quantized_all_reduce_async` quantises the input (and updates ``residual``) on the calling
 thread before it returns, so the caller may overwrite the input immediately and checkpoint the
-residual at any time. Stages 2-5 (two collectives and the fp32 sum) run on a background thread,
-one per process group, which takes the launched reduces in order; ``wait()`` returns the result.
+residual at any time. On a host-blocking backend (gloo) stages 2-5 (two collectives and the fp32
+sum) run on a background thread, one per process group, which takes the launched reduces in order;
+``wait()`` returns the result.
 A thread, not launch-then-finish-in-``wait()``, because stage 4 must run between the two
 collectives: with gloo only a thread lets both transfers overlap the caller's compute.
 
@@ -103,10 +104,25 @@ default group is refused. The blocking :func:`quantized_all_reduce` on a group t
 goes through that worker, so the two can be mixed. The ``stats`` counters are updated at launch,
 on the caller's thread.
 
-On CUDA tensors (NCCL) the worker runs stages 2-5 on its own stream, which first waits for an
-event recorded on the caller's stream at launch; ``wait()`` makes the caller's current stream
-wait for an event recorded at the end, and the tensors crossing streams are ``record_stream``-ed.
-``wait()`` then returns once the work is enqueued, not finished, as NCCL collectives do.
+Which of two paths runs is decided by :func:`lookahead_dist._backend.traits` of the group, not here:
+
+- **host-blocking backends** (gloo; ``needs_worker_thread``): stages 2-5 run on the worker thread
+  described above; ``wait(timeout)`` waits for its future.
+- **stream-ordered backends** (NCCL and other device backends): no thread. Every stage is enqueued
+  from the caller's thread, so the collectives on this group keep the caller's program order
+  relative to every other communicator (FSDP2/HSDP, DDP, a user's all-reduce) on every rank; a
+  worker issuing NCCL collectives concurrently with the main thread could interleave them
+  differently on different ranks, which NCCL documents as a hang. Stages 2-5 run on a side stream
+  (one per device) that first waits for the caller's stream; the tensors crossing streams are
+  ``record_stream``-ed and an event is recorded after the last stage. Since nothing blocks the
+  host, launching returns at once. ``is_completed()`` queries that event (it is honest: True
+  only when the result is there), ``wait()`` makes the caller's current stream wait for it, and
+  ``wait(timeout)`` first polls the event on the host until the deadline and raises
+  ``TimeoutError`` then, before anything reads the result: a dead peer gives an error naming the
+  sync instead of a host blocked in a read until NCCL's watchdog kills the process.
+
+Forced onto gloo (``_backend.forced(STREAM_ORDERED)``, in the tests) the caller-thread path runs the
+same arithmetic with blocking collectives, and equals the worker path bit for bit.
 """
 
 from __future__ import annotations
@@ -114,13 +130,15 @@ from __future__ import annotations
 import math
 import queue
 import threading
+import time
 from concurrent.futures import Future
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from lookahead_dist import _comm
+from lookahead_dist import _backend, _comm
 from lookahead_dist._comm import CommStats
 
 __all__ = [
@@ -201,11 +219,11 @@ def _quantize_blocks(x: torch.Tensor, qmax: int) -> tuple[torch.Tensor, torch.Te
     scale = absmax / qmax
     usable = finite & (scale > 0)
     # Divide (not multiply by a reciprocal): correctly rounded, so a reference can reproduce it.
-    # Dividing by inf sends the blocks with scale 0 to codes 0; only a non-finite block leaves
-    # NaNs (NaN / inf, inf / inf) to clear, and on the CPU the full-size pass is skipped without one.
+    # Dividing by inf sends the blocks with scale 0 (and the finite values of a non-finite block)
+    # to codes 0; only the NaN/inf elements of a non-finite block leave NaNs (NaN / inf, inf / inf),
+    # cleared in place with no host read (about 9 % of the quantisation on a CPU).
     q = torch.div(x, torch.where(usable, scale, math.inf).unsqueeze(1), out=buf).round_().clamp_(-qmax, qmax)
-    if x.device.type != "cpu" or not bool(finite.all()):  # (no host sync on an accelerator)
-        q = torch.where(finite.unsqueeze(1), q, 0.0)
+    q.nan_to_num_(0.0)
     scale = torch.where(finite, scale, math.nan)  # the NaN that carries a non-finite block
     return q, scale
 
@@ -416,29 +434,57 @@ def _record(stats: CommStats | None, plan: _Plan, label: str) -> None:
 
 
 class QuantizedAllReduceWork:
-    """Handle of a :func:`quantized_all_reduce_async`: ``wait()`` returns the reduced tensor."""
+    """Handle of a :func:`quantized_all_reduce_async`: ``wait()`` returns the reduced tensor.
 
-    def __init__(self, future: Future, device: torch.device) -> None:
+    Built either around the worker thread's future (host-blocking backends) or around the result
+    enqueued on the caller's thread and the event recorded after its last stage (stream-ordered
+    backends); see Note [Asynchronous quantised all-reduce].
+    """
+
+    #: ``wait(seconds)`` enforces a host deadline itself (read by ``_backend.wait_within``)
+    enforces_deadline = True
+
+    def __init__(self, future: Future | None, device: torch.device, *, result: torch.Tensor | None = None,
+                 done: Any = None) -> None:
         self._future = future
         self._device = device
+        self._inline = None if future is not None else (result, done)
         self._result: torch.Tensor | None = None
 
+    def _done_event(self) -> Any:
+        if self._inline is not None:
+            return self._inline[1]
+        return self._future.result()[1]
+
     def is_completed(self) -> bool:
-        """True once the background stages have finished (on CUDA: have been enqueued)."""
-        return self._future.done()
+        """True once the result is there: the stages have run (and, on a device, their event has
+        completed). Never blocks."""
+        if self._future is not None and (not self._future.done() or self._future.exception() is not None):
+            return self._future.done()  # a failed stage is complete: wait() raises it
+        done = self._done_event()
+        return done is None or bool(done.query())
 
     def wait(self, timeout: float | None = None) -> torch.Tensor:
-        """Block until done and return the result (the same tensor on repeated calls).
+        """Return the result (the same tensor on repeated calls), ordering the caller's current
+        stream after the stages on a device.
 
-        Re-raises an exception of the background stages. ``timeout`` (seconds) raises
-        ``TimeoutError`` if the work is not done by then; the work itself goes on.
+        Re-raises an exception of the stages. ``timeout`` (seconds) is a host deadline: it raises
+        ``TimeoutError`` if the stages have not finished by then (polling the device event, which
+        never blocks); the work itself goes on and a later ``wait()`` may still return it.
         """
         if self._result is None:
-            result, done_event = self._future.result(timeout)
-            if done_event is not None:  # CUDA: order the caller's stream after the side stream
-                stream = torch.cuda.current_stream(self._device)
-                stream.wait_event(done_event)
-                result.record_stream(stream)
+            deadline = None if timeout is None else time.monotonic() + timeout
+            if self._future is not None:
+                result, done_event = self._future.result(timeout)
+            else:
+                result, done_event = self._inline
+            if done_event is not None:
+                if deadline is not None:
+                    _backend.poll_until(done_event.query, deadline)
+                if isinstance(done_event, torch.cuda.Event):  # order the caller's stream after the stages
+                    stream = torch.cuda.current_stream(self._device)
+                    stream.wait_event(done_event)
+                    result.record_stream(stream)
             self._result = result
         return self._result
 
@@ -477,6 +523,15 @@ class _GroupWorker:
 
 _WORKERS: dict[int, _GroupWorker] = {}
 _WORKERS_LOCK = threading.Lock()
+_SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}  # caller-thread path: one side stream per device
+
+
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    with _WORKERS_LOCK:
+        if idx not in _SIDE_STREAMS:
+            _SIDE_STREAMS[idx] = torch.cuda.Stream(device=idx)
+        return _SIDE_STREAMS[idx]
 
 
 def _worker_for(group, create: bool) -> _GroupWorker | None:
@@ -515,11 +570,13 @@ def quantized_all_reduce_async(flat: torch.Tensor, group: dist.ProcessGroup, *, 
     if plan.numel == 0:  # the same on every rank: nothing to send
         done: Future = Future()
         done.set_result((flat.new_empty(0) if out is None else out, None))
-        return QuantizedAllReduceWork(done, flat.device)
+        return QuantizedAllReduceWork(done, flat.device)  # (a finished future: no thread involved)
     send = _stage_send(flat, plan, residual)
     _record(stats, plan, label)
-    worker = _worker_for(group, create=True)
     device = flat.device
+    if not _backend.traits(group, device).needs_worker_thread:
+        return _launch_inline(send, plan, group, average, owner_residual, out, label, device)
+    worker = _worker_for(group, create=True)
     if device.type == "cuda":
         ready = torch.cuda.Event()
         ready.record(torch.cuda.current_stream(device))
@@ -539,6 +596,26 @@ def quantized_all_reduce_async(flat: torch.Tensor, group: dist.ProcessGroup, *, 
         def job():
             return _stage_reduce(send, plan, group, average, owner_residual, out, label), None
     return QuantizedAllReduceWork(worker.submit(job), device)
+
+
+def _launch_inline(send: torch.Tensor, plan: _Plan, group, average: bool, owner_residual: torch.Tensor | None,
+                   out: torch.Tensor | None, label: str, device: torch.device) -> QuantizedAllReduceWork:
+    """Stages 2-5 enqueued from the caller's thread (stream-ordered backends): on a side stream
+    after the caller's, with an event after the last stage. Nothing here blocks the host on NCCL
+    (its ``async_op=False`` collectives only order the current stream)."""
+    if device.type != "cuda":  # a device without streams (or gloo forced here in tests): in order
+        return QuantizedAllReduceWork(None, device, result=_stage_reduce(send, plan, group, average,
+                                                                         owner_residual, out, label))
+    side = _side_stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.device(device), torch.cuda.stream(side):
+        for t in (send, out, owner_residual):
+            if t is not None:
+                t.record_stream(side)
+        result = _stage_reduce(send, plan, group, average, owner_residual, out, label)
+        done = torch.cuda.Event()
+        done.record(side)
+    return QuantizedAllReduceWork(None, device, result=result, done=done)
 
 
 def quantized_all_reduce(flat: torch.Tensor, group: dist.ProcessGroup | None, *, bits: int,

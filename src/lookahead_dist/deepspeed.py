@@ -419,7 +419,10 @@ class NodeMPU:
         import torch.distributed as dist
 
         self.groups = groups
-        self._mp = dist.new_group([dist.get_rank()], use_local_synchronization=True)
+        # One single-rank group per rank, every rank creating all of them in the same order: a plain
+        # collective (no use_local_synchronization, which is a blocking split of the world
+        # communicator when init_process_group got device_id=, and unsupported under TorchComms).
+        self._mp, _ = dist.new_subgroups_by_enumeration([[r] for r in range(dist.get_world_size())])
 
     def get_data_parallel_group(self) -> Any:
         return self.groups.intra

@@ -109,6 +109,35 @@ def test_nonfinite_sync_is_skipped_restored_counted_and_warned_once():
     assert opt.nonfinite_syncs == 1
 
 
+def test_values_nonfinite_since_the_slow_weight_was_taken_do_not_skip_syncs():
+    # DeepSpeed ZeRO-3 leaves the padding of a rank's flat partition uninitialised: a NaN/inf there
+    # is in theta_0 already, has zero gradient, and must not skip the unit's syncs (docs/deepspeed.md,
+    # "Partition padding"). A value that turns non-finite during a cycle still does.
+    ref = make_params()
+    ref_opt = Lookahead(torch.optim.SGD(ref, lr=0.1), k=2)
+    params = [torch.nn.Parameter(torch.cat([p.detach().reshape(-1), torch.tensor([float("nan"), float("-inf")])]))
+              for p in make_params()]
+    opt = Lookahead(torch.optim.SGD(params, lr=0.1), k=2)
+    for t in range(1, 7):
+        set_grads(t, ref)
+        for p, r in zip(params, ref):
+            p.grad = torch.cat([r.grad.reshape(-1), torch.zeros(2)])
+        ref_opt.step()
+        opt.step()
+    assert opt.nonfinite_syncs == 0
+    for p, r in zip(params, ref):
+        assert torch.equal(p.detach()[:-2], r.detach().reshape(-1))
+        assert torch.equal(opt.slow_weight(p)[:-2], ref_opt.slow_weight(r).reshape(-1))
+    with torch.no_grad():
+        params[0][0] = float("nan")  # new: the next sync is skipped
+    with pytest.warns(RuntimeWarning, match="non-finite values at the sync"):
+        for t in (7, 8):
+            for p, r in zip(params, ref):
+                p.grad = torch.zeros_like(p)
+            opt.step()
+    assert opt.nonfinite_syncs == 1
+
+
 def test_nonfinite_raise_policy():
     params, opt, _ = _nan_run("raise")
     set_grads(5, params)

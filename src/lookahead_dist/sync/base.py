@@ -63,7 +63,7 @@ def _first_new_nonfinite(b: Bucket) -> int | None:
     """
     start = 0
     while start < len(b.fast):
-        rel = _sync.first_nonfinite(b.fast[start:])
+        rel = _sync.first_nonfinite(b.fast[start:], b.probe if start == 0 else None)
         if rel is None:
             return None
         i = start + rel

@@ -102,8 +102,9 @@ checkpointed and, with fragments, naturally kept per fragment (a tensor split ov
 updates the slices of its pieces: Note [Fragments] in streaming.py). A sync skipped for NaN/inf zeroes
 them. Quantisation needs progress, so it runs in the flat and the hierarchical-sharded modes; the
 plain sharded mode (which reduce-scatters weights) refuses it, like bf16. The reduce runs on a
-worker thread over a process group of its own (``new_group`` of the same ranks, made at
-construction), also when ``fragment_sync_delay=0``.
+process group of its own (the same ranks, made at construction: Note [Collective group creation]
+in _backend.py), also when ``fragment_sync_delay=0``; on gloo from a worker thread, on NCCL
+enqueued from the caller's thread (Note [Asynchronous quantised all-reduce] in _quant.py).
 
 Note [Outer optimizer]
 ----------------------
@@ -139,8 +140,9 @@ Note [Non-finite syncs in local SGD]
 ------------------------------------
 Every rank must skip the same outer updates, with no extra collective. Flat modes check the
 averaged pseudo-gradient, identical on every rank. In the sharded modes each rank only sees its own
-chunk of the average, so a rank whose local fast weights hold NaN/inf (one foreach max-norm at
-launch) fills the whole send buffer with NaN: every chunk of the reduced result is then NaN on
+chunk of the average, so a rank whose local fast weights hold NaN/inf fills the whole send buffer
+with NaN (a multiplication by a device scalar, 1 or NaN, from a probe of the fast weights: no host
+read at launch; on CPU a fast weight whose fp32 sum overflows counts as non-finite): every chunk of the reduced result is then NaN on
 every rank, and all ranks decide alike. The guard's unit is a bucket's result, but on a hit the
 *whole step unit* restarts from its slow weights (every fragment: a NaN in one fragment reaches all
 of them through the next forward pass) and ``host.on_nonfinite`` resets the unit's inner state.
@@ -148,13 +150,25 @@ A sum of finite values that overflows is not covered in the sharded modes.
 
 Note [Timeouts]
 ---------------
-Every collective of a sync is issued ``async_op=True`` and waited with ``work.wait(timeout)``
+Every collective of a sync is issued ``async_op=True`` and waited within ``timeout``
 (``LocalSGDOptions(timeout=...)``; None waits as long as the process group allows, gloo's default
 being 30 minutes). A peer that hangs, dies or skips the sync makes the wait raise
 ``TimeoutError`` naming the sync (fragment, param group), the ``step()`` call that launched it and
-the ranks of the group; other failures become ``RuntimeError`` with the same context. On NCCL,
-``wait(timeout)`` blocks the host until the collective ends (without a timeout it only orders the
-streams).
+the ranks of the group; other failures become ``RuntimeError`` with the same context. How the
+deadline is enforced is the backend's (:func:`lookahead_dist._backend.traits`): ``work.wait(timeout)``
+on gloo; on NCCL a host poll of ``work.is_completed()`` (the quantised reduce: of the event after
+its last stage) before anything reads the result, never ``wait(timeout)``, which there blocks the
+host and aborts the communicators on expiry (and raises under TorchComms). Errors are told apart by
+type and by the deadline's clock, not by their text. Without a timeout, ``wait()`` on NCCL only
+orders the streams.
+
+Note [Host reads at a sync]
+---------------------------
+A step that launches a fragment reads nothing on the host: the sharded modes multiply the send
+buffer by :func:`~lookahead_dist._sync.finite_scale` of the local fast weights (a device scalar, 1
+or NaN) instead of asking the host. A step that applies a fragment reads one flag, the non-finite
+decision of all its buckets (``_decide``); a blocking sync, which applies each bucket as it arrives
+to keep at most two stage buffers, reads one per bucket.
 """
 
 from __future__ import annotations
@@ -172,7 +186,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 import torch.distributed as dist
 
-from .. import _comm, _sync
+from .. import _backend, _comm, _sync
 from .._comm import CommStats, ShardLayout, flat_view
 from .._keys import K_KEY, SLOW_KEY, STEP_KEY
 from .._sync import local_tensor
@@ -489,17 +503,27 @@ class _Launched:
     extra: Any                       # flat: per-tensor stage views; sharded: the full stage; hier: own views
     qstage: torch.Tensor | None = None   # int8/int4: the fp32 buffer of the quantised reduce
     owner_res: torch.Tensor | None = None
+    group: Any = None                # the process group of ``work`` (its backend traits decide the wait)
+
+
+_UNDECIDED: Any = object()
 
 
 @dataclass
 class _Reduced:
-    """One bucket's reduced result: the averaged pseudo-gradient ``d`` (aligned with plan.slow)."""
+    """One bucket's reduced result: the averaged pseudo-gradient ``d`` (aligned with plan.slow).
+
+    Whether it holds NaN/inf (``bad``) is decided for all the buckets of a fragment at once, with
+    one host read (``LocalSGD._decide``): ``probe`` is what the probe reduces, ``locate`` the
+    per-tensor views that name the culprit on a hit (None: index 0)."""
 
     plan: _Plan
     d: list[torch.Tensor]
-    bad: int | None                  # index of a non-finite tensor (flat) / 0 (sharded), or None
+    bad: Any = _UNDECIDED            # index of a non-finite tensor (flat) / 0 (sharded), or None
     seg: torch.Tensor | None = None  # buffers the sharded gather may reuse
     full: torch.Tensor | None = None
+    probe: list[torch.Tensor] = field(default_factory=list)
+    locate: list[torch.Tensor] | None = None
 
 
 class _Layout(ShardLayout):
@@ -603,12 +627,20 @@ class LocalSGD(SyncStrategy):
         self._ddp_handle = None
         if o.module is not None and _is_ddp(o.module):
             self._watch_ddp(o.module)
-        # int8/int4: the quantised reduce runs on a worker thread, on a process group of its own.
+        # Sync traffic that overlaps the caller (fragments in flight, the quantised reduce) gets a
+        # process group of its own, made collectively at construction (Note [Collective group
+        # creation] in _backend.py): on NCCL its own communicator and stream.
         self.quant_bits = o.quant_bits
         self._qgroup = None
-        self.quant_size, self.quant_rank = self.group_size, dist.get_rank(self.group)
-        if self.quant_bits is not None:
-            self._qgroup = dist.new_group(_ranks(self.group), use_local_synchronization=True)
+        self._frag_group = self.group
+        if self.quant_bits is not None or self.delay > 0:
+            own = _backend.dedicated_group(self.group)
+            if _ranks(own) == _ranks(self.group):  # the same rank order: chunk r goes to the same rank
+                self._frag_group = own
+            if self.quant_bits is not None:
+                self._qgroup = own
+        self.quant_size = self.group_size
+        self.quant_rank = dist.get_rank(self._qgroup if self._qgroup is not None else self.group)
         self._ef = self.quant_bits is not None and o.error_feedback
         # outer_optimizer=: built over proxies that alias the slow weights at each outer step.
         self._proxies: dict[torch.Tensor, torch.Tensor] = {}
@@ -629,7 +661,8 @@ class LocalSGD(SyncStrategy):
     # Pickling drops these (SyncStrategy.__getstate__): the groups, the DDP hook, the options that
     # hold groups and the module, and identity-keyed caches. The Lookahead flushes work in flight
     # into per-parameter state before it pickles its strategy.
-    _unpicklable = ("group", "intra", "shard_group", "_qgroup", "_ddp_handle", "options", "_units", "_inflight")
+    _unpicklable = ("group", "intra", "shard_group", "_qgroup", "_frag_group", "_ddp_handle", "options", "_units",
+                    "_inflight")
 
     def close(self) -> None:
         """Remove the forward pre-hook that watches a DDP module (``module=`` a DDP)."""
@@ -1011,6 +1044,7 @@ class LocalSGD(SyncStrategy):
         """Wait for a fragment launched ``tau`` steps ago and apply it."""
         if rec.reduced is None:
             rec.reduced = [self._reduce(host, item, rec.describe) for item in rec.launched]
+        self._decide(rec.reduced)  # the fragment's one host read
         ok: list[torch.Tensor] = []
         bad: list[tuple[list[torch.Tensor], str]] = []
         for red in rec.reduced:
@@ -1044,6 +1078,7 @@ class LocalSGD(SyncStrategy):
         for rec in self._inflight.values():
             if rec.reduced is None:
                 rec.reduced = [self._reduce(host, item, rec.describe) for item in rec.launched]
+            self._decide(rec.reduced)
             for red in rec.reduced:
                 for i, p in enumerate(red.plan.params):
                     entry = host.state_entry(p)
@@ -1080,7 +1115,7 @@ class LocalSGD(SyncStrategy):
         reduced = []
         for plan in unit.fragments[f]:
             d = [_cut(host.state_entry(p)[INFLIGHT_KEY], sl) for p, sl in zip(plan.params, plan.sl)]
-            reduced.append(_Reduced(plan, d, _sync.first_nonfinite(d)))
+            reduced.append(_Reduced(plan, d, bad=_sync.first_nonfinite(d)))
         self._inflight[unit.params[0]] = streaming.InFlight(
             fragment=f, due_in=due, launched=[], reduced=reduced, parked=True,
             describe=self._describe(host, unit, f, None, None) + " (resumed from a checkpoint)")
@@ -1102,6 +1137,9 @@ class LocalSGD(SyncStrategy):
         return f
 
     # -- one bucket: launch, reduce, apply -----------------------------------------------------
+    def _traits(self, group: Any, device: torch.device) -> _backend.BackendTraits:
+        return _backend.traits(group, device)
+
     def _wire(self, t: torch.Tensor) -> torch.Tensor:
         cd = self.options.comm_dtype
         return t if cd is None or isinstance(cd, str) or cd == t.dtype else t.to(cd)
@@ -1114,42 +1152,46 @@ class LocalSGD(SyncStrategy):
             torch._foreach_copy_(views, plan.fast)
             torch._foreach_sub_(views, plan.slow)  # progress theta_i - phi
             if plan.quant is not None:
-                return self._launch_quant(host, plan, stage, views, False)
+                return self._launch_quant(host, plan, stage, views)
             wire = self._wire(stage)
-            return _Launched(plan, _comm.all_reduce(wire, self.group, self.stats, "params"), stage, wire, views)
-        poisoned = _sync.first_nonfinite(plan.fast) is not None  # Note [Non-finite syncs in local SGD]
+            work = _comm.all_reduce(wire, self._frag_group, self.stats, "params")
+            return _Launched(plan, work, stage, wire, views, group=self._frag_group)
+        # Note [Non-finite syncs in local SGD]: 1 if every local fast weight is finite, else NaN; a
+        # device scalar (no host read), multiplied into the send buffer.
+        poison = _sync.finite_scale(plan.fast)
         if self.mode == "sharded":
             stage = torch.empty(lay.numel, dtype=dt, device=dev)
             torch._foreach_copy_(lay.chunk_views(stage), plan.fast_chunks)
             for pad in lay.pad_views(stage):
                 pad.zero_()
-            if poisoned:
-                stage.fill_(math.nan)
+            if poison is not None:
+                stage.mul_(poison)
             seg = torch.empty(lay.segment, dtype=dt, device=dev)
-            work = _comm.reduce_scatter(seg, stage, self.group, self.stats, "params")
-            return _Launched(plan, work, seg, seg, stage)
+            work = _comm.reduce_scatter(seg, stage, self._frag_group, self.stats, "params")
+            return _Launched(plan, work, seg, seg, stage, group=self._frag_group)
         # hier_sharded: identical replicas inside the group; this rank carries chunk r across groups.
         seg = torch.zeros(lay.segment, dtype=dt, device=dev)
         views = lay.own_views(seg, self.shard_rank)
         torch._foreach_copy_(views, plan.fast_own)
         torch._foreach_sub_(views, plan.slow)
-        if poisoned:
-            seg.fill_(math.nan)
+        if poison is not None:  # NaN * 0 = NaN: the pads too, so every block of a quantised send
+            seg.mul_(poison)
         if plan.quant is not None:
-            return self._launch_quant(host, plan, seg, views, poisoned)
+            return self._launch_quant(host, plan, seg, views, poison)
         wire = self._wire(seg)
-        return _Launched(plan, _comm.all_reduce(wire, self.group, self.stats, "params"), seg, wire, views)
+        work = _comm.all_reduce(wire, self._frag_group, self.stats, "params")
+        return _Launched(plan, work, seg, wire, views, group=self._frag_group)
 
     def _launch_quant(self, host: SyncHost, plan: _Plan, buf: torch.Tensor, views: list[torch.Tensor],
-                      poisoned: bool) -> _Launched:
+                      poison: torch.Tensor | None = None) -> _Launched:
         """Note [Quantised sync]: the progress ``views`` into the block layout, launch the quantised mean."""
         from .. import _quant
 
         ql = plan.quant
         qstage = torch.zeros(ql.numel, dtype=torch.float32, device=plan.device)
         torch._foreach_copy_(ql.chunk_views(qstage), ql.split_each(views))
-        if poisoned:  # every block, so that every owner sees it
-            qstage.fill_(math.nan)
+        if poison is not None:  # every block, so that every owner sees it
+            qstage.mul_(poison)
         residual = owner = None
         if self._ef:
             entries = [host.state_entry(p) for p in plan.params]
@@ -1164,12 +1206,12 @@ class LocalSGD(SyncStrategy):
             average=True, residual=residual, owner_residual=owner, out=qstage, stats=self.stats, label="params")
         if residual is not None:  # updated at launch (the send is quantised on this thread)
             torch._foreach_copy_(res_views, ql.chunk_views(residual))
-        return _Launched(plan, work, buf, buf, views, qstage=qstage, owner_res=owner)
+        return _Launched(plan, work, buf, buf, views, qstage=qstage, owner_res=owner, group=self._qgroup)
 
     def _reduce(self, host: SyncHost, item: _Launched, describe: str) -> _Reduced:
         """Wait for one bucket's collective; the averaged pseudo-gradient ``d = phi - mean theta``."""
         plan, buf = item.plan, item.buf
-        streaming.wait_work(item.work, self.timeout, describe)
+        streaming.wait_work(item.work, self.timeout, describe, self._traits(item.group, plan.device))
         if item.qstage is not None:  # already the mean (of progress): back into the stage layout
             ql = plan.quant
             torch._foreach_copy_(ql.split_each(item.extra), ql.chunk_views(item.qstage))
@@ -1181,19 +1223,34 @@ class LocalSGD(SyncStrategy):
             if item.wire is not buf:
                 buf.copy_(item.wire)
             buf.mul_(-1.0 / self.group_size)
-        if self.mode == "flat":
-            return _Reduced(plan, item.extra, _sync.first_nonfinite(item.extra))
+        if self.mode == "flat":  # buf is the views end to end: one probe of the whole buffer
+            return _Reduced(plan, item.extra, probe=[buf], locate=item.extra)
         if self.mode == "sharded":
             d = plan.layout.own_views(buf, self.shard_rank)
             torch._foreach_add_(d, plan.slow)  # d = phi - mean_i theta_i, on the owned chunk
-            return _Reduced(plan, d, _sync.first_nonfinite([buf]), buf, item.extra)
+            return _Reduced(plan, d, seg=buf, full=item.extra, probe=[buf])
         check = item.extra if item.qstage is not None else [buf]  # the pads of a quantised seg are not reduced
-        return _Reduced(plan, item.extra, _sync.first_nonfinite(check), buf, None)
+        return _Reduced(plan, item.extra, seg=buf, probe=check)
+
+    def _decide(self, reds: list[_Reduced]) -> None:
+        """Set ``bad`` of every undecided bucket: one host read when all are finite (Note [Host
+        syncs] in lookahead.py: the apply's one read, the non-finite decision); a few more to name
+        the culprits otherwise."""
+        todo = [r for r in reds if r.bad is _UNDECIDED]
+        if not todo:
+            return
+        hit = _sync.first_nonfinite_of([r.probe for r in todo])
+        for r in todo:
+            if hit is None or _sync.first_nonfinite(r.probe) is None:
+                r.bad = None
+            else:
+                r.bad = (_sync.first_nonfinite(r.locate) if r.locate is not None else None) or 0
 
     def _apply(self, host: SyncHost, red: _Reduced, alpha: float, describe: str, ok: list, bad: list) -> None:
         """Outer step on the owned slow weights, then the merge into the fast weights (or, on NaN/inf,
         fast <- slow and no outer step)."""
         plan, d = red.plan, red.d
+        self._decide([red])
         if red.bad is not None:
             if self._ef:  # a residual that absorbed a NaN would poison every later send
                 for p in plan.params:
@@ -1255,7 +1312,7 @@ class LocalSGD(SyncStrategy):
         if lay.pads[self.shard_rank]:
             seg[lay.segment - lay.pads[self.shard_rank]:].zero_()
         work = _comm.all_gather(full, seg, self.shard_group, self.stats, "params", async_op=True)
-        streaming.wait_work(work, self.timeout, describe)
+        streaming.wait_work(work, self.timeout, describe, self._traits(self.shard_group, plan.device))
         self._merge(plan.fast_chunks, lay.chunk_views(full), None if merge else 0.0)
 
     # -- outer_optimizer= (Note [Outer optimizer]) ---------------------------------------------
@@ -1345,11 +1402,13 @@ class LocalSGD(SyncStrategy):
         for ts, flat in self._packed([b.detach() for b in bufs]):
             launched.append((ts, flat, _comm.all_reduce(flat, self.group, self.stats, "buffers")))
         for ts, flat, work in launched:
-            streaming.wait_work(work, self.timeout, f"the buffer average of {describe}")
+            streaming.wait_work(work, self.timeout, f"the buffer average of {describe}",
+                                self._traits(self.group, flat.device))
             flat.div_(self.group_size)
             if self.intra is not None:  # mean of equal-sized group means = mean over all ranks
                 work = _comm.all_reduce(flat, self.intra, self.stats, "buffers")
-                streaming.wait_work(work, self.timeout, f"the intra-group buffer average of {describe}")
+                streaming.wait_work(work, self.timeout, f"the intra-group buffer average of {describe}",
+                                    self._traits(self.intra, flat.device))
                 flat.div_(dist.get_world_size(self.intra))
             torch._foreach_copy_(ts, [v.view_as(t) for v, t in zip(flat.split([t.numel() for t in ts]), ts)])
 
@@ -1375,7 +1434,8 @@ class LocalSGD(SyncStrategy):
                     torch._foreach_copy_(lay.own_views(seg, self.shard_rank), plan.slow)
                     full = torch.empty(lay.numel, dtype=plan.stage_dtype, device=plan.device)
                     work = _comm.all_gather(full, seg, self.shard_group, self.stats, "slow_weights", async_op=True)
-                    streaming.wait_work(work, self.timeout, "the slow-weight gather of use_slow_weights()")
+                    streaming.wait_work(work, self.timeout, "the slow-weight gather of use_slow_weights()",
+                                        self._traits(self.shard_group, plan.device))
                     fast += plan.fast_chunks
                     slow += lay.chunk_views(full)
         return fast, slow

@@ -66,10 +66,19 @@ Note [Overlap on each backend]
   compute stream keeps running inner steps. ``work.wait()`` makes the current stream wait on the
   collective's end event (it does not block the host), so the kernels of the apply step are ordered
   after the transfer. The buffers in flight are referenced by the :class:`InFlight` record until
-  the wait, so the caching allocator cannot reuse them early.
+  the wait, so the caching allocator cannot reuse them early. With ``timeout=`` the apply step
+  first polls ``work.is_completed()`` on the host until the deadline (``wait(timeout)`` is never
+  called on NCCL: it blocks the host and aborts the communicators on expiry), so a timeout costs
+  the host the wait for the transfer at the apply step, bounded by the deadline.
+- Fragments travel on a process group of their own (``fragment_sync_delay > 0``, made at
+  construction, Note [Collective group creation] in :mod:`lookahead_dist._backend`): a user's
+  all-reduce of the loss during the tau steps does not queue behind a fragment on the same NCCL
+  stream, nor an FSDP/HSDP collective on a shared group.
 - Quantised (``comm_dtype="int8"/"int4"``): :func:`lookahead_dist._quant.quantized_all_reduce_async`
-  quantises on the caller's stream, then runs its all-to-all, fp32 sum and all-gather on a worker
-  thread (and, on CUDA, a side stream ordered by events), on a process group of its own.
+  quantises on the caller's stream, then runs its all-to-all, fp32 sum and all-gather on that
+  group: on gloo from a worker thread; on NCCL enqueued from the caller's thread on a side stream
+  ordered by events (no thread issues NCCL collectives), with ``timeout`` a host poll of the event
+  recorded after the last stage. The backend decides through :mod:`lookahead_dist._backend`.
 
 Note [What the tau steps keep]
 ------------------------------
@@ -89,6 +98,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+from .. import _backend
 
 __all__ = [
     "InFlight",
@@ -231,27 +242,28 @@ def _seconds(timeout: Any) -> float | None:
     return float(timeout)
 
 
-def wait_work(work: Any, timeout: Any, describe: str) -> Any:
+def wait_work(work: Any, timeout: Any, describe: str, traits: Any = None) -> Any:
     """``work.wait`` within ``timeout`` (seconds or timedelta; None: the process group's own);
-    a timeout or a failed peer becomes an error naming the sync (``describe``)."""
+    a timeout or a failed peer becomes an error naming the sync (``describe``).
+
+    ``traits`` (a :class:`lookahead_dist._backend.BackendTraits`, default host-blocking) says how
+    the deadline is enforced: ``wait(timeout)`` on gloo, a host poll of ``is_completed()`` on
+    stream-ordered backends (NCCL), where ``wait(timeout)`` would block the host and abort the
+    communicators on expiry. Errors are told apart by type (``TimeoutError``) and by the deadline's
+    clock, never by the words of a message (Note [Timeouts] in local_sgd.py)."""
     if work is None:
         return None
     secs = _seconds(timeout)
     try:
-        if secs is None:
-            return work.wait()
-        if hasattr(work, "_future"):  # a quantised reduce (lookahead_dist._quant): seconds
-            return work.wait(secs)
-        return work.wait(datetime.timedelta(seconds=secs))
+        return _backend.wait_within(work, secs, traits if traits is not None else _backend.HOST_BLOCKING)
+    except TimeoutError as exc:
+        raise TimeoutError(
+            f"Lookahead local SGD: {describe} did not complete within timeout={secs} s; a peer is hung, "
+            "died or skipped this sync (a rank that calls step() fewer times than the others never "
+            f"joins it). Original error: {exc}"
+        ) from exc
     except Exception as exc:
-        text = str(exc)
-        if isinstance(exc, TimeoutError) or "timed out" in text.lower() or "timeout" in text.lower():
-            raise TimeoutError(
-                f"Lookahead local SGD: {describe} did not complete within timeout={secs} s; a peer is hung, "
-                "died or skipped this sync (a rank that calls step() fewer times than the others never "
-                f"joins it). Original error: {text}"
-            ) from exc
-        raise RuntimeError(f"Lookahead local SGD: {describe} failed: {text}") from exc
+        raise RuntimeError(f"Lookahead local SGD: {describe} failed: {exc}") from exc
 
 
 # -- choosing F and tau ---------------------------------------------------------------------------
