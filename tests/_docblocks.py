@@ -262,6 +262,10 @@ DECISIONS: dict[tuple[str, str], dict] = {
              after=["# train_nodes.py -- run on each node: torchrun --nnodes 2 --nproc-per-node 8 --rdzv-endpoint HOST:29500 train_nodes.py"]),
     ("docs/deepspeed.md", "python -m benchmarks.deepspeed_nodes --rates 1gbit,100mbit --reps 3 --steps 34 --write"):
         dict(kind=ARGV, why="needs root (network namespaces) and minutes: " + _LONG),
+    ("docs/deepspeed.md", "# z3_padding.py -- run with: DS_ACCELERATOR=cpu torchrun --nproc-per-node 2 z3_padding.py"):
+        dict(kind=RANKS),
+    ("docs/deepspeed.md", "rank 1 param of 21: partition 11, padding [3.76525534247764e-39]"):
+        dict(kind=TEXT, why="output of the z3_padding.py block above (uninitialised memory: differs per run)"),
     ("docs/deepspeed.md", '# saved with engine.save_checkpoint("ckpt", tag="step100") on 4 ranks'):
         dict(kind=ARGV, why="needs a 4-rank ZeRO checkpoint; tests/distributed/test_deepspeed_universal.py converts one"),
     ("docs/deepspeed.md", "import lookahead_dist.deepspeed as la_ds"):
