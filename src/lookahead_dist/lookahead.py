@@ -358,6 +358,12 @@ class Lookahead(Optimizer):
         param_group.setdefault(ALPHA_KEY, self.defaults[ALPHA_KEY])
         self._strategy.align(param_group["params"])  # local SGD: same starting weights everywhere
 
+    def close(self) -> None:
+        """Release what the sync strategy holds beyond the step: local SGD's forward hook on a DDP
+        module (Note [DDP still all-reducing] in ``sync/_replicas.py``). Call it when the optimizer is done with, e.g. before
+        building another optimizer over the same model; stepping after ``close()`` is undefined."""
+        self._strategy.close()
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)
 

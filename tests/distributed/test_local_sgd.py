@@ -238,6 +238,10 @@ def _guards(rank: int) -> dict:
                 out[mode] = [str(w.message) for w in caught if "no_sync" in str(w.message)]
             except RuntimeError as e:
                 out[mode] = f"RuntimeError: {e}"
+        if mode == "warn":  # close() removes the watch: DDP outside no_sync is then not looked at
+            hooks = len(ddp._forward_pre_hooks)
+            opt.close()
+            out["close_removed_hooks"] = hooks - len(ddp._forward_pre_hooks)
     # init="check" with different weights: a ValueError on every rank (no hang).
     try:
         Lookahead(sgd(make_model(rank).parameters()), local_sgd=LocalSGDOptions(init="check"))
@@ -341,6 +345,7 @@ def test_guards(two_ranks):
     for res in two_ranks:
         g = res["guards"]
         assert len(g["warn"]) == 1 and "all-reduced gradients" in g["warn"][0]
+        assert g["close_removed_hooks"] == 1, g["close_removed_hooks"]  # Lookahead.close() drops the DDP watch
         assert g["raise"].startswith("RuntimeError") and "no_sync" in g["raise"]
         assert g["no_sync"] == []
         assert "ranks [1] start from other weights than rank 0" in g["check"]

@@ -6,6 +6,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from ..sync.options import COMM_DTYPES as _COMM_DTYPE_TABLE
 from .model import ModelConfig
 
 __all__ = ["BASELINE_MODES", "COMM_DTYPES", "MODES", "OPTIMIZERS", "RunConfig", "STREAMING_MODES"]
@@ -16,7 +17,8 @@ OPTIMIZERS = ("adamw", "lookahead")
 MODES = ("ddp", "zero2", "fsdp2", "local-sgd", "post-local-sgd", "accelerate-local-sgd", "torchft-diloco")
 #: Baselines from other libraries (plain AdamW, periodic averaging every k steps; benchmarks only).
 BASELINE_MODES = ("post-local-sgd", "accelerate-local-sgd", "torchft-diloco")
-COMM_DTYPES = ("fp32", "bf16", "fp16", "int8", "int4")
+#: ``comm_dtype`` names: those of the one table in :mod:`lookahead_dist.sync.options`.
+COMM_DTYPES = tuple(_COMM_DTYPE_TABLE)
 #: Modes with a fragment schedule (``num_fragments``, ``fragment_sync_delay``, ``fragment_update_alpha``).
 STREAMING_MODES = ("local-sgd", "torchft-diloco")
 

@@ -35,7 +35,7 @@ saved)``
 ``close()``               remove hooks
 ========================  ==========================================================================
 
-Each strategy owns its per-parameter keys (``state_keys``, all prefixed ``lookahead_``) and its
+Each strategy owns its per-parameter keys (all prefixed ``lookahead_``, named in ``_keys.py``) and its
 statistics (``stats``); ``lookahead.py`` holds no strategy-specific key and no strategy branch.
 """
 
@@ -98,8 +98,6 @@ class SyncStrategy:
     Subclasses override what differs; see Note [The strategy interface] in this module.
     """
 
-    #: Per-parameter state keys this strategy owns besides :data:`SLOW_KEY`.
-    state_keys: tuple[str, ...] = ()
     #: Whether the sync communicates (local SGD): ``Lookahead.local_sgd`` returns the strategy then.
     communicates: bool = False
     #: Communication statistics (a :class:`~lookahead_dist._comm.CommStats`), or None.
@@ -155,7 +153,7 @@ class SyncStrategy:
 
     def restore_entry(self, p: torch.Tensor, saved: dict[str, Any], dtype: torch.dtype,
                       name: str) -> dict[str, Any]:
-        """Live state from a saved entry: :data:`SLOW_KEY` and ``state_keys`` (others are ignored).
+        """Live state from a saved entry: :data:`SLOW_KEY` here; a subclass adds its own keys (others are ignored).
 
         ``name`` identifies the parameter in errors (``"param_groups[0].params[3]"``).
         """

@@ -25,7 +25,7 @@ At the k-th step of a unit, on every live replica group:
    :math:`\sum_i w_i(\theta_i - \phi) / \sum_i w_i`, whatever the number of participants or
    healers; no other collective is needed.
 3. ``m.should_commit()``, before any slow weight changes. On ``True`` the outer step of
-   Note [The outer step] in :mod:`~lookahead_dist.sync.local_sgd` (alpha, ``outer_momentum``,
+   Note [The outer step] in :mod:`~lookahead_dist.sync._outer` (alpha, ``outer_momentum``,
    ``nesterov``) with :math:`d = \phi - \text{mean}`, then :math:`\theta \leftarrow \phi` and the
    host's pullback/reset. On ``False`` (a peer died in the all-reduce, too few replicas, any
    error the manager saw) the k-step window is discarded: :math:`\theta \leftarrow \phi`, slow
@@ -68,45 +68,22 @@ import torch
 
 from .. import _sync
 from .._comm import CommStats
-from .._keys import SLOW_KEY
+from .._keys import OUTER_MOMENTUM_KEY, SLOW_KEY
 from .._sync import local_tensor
+from ._outer import outer_step_
 from .base import SyncHost, SyncStrategy
+from .options import check_manager_options
 
 if TYPE_CHECKING:
-    from .local_sgd import LocalSGDOptions
+    from .options import LocalSGDOptions
 
 __all__ = ["STATE_DICT_KEY", "FTStats", "FaultTolerantLocalSGD", "check_options"]
 
 #: Key under which a Lookahead registers its state with the manager.
 STATE_DICT_KEY = "lookahead"
-_MANAGER_METHODS = ("start_quorum", "allreduce", "should_commit", "register_state_dict_fn")
 
-
-def check_options(o: LocalSGDOptions) -> None:
-    """The checks ``LocalSGDOptions(manager=...)`` adds (called from its ``__post_init__``)."""
-    missing = [name for name in _MANAGER_METHODS if not callable(getattr(o.manager, name, None))]
-    if missing:
-        raise TypeError(f"LocalSGDOptions `manager` must be a torchft.Manager, got {type(o.manager).__name__} "
-                        f"(no {', '.join(missing)})")
-    for name in ("process_group", "intra_group"):
-        if getattr(o, name) is not None:
-            raise ValueError(f"LocalSGDOptions `{name}` cannot be combined with `manager`: the torchft "
-                             f"Manager's process group connects the replica groups; drop `{name}`")
-    if o.sharded:
-        raise ValueError("LocalSGDOptions `sharded=True` is not supported with a torchft `manager`: its gloo "
-                         "process group has no reduce-scatter, and a lost replica group would take its chunk "
-                         "of the slow weights with it; use sharded=False")
-    if o.comm_dtype not in (None, torch.float32):
-        raise ValueError(f"LocalSGDOptions `comm_dtype={o.comm_dtype}` is not supported with a torchft `manager`; "
-                         "use comm_dtype=None")
-    # Streaming and the other blocking-mode extras are not implemented on the managed path.
-    for name, default in (("num_fragments", 1), ("fragments", None), ("fragment_sync_delay", 0),
-                          ("fragment_update_alpha", 0.0), ("outer_optimizer", None), ("timeout", None)):
-        value = getattr(o, name, default)
-        if value != default if default is not None else value is not None:
-            hint = ("set the timeouts on the Manager and its ProcessGroupGloo instead" if name == "timeout"
-                    else "use the blocking managed sync (leave it at its default)")
-            raise ValueError(f"LocalSGDOptions `{name}={value!r}` is not supported with a torchft `manager`; {hint}")
+#: The checks ``LocalSGDOptions(manager=...)`` runs (they live with the options).
+check_options = check_manager_options
 
 
 @dataclass
@@ -154,14 +131,14 @@ class FaultTolerantLocalSGD(SyncStrategy):
     _unpicklable = ("manager", "options", "_host")
 
     def __init__(self, options: LocalSGDOptions) -> None:
-        check_options(options)
+        if options.manager is None:  # LocalSGDOptions(manager=...) checked everything else already
+            check_manager_options(options)
         self.options = options
         self.manager = options.manager
         self.beta = options.outer_momentum
         self.nesterov = options.nesterov
         self.stats = CommStats()
         self.ft = FTStats()
-        self.state_keys = (_outer_key(),) if self.beta > 0 else ()
         self._host: SyncHost | None = None
         self._healed_now = False
         # ids of the units (first tensors) whose current window predates a heal: weight 0 at their next sync
@@ -172,7 +149,7 @@ class FaultTolerantLocalSGD(SyncStrategy):
         slow = local_tensor(p).detach().to(dtype=dtype, copy=True)
         entry = {SLOW_KEY: slow}
         if self.beta > 0:  # allocated now: a state-dict template made before the first sync has it
-            entry[_outer_key()] = torch.zeros_like(slow)
+            entry[OUTER_MOMENTUM_KEY] = torch.zeros_like(slow)
         return entry
 
     def expected_shape(self, p: torch.Tensor) -> torch.Size:
@@ -181,7 +158,7 @@ class FaultTolerantLocalSGD(SyncStrategy):
     def restore_entry(self, p: torch.Tensor, saved: dict[str, Any], dtype: torch.dtype,
                       name: str) -> dict[str, Any]:
         out = super().restore_entry(p, saved, dtype, name)
-        key = _outer_key()
+        key = OUTER_MOMENTUM_KEY
         if self.beta > 0 and key in saved:
             out[key] = self._restore_tensor(p, saved[key], dtype, name, key)
         return out
@@ -284,7 +261,7 @@ class FaultTolerantLocalSGD(SyncStrategy):
             if pk.param_idx:
                 s = [slow[i] for i in pk.param_idx]
                 mom = [_momentum(entries[i], slow[i]) for i in pk.param_idx] if self.beta > 0 else []
-                _outer_step_(s, mom, pk.param_views, alpha, self.beta, self.nesterov)
+                outer_step_(s, mom, pk.param_views, alpha, self.beta, self.nesterov)
             if pk.buffers:
                 _sync.copy_(pk.buffers, [v.view_as(b) for v, b in zip(pk.buffer_views, pk.buffers)])
         _sync.copy_(fast, slow)
@@ -325,34 +302,11 @@ class FaultTolerantLocalSGD(SyncStrategy):
         return packs
 
 
-def _outer_key() -> str:
-    from .local_sgd import OUTER_MOMENTUM_KEY
-
-    return OUTER_MOMENTUM_KEY
-
-
 def _momentum(entry: dict[str, Any], slow: torch.Tensor) -> torch.Tensor:
-    key = _outer_key()
+    key = OUTER_MOMENTUM_KEY
     if key not in entry:
         entry[key] = torch.zeros_like(slow)
     return local_tensor(entry[key])
-
-
-def _outer_step_(slow: list[torch.Tensor], mom: list[torch.Tensor], d: list[torch.Tensor], alpha: float,
-                 beta: float, nesterov: bool) -> None:
-    """Note [The outer step] of local_sgd.py on flat views; ``d`` may be overwritten."""
-    s = [t.view(-1) for t in slow]
-    if beta == 0.0:
-        torch._foreach_add_(s, d, alpha=-alpha)
-        return
-    u = [t.view(-1) for t in mom]
-    torch._foreach_mul_(u, beta)
-    torch._foreach_add_(u, d)
-    if nesterov:
-        torch._foreach_add_(d, u, alpha=beta)
-        torch._foreach_add_(s, d, alpha=-alpha)
-    else:
-        torch._foreach_add_(s, u, alpha=-alpha)
 
 
 def _participants(manager: Any) -> int:

@@ -5,31 +5,13 @@ plain module, or DDP inside ``no_sync()``). Every k-th step the fast weights are
 process group and the slow weights take an outer step towards the average; then every rank
 restarts from the slow weights. See ``docs/local-sgd.md`` for when this pays off.
 
-Note [The outer step]
----------------------
-With N ranks holding fast weights :math:`\theta^{(i)}` after k inner steps from the shared slow
-weights :math:`\phi`, the sync computes the *pseudo-gradient* (the average progress, negated)
-
-.. math::
-    d = \phi - \frac{1}{N}\sum_i \theta^{(i)}
-
-and an outer SGD step with learning rate :math:`\alpha` and momentum :math:`\beta` (state
-:math:`u`, zero at first):
-
-.. math::
-    \begin{aligned}
-        u &\leftarrow \beta u + d \\
-        \phi &\leftarrow \phi - \alpha\,(d + \beta u) \quad &\text{(nesterov=True)} \\
-        \phi &\leftarrow \phi - \alpha\,u \quad &\text{(nesterov=False)} \\
-        \theta^{(i)} &\leftarrow \phi \quad &\text{(every rank)}
-    \end{aligned}
-
-:math:`\beta = 0` (the default) is Lookahead's own step, :math:`\phi \leftarrow \phi +
-\alpha(\bar\theta - \phi)`; with :math:`\alpha = 1` as well it is periodic model averaging
-(local SGD). :math:`\beta > 0` is SlowMo's slow momentum (without its division by the inner LR:
-fold that into :math:`\alpha`), and ``nesterov=True`` is the DiLoCo outer optimizer (typically
-:math:`\alpha = 0.7, \beta = 0.9`). Both are exactly ``torch.optim.SGD(lr=alpha, momentum=beta,
-nesterov=...)`` applied to :math:`\phi` with gradient :math:`d`.
+This module is the strategy itself: per-parameter state, the schedule, checkpoints in flight, and
+the launch/reduce/apply of one bucket. Its parts live one concern per file: the options and their
+checks in ``options.py``, the plans in ``_plan.py``, the three wire modes (flat, sharded,
+hierarchical: Note [What goes on the wire]) as objects in ``_wire.py``, the outer step and the
+user's outer optimizer in ``_outer.py`` (Note [The outer step], Note [Outer optimizer]), the
+replicas' alignment, buffers and DDP watch in ``_replicas.py`` (Note [Same starting weights], Note
+[Buffers], Note [DDP still all-reducing]); the state keys are in ``lookahead_dist._keys``.
 
 Note [What goes on the wire]
 ----------------------------
@@ -54,34 +36,6 @@ Note [What goes on the wire]
   replicate dimension's group as ``process_group`` and no ``intra_group``; each rank then
   averages its own local shard.
 
-Note [Same starting weights]
-----------------------------
-Ranks that start from different weights average into a meaningless point at the first sync.
-``init="broadcast"`` (default) copies the first rank's parameters and buffers to the others at
-construction (over ``process_group``, then ``intra_group``), before the first forward pass,
-as DDP does; ``init="check"`` compares fingerprints instead and raises ``ValueError`` naming
-the ranks that differ; ``init="none"`` trusts the caller. Either way the parameter shapes are
-checked first, so a mismatch is an error rather than a hang. Parameters added later with
-``add_param_group`` are aligned when added. Resuming *mid-cycle* (fast weights legitimately
-differ per rank): build the optimizer first, then load each rank's model and optimizer state,
-or pass ``init="none"``.
-
-Note [Buffers]
---------------
-The optimizer sees parameters only, so buffers are declared: ``module=model`` (its buffers are
-re-read at each sync, so ``model.to(...)`` is fine) or ``buffers=[...]``. Floating-point buffers
-(BatchNorm running statistics) are averaged at the sync of the first param group; integer
-buffers (``num_batches_tracked``) advance identically on every rank and are left alone. They are
-plain averages: no outer step, no slow copy.
-
-Note [DDP still all-reducing]
------------------------------
-A DDP module whose forward runs outside ``no_sync()`` all-reduces gradients every step, so the
-mode would save nothing. When ``module`` is such a DDP (over ranks of ``process_group``; DDP
-inside an ``intra_group`` is the hierarchical set-up and is fine), a forward pre-hook counts the
-forwards that will synchronise, and the next sync emits a ``UserWarning`` (``on_ddp_sync="warn"``,
-once) or raises ``RuntimeError`` (``"raise"``). Cheaper still: train the plain module.
-
 Note [Quantised sync]
 ---------------------
 ``comm_dtype="int8"`` / ``"int4"`` sends the progress in blockwise absmax-quantised form
@@ -105,25 +59,6 @@ plain sharded mode (which reduce-scatters weights) refuses it, like bf16. The re
 process group of its own (the same ranks, made at construction: Note [Collective group creation]
 in _backend.py), also when ``fragment_sync_delay=0``; on gloo from a worker thread, on NCCL
 enqueued from the caller's thread (Note [Asynchronous quantised all-reduce] in _quant.py).
-
-Note [Outer optimizer]
-----------------------
-``outer_optimizer=lambda ps: torch.optim.SGD(ps, lr=0.7, momentum=0.9, nesterov=True)`` is called
-once, at construction, with one param-group dict per Lookahead param group. Its parameters are
-*proxies*: empty tensors that, at each outer step, alias this rank's slow weights
-(``proxy.data = slow``; a chunk when sharded) and get the averaged pseudo-gradient
-``d = phi - mean theta`` as ``.grad``; the step updates the slow weights in place. So the
-optimizer exists before the first step (build an LR scheduler on ``opt.local_sgd.outer_optimizer``
-right away), survives ``load_state_dict`` (which replaces the slow tensors), and its state is keyed
-by objects that never change. Its per-parameter state is mirrored into the Lookahead state under
-``lookahead_outer_state_<key>`` (same tensor objects), with ``lookahead_outer_steps`` counting its
-steps, so checkpoints and DCP carry it with the slow weights; template slots are allocated with the
-slow weights, shaped as a twin optimizer on a 2-element probe reveals them (state of another shape
-appears after the first outer step). The learning rate and other hyperparameters live in its
-``param_groups``: checkpoint the LR scheduler as usual. Each bucket steps once per sync of its
-fragment; tensors of other fragments have ``grad=None`` and are skipped. ``alpha`` is then unused by
-the outer step (it still drives ``pullback="pullback"``). The built-in step (Note [The outer step])
-equals ``SGD(lr=alpha, momentum=outer_momentum, nesterov=nesterov)`` here (tested).
 
 Note [Checkpoints in flight]
 ----------------------------
@@ -174,27 +109,38 @@ to keep at most two stage buffers, reads one per bucket.
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import math
 import operator
-import warnings
 from collections import deque
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from .. import _backend, _comm, _sync
-from .._comm import CommStats, ShardLayout, flat_view
-from .._keys import K_KEY, SLOW_KEY, STEP_KEY
+from .._comm import CommStats, flat_view
+from .._keys import (
+    EF_OWNER_KEY,
+    EF_RESIDUAL_KEY,
+    INFLIGHT_DUE_KEY,
+    INFLIGHT_KEY,
+    K_KEY,
+    OUTER_MOMENTUM_KEY,
+    OUTER_STATE_PREFIX,
+    OUTER_STEPS_KEY,
+    SLOW_KEY,
+    STEP_KEY,
+)
 from .._sync import local_tensor
 from . import streaming
+from ._outer import OuterOptimizerProxy, outer_step_
+from ._plan import UNDECIDED, Launched, Plan, PlanBuilder, Reduced, Unit, cut
+from ._replicas import ReplicaSync, ranks_in
+from ._wire import FlatWire, HierarchicalWire, ShardedWire, Wire
 from .base import SyncHost, SyncStrategy
-
-if TYPE_CHECKING:
-    from torch.distributed.device_mesh import DeviceMesh
+from .ft import FaultTolerantLocalSGD
+from .options import DDPPolicy, InitMode, LocalSGDOptions, is_ddp  # noqa: F401 - DDPPolicy, InitMode: old home
 
 __all__ = [
     "EF_OWNER_KEY",
@@ -208,222 +154,6 @@ __all__ = [
     "LocalSGDOptions",
     "make_local_sgd",
 ]
-
-#: Per-parameter state key of the outer momentum (shaped like the slow weight; only when
-#: ``outer_momentum > 0``).
-OUTER_MOMENTUM_KEY = "lookahead_outer_momentum"
-#: Per-parameter state (``fragment_sync_delay > 0``): the averaged pseudo-gradient of a fragment
-#: whose collective was in flight at ``state_dict()``, shaped like the slow weight; applied at its
-#: due step after a resume (Note [Checkpoints in flight]).
-INFLIGHT_KEY = "lookahead_inflight"
-#: Per-parameter int: counted steps until ``INFLIGHT_KEY`` is applied; 0 = nothing in flight.
-INFLIGHT_DUE_KEY = "lookahead_inflight_due"
-#: Per-parameter fp32 error-feedback residual of the values this rank sends (int8/int4 with
-#: ``error_feedback=True``), shaped like the slow weight.
-EF_RESIDUAL_KEY = "lookahead_ef_residual"
-#: Per-parameter fp32 error-feedback residual of the reduced chunk this rank owns (1-D, about 1/N
-#: of the slow weight).
-EF_OWNER_KEY = "lookahead_ef_owner"
-#: Prefix of the per-parameter mirror of a user outer optimizer's state (``outer_optimizer=``):
-#: its key ``momentum_buffer`` is kept as ``lookahead_outer_state_momentum_buffer``.
-OUTER_STATE_PREFIX = "lookahead_outer_state_"
-#: Per-parameter int: outer-optimizer steps taken for this tensor (0: its mirror holds placeholders).
-OUTER_STEPS_KEY = "lookahead_outer_steps"
-
-InitMode = Literal["broadcast", "check", "none"]
-DDPPolicy = Literal["warn", "raise"]
-_COMM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_QUANT_BITS = {"int8": 8, "int4": 4}
-
-
-@dataclass
-class LocalSGDOptions:
-    """Settings of the local-SGD mode; every field is checked at construction.
-
-    Args:
-        process_group: the ranks whose fast weights are averaged (default: the world).
-        outer_momentum: beta in [0, 1) of Note [The outer step]; 0 = Lookahead (default).
-        nesterov: Nesterov outer momentum (DiLoCo); needs ``outer_momentum > 0``.
-        sharded: keep 1/N of the slow weights and outer momenta per rank (Note [What goes on the wire]).
-        comm_dtype: dtype of the pseudo-gradient on the wire (``torch.bfloat16``/``float16``), or
-            ``"int8"``/``"int4"``: blockwise absmax-quantised, summed in fp32 (Note [Quantised sync]);
-            None sends the slow weights' dtype. Not with ``sharded=True`` unless ``intra_group`` is set.
-        module: the trained module (or its DDP wrapper): its buffers are averaged at each sync,
-            and a DDP wrapper is watched for per-step gradient all-reduces.
-        buffers: explicit buffers to average instead of ``module``'s.
-        intra_group: hierarchical mode: this rank's group of identical replicas (DDP inside).
-        init: ``"broadcast"`` | ``"check"`` | ``"none"``: Note [Same starting weights].
-        on_ddp_sync: ``"warn"`` | ``"raise"``: Note [DDP still all-reducing].
-        bucket_cap_mb: largest flat communication bucket, in MiB (a larger tensor gets its own).
-        num_fragments: F, the step unit is split into F fragments synced at staggered steps, each
-            moving 1/F of the model; ``k % F == 0`` (Note [Fragments], Note [Streaming schedule]).
-        fragment_sync_delay: tau, counted steps between a fragment's launch and its application
-            (0: blocking); ``tau < k / F``. torchtitan/torchft name it alike.
-        fragment_update_alpha: a in [0, 1]: at the apply step the fragment's fast weights become
-            ``a * theta_local + (1 - a) * phi_new`` (Note [What the tau steps keep]).
-        fragments: explicit fragments, a list (one per fragment) of lists of module FQN prefixes;
-            needs ``module``. Overrides the equal-bytes split; ``num_fragments`` is its length.
-        outer_optimizer: a callable ``params -> torch.optim.Optimizer`` (``params``: one param-group
-            dict per Lookahead param group) stepped on the (sharded) slow weights with the averaged
-            pseudo-gradient as ``.grad``; replaces the built-in outer step (``alpha``,
-            ``outer_momentum``, ``nesterov``). Reach it as ``opt.local_sgd.outer_optimizer``.
-        quant_block_size: elements per fp32 scale with ``comm_dtype="int8"/"int4"`` (even, default 512).
-        error_feedback: with ``comm_dtype="int8"/"int4"``, keep each rank's quantisation error and
-            add it to the next send (per parameter, checkpointed); default True.
-        timeout: seconds (or a ``datetime.timedelta``) a sync waits for its collectives before
-            raising ``TimeoutError`` naming the sync, the step and the group; None: the process
-            group's own timeout.
-        manager: a ``torchft.Manager``: the sync goes through it and survives lost replica groups
-            (:mod:`lookahead_dist.sync.ft`, ``docs/fault-tolerance.md``; extra ``[ft]``).
-    """
-
-    process_group: dist.ProcessGroup | None = None
-    outer_momentum: float = 0.0
-    nesterov: bool = False
-    sharded: bool = False
-    comm_dtype: torch.dtype | None = None
-    module: torch.nn.Module | None = None
-    buffers: Iterable[torch.Tensor] | None = None
-    intra_group: dist.ProcessGroup | None = None
-    init: InitMode = "broadcast"
-    on_ddp_sync: DDPPolicy = "warn"
-    bucket_cap_mb: float = 25.0
-    num_fragments: int = 1
-    fragment_sync_delay: int = 0
-    fragment_update_alpha: float = 0.0
-    fragments: list[list[str]] | None = None
-    outer_optimizer: Callable[[list[dict[str, Any]]], torch.optim.Optimizer] | None = None
-    quant_block_size: int = 512
-    error_feedback: bool = True
-    timeout: float | datetime.timedelta | None = None
-    manager: Any = None
-    _buffers: list[torch.Tensor] | None = field(default=None, init=False, repr=False)
-
-    def __post_init__(self) -> None:
-        beta = self.outer_momentum
-        if isinstance(beta, bool) or not isinstance(beta, (int, float)):
-            raise TypeError(f"LocalSGDOptions `outer_momentum` must be a float in [0, 1), got {beta!r}")
-        if math.isnan(beta) or not 0.0 <= beta < 1.0:
-            raise ValueError(f"LocalSGDOptions `outer_momentum` must be in [0, 1), got {beta}")
-        self.outer_momentum = float(beta)
-        if not isinstance(self.nesterov, bool):
-            raise TypeError(f"LocalSGDOptions `nesterov` must be a bool, got {self.nesterov!r}")
-        if self.nesterov and self.outer_momentum == 0.0:
-            raise ValueError("LocalSGDOptions `nesterov=True` needs `outer_momentum` > 0, got 0.0")
-        if not isinstance(self.sharded, bool):
-            raise TypeError(f"LocalSGDOptions `sharded` must be a bool, got {self.sharded!r}")
-        if self.comm_dtype is not None and self.comm_dtype not in _COMM_DTYPES and not (
-                isinstance(self.comm_dtype, str) and self.comm_dtype in _QUANT_BITS):
-            raise ValueError(
-                f"LocalSGDOptions `comm_dtype` must be None, one of {_COMM_DTYPES} or 'int8'/'int4', got "
-                f"{self.comm_dtype!r}")
-        if self.sharded and self.intra_group is None and self.comm_dtype not in (None, torch.float32):
-            raise ValueError(
-                f"LocalSGDOptions `comm_dtype={self.comm_dtype}` needs the full slow weights on each rank to "
-                "send progress; with `sharded=True` the fast weights themselves are reduce-scattered. Use "
-                "sharded=False, or an intra_group (hierarchical sharding sends progress)"
-            )
-        self._check_streaming()
-        if self.init not in ("broadcast", "check", "none"):
-            raise ValueError(f"LocalSGDOptions `init` must be 'broadcast', 'check' or 'none', got {self.init!r}")
-        if self.on_ddp_sync not in ("warn", "raise"):
-            raise ValueError(f"LocalSGDOptions `on_ddp_sync` must be 'warn' or 'raise', got {self.on_ddp_sync!r}")
-        cap = self.bucket_cap_mb
-        if isinstance(cap, bool) or not isinstance(cap, (int, float)) or not cap > 0 or math.isinf(cap):
-            raise ValueError(f"LocalSGDOptions `bucket_cap_mb` must be a finite number > 0, got {cap!r}")
-        if self.module is not None and not isinstance(self.module, torch.nn.Module):
-            raise TypeError(f"LocalSGDOptions `module` must be a torch.nn.Module, got {type(self.module).__name__}")
-        if self.buffers is not None:
-            bufs = list(self.buffers)
-            bad = [type(b).__name__ for b in bufs if not isinstance(b, torch.Tensor)]
-            if bad:
-                raise TypeError(f"LocalSGDOptions `buffers` must hold tensors, got {bad[:3]}")
-            # An iterator (module.buffers()) would be spent after one read: keep the list.
-            self.buffers = self._buffers = bufs
-        if self.manager is not None:
-            from .ft import check_options
-
-            check_options(self)
-        for name in ("process_group", "intra_group"):
-            pg = getattr(self, name)
-            if pg is not None and not isinstance(pg, dist.ProcessGroup):
-                raise TypeError(f"LocalSGDOptions `{name}` must be a torch.distributed.ProcessGroup or None, "
-                                f"got {type(pg).__name__}")
-
-    def _check_streaming(self) -> None:
-        """Checks of the streaming, quantisation, outer-optimizer and timeout fields."""
-        for name in ("num_fragments", "fragment_sync_delay", "quant_block_size"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int):
-                raise TypeError(f"LocalSGDOptions `{name}` must be an int, got {v!r}")
-        if self.num_fragments < 1:
-            raise ValueError(f"LocalSGDOptions `num_fragments` must be >= 1, got {self.num_fragments}")
-        if self.fragment_sync_delay < 0:
-            raise ValueError(f"LocalSGDOptions `fragment_sync_delay` must be >= 0, got {self.fragment_sync_delay}")
-        a = self.fragment_update_alpha
-        if isinstance(a, bool) or not isinstance(a, (int, float)) or math.isnan(a) or not 0.0 <= a <= 1.0:
-            raise ValueError(f"LocalSGDOptions `fragment_update_alpha` must be a float in [0, 1], got {a!r}")
-        self.fragment_update_alpha = float(a)
-        if self.fragments is not None:
-            fr = self.fragments
-            if (isinstance(fr, (str, bytes)) or not isinstance(fr, (list, tuple)) or not fr
-                    or any(isinstance(g, (str, bytes)) or not isinstance(g, (list, tuple)) or not g
-                           or not all(isinstance(x, str) and x for x in g) for g in fr)):
-                raise TypeError(
-                    "LocalSGDOptions `fragments` must be a non-empty list of non-empty lists of module FQN "
-                    f"prefixes (str), one list per fragment, e.g. [['layers.0', 'layers.1'], ['layers.2']]; got {fr!r}")
-            if self.module is None:
-                raise ValueError("LocalSGDOptions `fragments` names module parameters: pass `module=` too")
-            if self.num_fragments not in (1, len(fr)):
-                raise ValueError(f"LocalSGDOptions `num_fragments={self.num_fragments}` disagrees with the "
-                                 f"{len(fr)} lists in `fragments`; drop num_fragments")
-            self.fragments = [list(g) for g in fr]
-            self.num_fragments = len(fr)
-        if self.outer_optimizer is not None:
-            if not callable(self.outer_optimizer) or isinstance(self.outer_optimizer, torch.optim.Optimizer):
-                raise TypeError(
-                    "LocalSGDOptions `outer_optimizer` must be a callable params -> torch.optim.Optimizer, e.g. "
-                    "lambda ps: torch.optim.SGD(ps, lr=0.7, momentum=0.9, nesterov=True); got "
-                    f"{type(self.outer_optimizer).__name__}")
-            if self.outer_momentum or self.nesterov:
-                raise ValueError(
-                    "LocalSGDOptions `outer_optimizer` replaces the built-in outer step; drop `outer_momentum`/"
-                    f"`nesterov` (got outer_momentum={self.outer_momentum}, nesterov={self.nesterov}) and give "
-                    "them to the outer optimizer")
-        if self.quant_block_size < 2 or self.quant_block_size % 2:
-            raise ValueError(f"LocalSGDOptions `quant_block_size` must be an even number >= 2, got "
-                             f"{self.quant_block_size}")
-        if not isinstance(self.error_feedback, bool):
-            raise TypeError(f"LocalSGDOptions `error_feedback` must be a bool, got {self.error_feedback!r}")
-        t = self.timeout
-        if t is not None:
-            secs = t.total_seconds() if isinstance(t, datetime.timedelta) else t
-            if isinstance(secs, bool) or not isinstance(secs, (int, float)) or not secs > 0 or math.isinf(secs):
-                raise ValueError(f"LocalSGDOptions `timeout` must be None, a number of seconds > 0 or a "
-                                 f"datetime.timedelta, got {t!r}")
-
-    @property
-    def quant_bits(self) -> int | None:
-        """8 or 4 with ``comm_dtype="int8"/"int4"``, else None."""
-        return _QUANT_BITS.get(self.comm_dtype) if isinstance(self.comm_dtype, str) else None
-
-    @classmethod
-    def from_mesh(cls, mesh: DeviceMesh, across: str | int = 0, within: str | int | None = None,
-                  **kwargs: Any) -> LocalSGDOptions:
-        """Options for a 2-D mesh: local SGD across dimension ``across``; ``within`` is the
-        dimension of identical replicas (DDP inside a node), or None for FSDP2/HSDP inside."""
-        if mesh.ndim not in (1, 2):
-            raise ValueError(f"LocalSGDOptions.from_mesh needs a 1-D or 2-D DeviceMesh, got {mesh.ndim}-D")
-        intra = None if within is None else mesh.get_group(within)
-        return cls(process_group=mesh.get_group(across), intra_group=intra, **kwargs)
-
-    def buffer_list(self) -> list[torch.Tensor]:
-        if self._buffers is not None:
-            return self._buffers
-        if self.module is None:
-            return []
-        module = getattr(self.module, "module", self.module) if _is_ddp(self.module) else self.module
-        return list(module.buffers())
 
 
 def make_local_sgd(local_sgd: bool | LocalSGDOptions, process_group: Any = None) -> LocalSGD:
@@ -440,146 +170,11 @@ def make_local_sgd(local_sgd: bool | LocalSGDOptions, process_group: Any = None)
     else:
         raise TypeError(f"Lookahead `local_sgd` must be a bool or LocalSGDOptions, got {local_sgd!r}")
     if options.manager is not None:
-        from .ft import FaultTolerantLocalSGD
-
         return FaultTolerantLocalSGD(options)  # type: ignore[return-value]
     return LocalSGD(options)
 
 
-def _is_ddp(module: Any) -> bool:
-    from torch.nn.parallel import DistributedDataParallel
-
-    return isinstance(module, DistributedDataParallel)
-
-
-def _ranks(group: dist.ProcessGroup | None) -> list[int]:
-    return dist.get_process_group_ranks(group if group is not None else dist.group.WORLD)
-
-
-@dataclass
-class _Plan:
-    """One flat communication bucket of a step unit; built once, reused at every sync."""
-
-    layout: ShardLayout
-    fast: list[torch.Tensor]         # flat views of the local fast tensors
-    fast_chunks: list[torch.Tensor]  # [chunk r of fast i for r, i] (== fast when unsharded)
-    fast_own: list[torch.Tensor]     # this rank's chunk of each fast tensor
-    slow: list[torch.Tensor]         # flat views of the owned slow weights
-    mom: list[torch.Tensor]          # flat views of the owned outer momenta (empty when beta = 0)
-    stage_dtype: torch.dtype         # the slow weights' dtype: the update arithmetic's
-    fast_dtype: torch.dtype
-    device: torch.device
-    params: list[torch.Tensor] = field(default_factory=list)  # the bucket's parameters, in order
-    slow_t: list[torch.Tensor] = field(default_factory=list)  # the slow weights themselves
-    names: list[str] = field(default_factory=list)            # "param_groups[g][i]", for messages
-    quant: _Layout | None = None     # int8/int4: the send tensors over the reduce group (Note [Quantised sync])
-    # Per entry, where a tensor split over fragments (Note [Fragments] in streaming.py) has one entry
-    # per chunk part of its piece: the range of the per-parameter state shaped like the slow weight
-    # (None: all of it), and of ``lookahead_ef_owner``.
-    sl: list[slice | None] = field(default_factory=list)
-    osl: list[slice | None] = field(default_factory=list)
-    report: list[torch.Tensor] = field(default_factory=list)  # handed to host.on_synced once this bucket is applied
-
-
-@dataclass
-class _Unit:
-    """A step unit split into fragments, each a list of buckets; built once per parameter set."""
-
-    params: list[torch.Tensor]
-    n: int
-    index: int                       # the param group's index (-1: a subset, from sync_now)
-    fragments: list[list[_Plan]]
-    frag_params: list[list[torch.Tensor]]
-
-
-@dataclass
-class _Launched:
-    """One bucket's collective in flight (see ``LocalSGD._launch``)."""
-
-    plan: _Plan
-    work: Any
-    buf: torch.Tensor                # receives the reduced values (the stage dtype)
-    wire: torch.Tensor               # what the collective works on (buf, or a cast of it)
-    extra: Any                       # flat: per-tensor stage views; sharded: the full stage; hier: own views
-    qstage: torch.Tensor | None = None   # int8/int4: the fp32 buffer of the quantised reduce
-    owner_res: torch.Tensor | None = None
-    group: Any = None                # the process group of ``work`` (its backend traits decide the wait)
-
-
-_UNDECIDED: Any = object()
-
-
-@dataclass
-class _Reduced:
-    """One bucket's reduced result: the averaged pseudo-gradient ``d`` (aligned with plan.slow).
-
-    Whether it holds NaN/inf (``bad``) is decided for all the buckets of a fragment at once, with
-    one host read (``LocalSGD._decide``): ``probe`` is what the probe reduces, ``locate`` the
-    per-tensor views that name the culprit on a hit (None: index 0)."""
-
-    plan: _Plan
-    d: list[torch.Tensor]
-    bad: Any = _UNDECIDED            # index of a non-finite tensor (flat) / 0 (sharded), or None
-    seg: torch.Tensor | None = None  # buffers the sharded gather may reuse
-    full: torch.Tensor | None = None
-    probe: list[torch.Tensor] = field(default_factory=list)
-    locate: list[torch.Tensor] | None = None
-
-
-class _Layout(ShardLayout):
-    """A :class:`ShardLayout` whose chunk sizes are given per tensor (``chunks[i][r]``), and whose
-    segments may be padded to a multiple of ``multiple`` elements.
-
-    Whole tensors get ``chunk_sizes(numel, n)`` (then it is the plain layout); the part of a piece
-    that lies in chunk r of a tensor split over fragments gets ``[0, .., len, .., 0]`` (Note
-    [Fragments] in streaming.py). With ``multiple`` = the quantisation block, the quantised reduce,
-    which splits its flat buffer into N equal chunks of whole blocks, hands rank r exactly segment
-    r, i.e. its chunk of every tensor, so the residual of the chunk a rank owns is a per-parameter
-    tensor (chunk r of each), like a sharded slow weight.
-    """
-
-    def __init__(self, chunks: list[list[int]], n: int, multiple: int = 1) -> None:
-        self.m = len(chunks)
-        self.n = n
-        self.chunks = chunks
-        seg = max((sum(c[r] for c in chunks) for r in range(n)), default=0)
-        if multiple > 1:
-            seg = -(-max(seg, 1) // multiple) * multiple
-        self.segment = seg
-        self.pads = [seg - sum(c[r] for c in chunks) for r in range(n)]
-        self.numel = n * seg
-        self.split_sizes = [s for r in range(n) for s in ([c[r] for c in chunks] + [self.pads[r]])]
-        self.segment_sizes = [c[0] for c in chunks]
-
-    def split_each(self, views: list[torch.Tensor]) -> list[torch.Tensor]:
-        """``[chunk r of views[i] for r for i]``: the order of :meth:`chunk_views`."""
-        parts = [v.split(c) for v, c in zip(views, self.chunks)]
-        return [c[r] for r in range(self.n) for c in parts]
-
-
-def _offsets(numel: int, n: int) -> list[tuple[int, int]]:
-    """``(offset, size)`` of the chunks of ``tensor_split(n)`` of ``numel`` elements."""
-    out, o = [], 0
-    for c in _comm.chunk_sizes(numel, n):
-        out.append((o, c))
-        o += c
-    return out
-
-
-def _cut(t: torch.Tensor, sl: slice | None) -> torch.Tensor:
-    """The flat view of per-parameter state ``t``, or its range ``sl`` (a piece's part)."""
-    v = flat_view(t)
-    return v if sl is None else v[sl]
-
-
-def _shaped_like(d: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """The 1-D memory-order values ``d`` as a tensor shaped and strided like ``s`` (no copy)."""
-    if s.is_contiguous():
-        return d.view(s.shape)
-    return torch.as_strided(d, s.shape, s.stride(), d.storage_offset())
-
-
-class LocalSGD(SyncStrategy):
+class LocalSGD(ReplicaSync, PlanBuilder, OuterOptimizerProxy, SyncStrategy):
     """The communication and outer step of one Lookahead in local-SGD mode (see module notes).
 
     Built by ``Lookahead(..., local_sgd=True | LocalSGDOptions(...))``; reach it as
@@ -596,7 +191,7 @@ class LocalSGD(SyncStrategy):
         self.group_size = dist.get_world_size(self.group)
         self.intra = o.intra_group
         if self.intra is not None:
-            shared = set(_ranks(self.group)) & set(_ranks(self.intra))
+            shared = set(ranks_in(self.group)) & set(ranks_in(self.intra))
             if shared != {dist.get_rank()}:
                 raise ValueError(
                     "LocalSGDOptions `intra_group` and `process_group` must meet in this rank only "
@@ -604,12 +199,12 @@ class LocalSGD(SyncStrategy):
                 )
         self.sharded = o.sharded
         if o.sharded:
-            self.mode = "hier_sharded" if self.intra is not None else "sharded"
+            self.wire: Wire = HierarchicalWire(self) if self.intra is not None else ShardedWire(self)
             self.shard_group = self.intra if self.intra is not None else self.group
             self.shard_size = dist.get_world_size(self.shard_group)
             self.shard_rank = dist.get_rank(self.shard_group)
         else:
-            self.mode = "flat"
+            self.wire = FlatWire(self)
             self.shard_group, self.shard_size, self.shard_rank = None, 1, 0
         self.beta = o.outer_momentum
         self.nesterov = o.nesterov
@@ -619,13 +214,13 @@ class LocalSGD(SyncStrategy):
         self.merge_alpha = o.fragment_update_alpha
         self.timeout = o.timeout
         self.stats = CommStats()
-        self._units: dict[torch.Tensor, _Unit] = {}
+        self._units: dict[torch.Tensor, Unit] = {}
         self._inflight: dict[torch.Tensor, streaming.InFlight] = {}
         self._buffers_aligned = False
         self._ddp_syncs = 0
         self._ddp_warned = False
         self._ddp_handle = None
-        if o.module is not None and _is_ddp(o.module):
+        if o.module is not None and is_ddp(o.module):
             self._watch_ddp(o.module)
         # Sync traffic that overlaps the caller (fragments in flight, the quantised reduce) gets a
         # process group of its own, made collectively at construction (Note [Collective group
@@ -635,7 +230,7 @@ class LocalSGD(SyncStrategy):
         self._frag_group = self.group
         if self.quant_bits is not None or self.delay > 0:
             own = _backend.dedicated_group(self.group)
-            if _ranks(own) == _ranks(self.group):  # the same rank order: chunk r goes to the same rank
+            if ranks_in(own) == ranks_in(self.group):  # the same rank order: chunk r goes to the same rank
                 self._frag_group = own
             if self.quant_bits is not None:
                 self._qgroup = own
@@ -646,16 +241,6 @@ class LocalSGD(SyncStrategy):
         self._proxies: dict[torch.Tensor, torch.Tensor] = {}
         self._outer_opt: torch.optim.Optimizer | None = None
         self._outer_spec: dict[str, Any] | None = None
-        keys: list[str] = []
-        if self.beta > 0:
-            keys.append(OUTER_MOMENTUM_KEY)
-        if self.delay > 0:
-            keys += [INFLIGHT_KEY, INFLIGHT_DUE_KEY]
-        if self._ef:
-            keys += [EF_RESIDUAL_KEY, EF_OWNER_KEY]
-        if o.outer_optimizer is not None:
-            keys.append(OUTER_STEPS_KEY)
-        self.state_keys = tuple(keys)
 
     communicates = True
     # Pickling drops these (SyncStrategy.__getstate__): the groups, the DDP hook, the options that
@@ -664,17 +249,16 @@ class LocalSGD(SyncStrategy):
     _unpicklable = ("group", "intra", "shard_group", "_qgroup", "_frag_group", "_ddp_handle", "options", "_units",
                     "_inflight")
 
-    def close(self) -> None:
-        """Remove the forward pre-hook that watches a DDP module (``module=`` a DDP)."""
-        if self._ddp_handle is not None:
-            self._ddp_handle.remove()
-            self._ddp_handle = None
-
     def reset_cache(self) -> None:
         # Work in flight belongs to the state being replaced (load_state_dict): its collectives
         # finish on their own; a fragment due after a resume comes back from per-parameter state.
         self._units = {}
         self._inflight = {}
+
+    @property
+    def mode(self) -> str:
+        """The wire mode's name: ``"flat"``, ``"sharded"`` or ``"hier_sharded"`` (``self.wire``)."""
+        return self.wire.name
 
     @property
     def outer_optimizer(self) -> torch.optim.Optimizer | None:
@@ -692,72 +276,6 @@ class LocalSGD(SyncStrategy):
     def pending(self) -> bool:
         """True while a launched collective has not completed (non-blocking check, for tests)."""
         return any(r.pending() for r in self._inflight.values())
-
-    # -- construction: same starting point on every rank ---------------------------------------
-    @torch.no_grad()
-    def align(self, params: Iterable[torch.Tensor]) -> None:
-        """Make (or check) ``params`` -- and, the first time, the buffers -- equal on every rank."""
-        params = list(params)
-        tensors = [local_tensor(p).detach() for p in params]
-        if not self._buffers_aligned:
-            tensors += [b.detach() for b in self.options.buffer_list()]
-            self._buffers_aligned = True
-        for group in [self.group] + ([self.intra] if self.intra is not None else []):
-            self._check_shapes(tensors, group)
-            if self.options.init == "broadcast":
-                self._broadcast(tensors, group)
-            elif self.options.init == "check":
-                self._check_equal(tensors, group)
-        if self.options.outer_optimizer is not None:
-            self._add_outer_group(params)
-
-    def _device(self, tensors: list[torch.Tensor]) -> torch.device:
-        return tensors[0].device if tensors else torch.device("cpu")
-
-    def _check_shapes(self, tensors: list[torch.Tensor], group: dist.ProcessGroup | None) -> None:
-        # Mismatched shapes would make the collectives below hang or garble; fail clearly instead.
-        code = sum((i + 1) * t.numel() for i, t in enumerate(tensors)) % (2**61)
-        row = torch.tensor([len(tensors), sum(t.numel() for t in tensors), code], dtype=torch.int64,
-                           device=self._device(tensors))
-        rows, bad = self._ranks_unlike_first(row, group)
-        if bad:
-            raise ValueError(
-                f"local SGD: ranks {_ranks_of(group, bad)} hold parameters (or buffers) of other shapes than "
-                f"rank {_ranks_of(group, [0])[0]} (count, total numel per rank: "
-                f"{[tuple(r[:2].tolist()) for r in rows]}); every rank must build the same model"
-            )
-
-    def _ranks_unlike_first(self, row: torch.Tensor, group: dist.ProcessGroup | None) -> tuple[torch.Tensor, list[int]]:
-        """Every rank's ``row`` (gathered over ``group``) and the group ranks whose row differs from rank 0's."""
-        rows = _comm.all_gather_rows(row, group, self.stats, "init")
-        return rows, [r for r in range(rows.shape[0]) if not torch.equal(rows[r], rows[0])]
-
-    def _packed(self, tensors: list[torch.Tensor]) -> list[tuple[list[torch.Tensor], torch.Tensor]]:
-        out = []
-        by_key = _comm.split_by_key(tensors, lambda t: (t.device, t.dtype))
-        for ts in by_key.values():
-            flat = torch.cat([t.reshape(-1) for t in ts])
-            out.append((ts, flat))
-        return out
-
-    def _broadcast(self, tensors: list[torch.Tensor], group: dist.ProcessGroup | None) -> None:
-        for ts, flat in self._packed(tensors):
-            _comm.broadcast(flat, group, self.stats, "init")
-            torch._foreach_copy_(ts, [v.view_as(t) for v, t in zip(flat.split([t.numel() for t in ts]), ts)])
-
-    def _check_equal(self, tensors: list[torch.Tensor], group: dist.ProcessGroup | None) -> None:
-        sums = []
-        for _, flat in self._packed(tensors):
-            x = flat.double()
-            w = torch.linspace(-1.0, 1.0, x.numel(), dtype=torch.float64, device=x.device)
-            sums += [x.sum(), (x * w).sum(), (x * x).sum()]
-        row = torch.stack(sums) if sums else torch.zeros(1, dtype=torch.float64, device=self._device(tensors))
-        _, bad = self._ranks_unlike_first(row, group)
-        if bad:
-            raise ValueError(
-                f"local SGD (init='check'): ranks {_ranks_of(group, bad)} start from other weights than rank "
-                f"{_ranks_of(group, [0])[0]}; seed the model identically or use init='broadcast'"
-            )
 
     # -- per-parameter state -------------------------------------------------------------------
     def new_entry(self, p: torch.Tensor, dtype: torch.dtype) -> dict[str, Any]:
@@ -828,7 +346,7 @@ class LocalSGD(SyncStrategy):
         return out
 
     # -- fragments and buckets -----------------------------------------------------------------
-    def _unit(self, host: SyncHost, params: list[torch.Tensor]) -> _Unit:
+    def _unit(self, host: SyncHost, params: list[torch.Tensor]) -> Unit:
         unit = self._units.get(params[0])
         if unit is not None and unit.n == len(params):
             if unit.params is params:
@@ -858,116 +376,12 @@ class LocalSGD(SyncStrategy):
                                         for i, a, b in fr])
                      for fr in pieces]
         frag_params = [list({id(params[i]): params[i] for i, _, _ in fr}.values()) for fr in pieces]
-        unit = _Unit(params, len(params), index, fragments, frag_params)
+        unit = Unit(params, len(params), index, fragments, frag_params)
         self._units[params[0]] = unit
         if self.delay > 0 and params[0] not in self._inflight:
             self._resume_inflight(host, unit)
         return unit
 
-    def _param_names(self) -> dict[int, str]:
-        module = self.options.module
-        if _is_ddp(module):
-            module = module.module
-        return {id(p): name for name, p in module.named_parameters()}
-
-    def _build_plans(self, host: SyncHost, pieces: list[tuple[torch.Tensor, int, int]],
-                     names: list[str]) -> list[_Plan]:
-        """The buckets of one fragment: ``pieces`` are ``(param, a, b)``, flat element ranges (whole
-        tensors: ``(p, 0, numel)``), Note [Fragments] in streaming.py."""
-        if not pieces:
-            return []
-        n, r = self.shard_size, self.shard_rank
-        params = [pc[0] for pc in pieces]
-        fast = [local_tensor(p) for p in params]
-        entries = [host.state_entry(p) for p in params]
-        slow = [e[SLOW_KEY] for e in entries]
-        for f, s in zip(fast, slow):
-            want = _comm.chunk_sizes(f.numel(), n)[r] if self.sharded else f.numel()
-            if s.numel() != want:
-                raise ValueError(
-                    f"local SGD: a slow weight has {s.numel()} elements where this mode expects {want} "
-                    f"(parameter shape {tuple(f.shape)}, shard {r} of {n}); was the checkpoint saved with "
-                    "another world size or sharding? Sharded slow weights do not reshard"
-                )
-        mom: list[torch.Tensor | None] = [None] * len(params)
-        if self.beta > 0:
-            for i, e in enumerate(entries):
-                if OUTER_MOMENTUM_KEY not in e:
-                    e[OUTER_MOMENTUM_KEY] = torch.zeros_like(slow[i])
-                mom[i] = e[OUTER_MOMENTUM_KEY]
-        keys = [(f.device, f.dtype, s.dtype) for f, s in zip(fast, slow)]
-        nbytes = [(b - a) * s.element_size() for (_, a, b), s in zip(pieces, slow)]
-        plans = []
-        for idx in _comm.plan_buckets(keys, nbytes, self.cap_bytes):
-            plan = _Plan(layout=None, fast=[], fast_chunks=[], fast_own=[], slow=[], mom=[],  # type: ignore[arg-type]
-                         stage_dtype=slow[idx[0]].dtype, fast_dtype=fast[idx[0]].dtype, device=fast[idx[0]].device)
-            chunks: list[list[int]] = []
-            qchunks: list[list[int]] = []
-            per_rank: list[list[torch.Tensor]] = [[] for _ in range(n)]
-            for i in idx:
-                p, a, b = pieces[i]
-                fv, sv = flat_view(fast[i]), flat_view(slow[i])
-                mv = flat_view(mom[i]) if self.beta > 0 else None
-                if a == 0:
-                    plan.report.append(p)  # once per cycle: with the fragment of its first element
-                if (a, b) == (0, fv.numel()):  # a whole tensor: the plain layout
-                    parts = fv.tensor_split(n)
-                    chunks.append(_comm.chunk_sizes(fv.numel(), n))
-                    qchunks.append(_comm.chunk_sizes(sv.numel(), self.quant_size))
-                    leaves = [(fv, parts, sv, mv, None, None)]
-                else:
-                    leaves = []
-                    for lo, hi, rr, u, v, q, ou, ov in self._leaves(fv.numel(), a, b):
-                        own = rr is None or rr == r
-                        sl = slice(u, v) if own else slice(0, 0)
-                        piece = fv[lo:hi]
-                        parts = tuple(piece if rr is None or k == rr else piece[:0] for k in range(n))
-                        ch = [0] * n
-                        ch[0 if rr is None else rr] = hi - lo
-                        chunks.append(ch)
-                        qc = [0] * self.quant_size
-                        if q is not None and own:
-                            qc[q] = v - u
-                        qchunks.append(qc)
-                        osl = slice(ou, ov) if q is not None and own and q == self.quant_rank else slice(0, 0)
-                        leaves.append((piece, parts, sv[sl], mv[sl] if mv is not None else None, sl, osl))
-                for piece, parts, s_view, m_view, sl, osl in leaves:
-                    plan.fast.append(piece)
-                    for k in range(n):
-                        per_rank[k].append(parts[k])
-                    plan.fast_own.append(parts[r])
-                    plan.slow.append(s_view)
-                    if m_view is not None:
-                        plan.mom.append(m_view)
-                    plan.params.append(p)
-                    plan.slow_t.append(slow[i])
-                    plan.names.append(names[i])
-                    plan.sl.append(sl)
-                    plan.osl.append(osl)
-            plan.fast_chunks = [t for k in range(n) for t in per_rank[k]]
-            plan.layout = _Layout(chunks, n)
-            if self.quant_bits is not None:
-                plan.quant = _Layout(qchunks, self.quant_size, self.options.quant_block_size)
-            plans.append(plan)
-        return plans
-
-    def _leaves(self, m: int, a: int, b: int) -> list[tuple[int, int, int | None, int, int, int | None, int, int]]:
-        """The parts of piece ``[a, b)`` of a tensor of ``m`` elements, one per chunk of the mode
-        (Note [Fragments] in streaming.py): ``(lo, hi)`` in the tensor's flat elements, its shard
-        rank (None: unsharded), ``(u, v)`` in the slow weight's flat elements (the owned chunk when
-        sharded), its owner in the quantised reduce (None: not quantised) and ``(ou, ov)`` in that
-        owner's ``lookahead_ef_owner``. Empty parts are left out (the same on every rank)."""
-        out = []
-        quant = self.quant_bits is not None
-        for rr, (o, c) in enumerate(_offsets(m, self.shard_size)):
-            subs = _offsets(c, self.quant_size) if quant else [(0, c)]
-            for q, (e, d) in enumerate(subs):
-                lo, hi = a * d // m, b * d // m
-                if hi > lo:
-                    out.append((o + e + lo, o + e + hi, rr if self.sharded else None,
-                                (e + lo) if self.sharded else (o + e + lo), (e + hi) if self.sharded else (o + e + hi),
-                                q if quant else None, lo, hi))
-        return out
 
     # -- the schedule (Note [Streaming schedule] in streaming.py) ------------------------------
     @torch.no_grad()
@@ -1001,16 +415,16 @@ class LocalSGD(SyncStrategy):
         self._sync_now(host, unit, range(len(unit.fragments)), alpha,
                        self._describe(host, unit, None, None, None))
 
-    def _describe(self, host: SyncHost, unit: _Unit, f: int | None, n: int | None, k: int | None) -> str:
+    def _describe(self, host: SyncHost, unit: Unit, f: int | None, n: int | None, k: int | None) -> str:
         what = (f"the sync of param group {unit.index}" if f is None else
                 f"the sync of fragment {f} of {self.num_fragments} of param group {unit.index}")
         step = getattr(host, "step_calls", None)
         when = f" at step() call {step}" if step is not None else ""
         if n is not None:
             when += f" (count {n} of k={k})"
-        return f"{what}{when}, on the process group of ranks {_ranks(self.group)}"
+        return f"{what}{when}, on the process group of ranks {ranks_in(self.group)}"
 
-    def _sync_now(self, host: SyncHost, unit: _Unit, fragments: Iterable[int], alpha: float, describe: str) -> None:
+    def _sync_now(self, host: SyncHost, unit: Unit, fragments: Iterable[int], alpha: float, describe: str) -> None:
         """Blocking: launch, wait and apply the buckets of ``fragments`` (two buckets in flight)."""
         for f in fragments:
             self._fragment_start(host, unit, f, describe)
@@ -1025,7 +439,7 @@ class LocalSGD(SyncStrategy):
                 self._apply(host, self._reduce(host, inflight.popleft(), describe), alpha, describe, ok, bad)
             self._after(host, unit, ok, bad, alpha, describe)
 
-    def _fragment_start(self, host: SyncHost, unit: _Unit, f: int, describe: str) -> None:
+    def _fragment_start(self, host: SyncHost, unit: Unit, f: int, describe: str) -> None:
         """Once per cycle, with fragment 0: the DDP check and the (blocking) buffer average."""
         if f != 0:
             return
@@ -1034,13 +448,13 @@ class LocalSGD(SyncStrategy):
         if groups and unit.params is groups[0]["params"]:
             self._average_buffers(describe)
 
-    def _launch_fragment(self, host: SyncHost, unit: _Unit, f: int, describe: str) -> streaming.InFlight:
+    def _launch_fragment(self, host: SyncHost, unit: Unit, f: int, describe: str) -> streaming.InFlight:
         self._fragment_start(host, unit, f, describe)
         launched = [self._launch(host, plan, describe) for plan in unit.fragments[f]]
         return streaming.InFlight(fragment=f, due_in=self.delay, launched=launched, describe=describe,
                                   works=[item.work for item in launched])
 
-    def _complete(self, host: SyncHost, unit: _Unit, rec: streaming.InFlight, alpha: float) -> None:
+    def _complete(self, host: SyncHost, unit: Unit, rec: streaming.InFlight, alpha: float) -> None:
         """Wait for a fragment launched ``tau`` steps ago and apply it."""
         if rec.reduced is None:
             rec.reduced = [self._reduce(host, item, rec.describe) for item in rec.launched]
@@ -1054,7 +468,7 @@ class LocalSGD(SyncStrategy):
                     host.state_entry(p)[INFLIGHT_DUE_KEY] = 0
         self._after(host, unit, ok, bad, alpha, rec.describe)
 
-    def _after(self, host: SyncHost, unit: _Unit, ok: list[torch.Tensor], bad: list, alpha: float,
+    def _after(self, host: SyncHost, unit: Unit, ok: list[torch.Tensor], bad: list, alpha: float,
                describe: str) -> None:
         if not bad:
             if ok:
@@ -1063,10 +477,7 @@ class LocalSGD(SyncStrategy):
         # Note [Non-finite syncs in local SGD]: the whole unit restarts from its slow weights.
         for plans in unit.fragments:
             for plan in plans:
-                if self.mode == "flat":
-                    torch._foreach_copy_(plan.fast, plan.slow)
-                else:
-                    self._gather(plan, None, None, describe, merge=False)
+                self.wire.reset(plan, describe)
         host.on_nonfinite(unit.params, bad[0][1])
 
     # -- checkpoints in flight -----------------------------------------------------------------
@@ -1083,13 +494,13 @@ class LocalSGD(SyncStrategy):
                 for i, p in enumerate(red.plan.params):
                     entry = host.state_entry(p)
                     if not rec.parked:
-                        _cut(entry[INFLIGHT_KEY], red.plan.sl[i]).copy_(red.d[i])
+                        cut(entry[INFLIGHT_KEY], red.plan.sl[i]).copy_(red.d[i])
                         if red.bad is not None:
-                            _cut(entry[INFLIGHT_KEY], red.plan.sl[i]).fill_(math.nan)
+                            cut(entry[INFLIGHT_KEY], red.plan.sl[i]).fill_(math.nan)
                     entry[INFLIGHT_DUE_KEY] = rec.due_in
             rec.parked = True
 
-    def _resume_inflight(self, host: SyncHost, unit: _Unit) -> None:
+    def _resume_inflight(self, host: SyncHost, unit: Unit) -> None:
         """Rebuild the fragment in flight at a checkpoint from per-parameter state (after a load)."""
         found: list[tuple[int, int]] = []
         for f, plans in enumerate(unit.fragments):
@@ -1114,13 +525,13 @@ class LocalSGD(SyncStrategy):
             f = self._launched_fragment(host, unit, due, found)
         reduced = []
         for plan in unit.fragments[f]:
-            d = [_cut(host.state_entry(p)[INFLIGHT_KEY], sl) for p, sl in zip(plan.params, plan.sl)]
-            reduced.append(_Reduced(plan, d, bad=_sync.first_nonfinite(d)))
+            d = [cut(host.state_entry(p)[INFLIGHT_KEY], sl) for p, sl in zip(plan.params, plan.sl)]
+            reduced.append(Reduced(plan, d, bad=_sync.first_nonfinite(d)))
         self._inflight[unit.params[0]] = streaming.InFlight(
             fragment=f, due_in=due, launched=[], reduced=reduced, parked=True,
             describe=self._describe(host, unit, f, None, None) + " (resumed from a checkpoint)")
 
-    def _launched_fragment(self, host: SyncHost, unit: _Unit, due: int, found: list[tuple[int, int]]) -> int:
+    def _launched_fragment(self, host: SyncHost, unit: Unit, due: int, found: list[tuple[int, int]]) -> int:
         """Which of the fragments ``found`` (all sharing tensors split over fragments) was in flight:
         the one launched ``tau - due`` counted steps before the unit's saved count."""
         group = host.param_groups[unit.index] if unit.index >= 0 else {}
@@ -1144,46 +555,11 @@ class LocalSGD(SyncStrategy):
         cd = self.options.comm_dtype
         return t if cd is None or isinstance(cd, str) or cd == t.dtype else t.to(cd)
 
-    def _launch(self, host: SyncHost, plan: _Plan, describe: str) -> _Launched:
-        lay, dt, dev = plan.layout, plan.stage_dtype, plan.device
-        if self.mode == "flat":
-            stage = torch.empty(lay.numel, dtype=dt, device=dev)
-            views = list(stage.split(lay.segment_sizes))
-            torch._foreach_copy_(views, plan.fast)
-            torch._foreach_sub_(views, plan.slow)  # progress theta_i - phi
-            if plan.quant is not None:
-                return self._launch_quant(host, plan, stage, views)
-            wire = self._wire(stage)
-            work = _comm.all_reduce(wire, self._frag_group, self.stats, "params")
-            return _Launched(plan, work, stage, wire, views, group=self._frag_group)
-        # Note [Non-finite syncs in local SGD]: 1 if every local fast weight is finite, else NaN; a
-        # device scalar (no host read), multiplied into the send buffer.
-        poison = _sync.finite_scale(plan.fast)
-        if self.mode == "sharded":
-            stage = torch.empty(lay.numel, dtype=dt, device=dev)
-            torch._foreach_copy_(lay.chunk_views(stage), plan.fast_chunks)
-            for pad in lay.pad_views(stage):
-                pad.zero_()
-            if poison is not None:
-                stage.mul_(poison)
-            seg = torch.empty(lay.segment, dtype=dt, device=dev)
-            work = _comm.reduce_scatter(seg, stage, self._frag_group, self.stats, "params")
-            return _Launched(plan, work, seg, seg, stage, group=self._frag_group)
-        # hier_sharded: identical replicas inside the group; this rank carries chunk r across groups.
-        seg = torch.zeros(lay.segment, dtype=dt, device=dev)
-        views = lay.own_views(seg, self.shard_rank)
-        torch._foreach_copy_(views, plan.fast_own)
-        torch._foreach_sub_(views, plan.slow)
-        if poison is not None:  # NaN * 0 = NaN: the pads too, so every block of a quantised send
-            seg.mul_(poison)
-        if plan.quant is not None:
-            return self._launch_quant(host, plan, seg, views, poison)
-        wire = self._wire(seg)
-        work = _comm.all_reduce(wire, self._frag_group, self.stats, "params")
-        return _Launched(plan, work, seg, wire, views, group=self._frag_group)
+    def _launch(self, host: SyncHost, plan: Plan, describe: str) -> Launched:
+        return self.wire.launch(host, plan)
 
-    def _launch_quant(self, host: SyncHost, plan: _Plan, buf: torch.Tensor, views: list[torch.Tensor],
-                      poison: torch.Tensor | None = None) -> _Launched:
+    def _launch_quant(self, host: SyncHost, plan: Plan, buf: torch.Tensor, views: list[torch.Tensor],
+                      poison: torch.Tensor | None = None) -> Launched:
         """Note [Quantised sync]: the progress ``views`` into the block layout, launch the quantised mean."""
         from .. import _quant
 
@@ -1196,47 +572,40 @@ class LocalSGD(SyncStrategy):
         if self._ef:
             entries = [host.state_entry(p) for p in plan.params]
             residual = torch.zeros(ql.numel, dtype=torch.float32, device=plan.device)
-            res_views = ql.split_each([_cut(e[EF_RESIDUAL_KEY], sl) for e, sl in zip(entries, plan.sl)])
+            res_views = ql.split_each([cut(e[EF_RESIDUAL_KEY], sl) for e, sl in zip(entries, plan.sl)])
             torch._foreach_copy_(ql.chunk_views(residual), res_views)
             owner = torch.zeros(ql.segment, dtype=torch.float32, device=plan.device)
             torch._foreach_copy_(ql.own_views(owner, self.quant_rank),
-                                 [_cut(e[EF_OWNER_KEY], sl) for e, sl in zip(entries, plan.osl)])
+                                 [cut(e[EF_OWNER_KEY], sl) for e, sl in zip(entries, plan.osl)])
         work = _quant.quantized_all_reduce_async(
             qstage, self._qgroup, bits=self.quant_bits, block_size=self.options.quant_block_size,
             average=True, residual=residual, owner_residual=owner, out=qstage, stats=self.stats, label="params")
         if residual is not None:  # updated at launch (the send is quantised on this thread)
             torch._foreach_copy_(res_views, ql.chunk_views(residual))
-        return _Launched(plan, work, buf, buf, views, qstage=qstage, owner_res=owner, group=self._qgroup)
+        return Launched(plan, work, buf, buf, views, qstage=qstage, owner_res=owner, group=self._qgroup)
 
-    def _reduce(self, host: SyncHost, item: _Launched, describe: str) -> _Reduced:
+    def _reduce(self, host: SyncHost, item: Launched, describe: str) -> Reduced:
         """Wait for one bucket's collective; the averaged pseudo-gradient ``d = phi - mean theta``."""
         plan, buf = item.plan, item.buf
         streaming.wait_work(item.work, self.timeout, describe, self._traits(item.group, plan.device))
         if item.qstage is not None:  # already the mean (of progress): back into the stage layout
             ql = plan.quant
-            torch._foreach_copy_(ql.split_each(item.extra), ql.chunk_views(item.qstage))
+            torch._foreach_copy_(ql.split_each(item.views), ql.chunk_views(item.qstage))
             if item.owner_res is not None:
-                torch._foreach_copy_([_cut(host.state_entry(p)[EF_OWNER_KEY], sl) for p, sl in zip(plan.params, plan.osl)],
+                torch._foreach_copy_([cut(host.state_entry(p)[EF_OWNER_KEY], sl) for p, sl in zip(plan.params, plan.osl)],
                                      ql.own_views(item.owner_res, self.quant_rank))
             buf.neg_()
         else:
             if item.wire is not buf:
                 buf.copy_(item.wire)
             buf.mul_(-1.0 / self.group_size)
-        if self.mode == "flat":  # buf is the views end to end: one probe of the whole buffer
-            return _Reduced(plan, item.extra, probe=[buf], locate=item.extra)
-        if self.mode == "sharded":
-            d = plan.layout.own_views(buf, self.shard_rank)
-            torch._foreach_add_(d, plan.slow)  # d = phi - mean_i theta_i, on the owned chunk
-            return _Reduced(plan, d, seg=buf, full=item.extra, probe=[buf])
-        check = item.extra if item.qstage is not None else [buf]  # the pads of a quantised seg are not reduced
-        return _Reduced(plan, item.extra, seg=buf, probe=check)
+        return self.wire.reduced(item, buf)
 
-    def _decide(self, reds: list[_Reduced]) -> None:
+    def _decide(self, reds: list[Reduced]) -> None:
         """Set ``bad`` of every undecided bucket: one host read when all are finite (Note [Host
         syncs] in lookahead.py: the apply's one read, the non-finite decision); a few more to name
         the culprits otherwise."""
-        todo = [r for r in reds if r.bad is _UNDECIDED]
+        todo = [r for r in reds if r.bad is UNDECIDED]
         if not todo:
             return
         hit = _sync.first_nonfinite_of([r.probe for r in todo])
@@ -1246,7 +615,7 @@ class LocalSGD(SyncStrategy):
             else:
                 r.bad = (_sync.first_nonfinite(r.locate) if r.locate is not None else None) or 0
 
-    def _apply(self, host: SyncHost, red: _Reduced, alpha: float, describe: str, ok: list, bad: list) -> None:
+    def _apply(self, host: SyncHost, red: Reduced, alpha: float, describe: str, ok: list, bad: list) -> None:
         """Outer step on the owned slow weights, then the merge into the fast weights (or, on NaN/inf,
         fast <- slow and no outer step)."""
         plan, d = red.plan, red.d
@@ -1257,20 +626,14 @@ class LocalSGD(SyncStrategy):
                     e = host.state_entry(p)
                     e[EF_RESIDUAL_KEY].zero_()
                     e[EF_OWNER_KEY].zero_()
-            if self.mode == "flat":
-                what = f"averaged pseudo-gradient of {plan.names[red.bad]}, shape {tuple(plan.params[red.bad].shape)}"
-            else:
-                what = f"averaged fast weights of {plan.names[0]}..{plan.names[-1]}: non-finite on some rank"
+            what = self.wire.nonfinite_what(plan, red)
             bad.append((plan.params, f"{what}; {describe}"))
             return
         if self.options.outer_optimizer is not None:
             self._outer_user(host, plan, d)
         else:
             self._outer(plan, d, alpha)
-        if self.mode == "flat":
-            self._merge(plan.fast, plan.slow)
-        else:
-            self._gather(plan, red.seg, red.full, describe)
+        self.wire.restore(plan, red, describe)
         ok += plan.report
 
     def _merge(self, fast: list[torch.Tensor], new: list[torch.Tensor], alpha_local: float | None = None) -> None:
@@ -1285,132 +648,9 @@ class LocalSGD(SyncStrategy):
             new = [t.to(fast[0].dtype) for t in new]
         torch._foreach_lerp_(fast, new, 1.0 - a)
 
-    def _outer(self, plan: _Plan, d: list[torch.Tensor], alpha: float) -> None:
+    def _outer(self, plan: Plan, d: list[torch.Tensor], alpha: float) -> None:
         """Note [The outer step], in place on the owned slow weights; ``d`` may be overwritten."""
-        if self.beta == 0.0:
-            torch._foreach_add_(plan.slow, d, alpha=-alpha)
-            return
-        torch._foreach_mul_(plan.mom, self.beta)
-        torch._foreach_add_(plan.mom, d)
-        if self.nesterov:
-            torch._foreach_add_(d, plan.mom, alpha=self.beta)
-            torch._foreach_add_(plan.slow, d, alpha=-alpha)
-        else:
-            torch._foreach_add_(plan.slow, plan.mom, alpha=-alpha)
-
-    def _gather(self, plan: _Plan, seg: torch.Tensor | None, full: torch.Tensor | None, describe: str,
-                merge: bool = True) -> None:
-        """fast <- slow on every rank of the shard group: all-gather the owned chunks, then merge."""
-        lay = plan.layout
-        if seg is None or seg.dtype != plan.fast_dtype:  # gather in the parameters' dtype
-            seg = torch.empty(lay.segment, dtype=plan.fast_dtype, device=plan.device)
-            full = None
-        if full is None or full.dtype != plan.fast_dtype:
-            full = torch.empty(lay.numel, dtype=plan.fast_dtype, device=plan.device)
-        own = lay.own_views(seg, self.shard_rank)
-        torch._foreach_copy_(own, plan.slow)
-        if lay.pads[self.shard_rank]:
-            seg[lay.segment - lay.pads[self.shard_rank]:].zero_()
-        work = _comm.all_gather(full, seg, self.shard_group, self.stats, "params", async_op=True)
-        streaming.wait_work(work, self.timeout, describe, self._traits(self.shard_group, plan.device))
-        self._merge(plan.fast_chunks, lay.chunk_views(full), None if merge else 0.0)
-
-    # -- outer_optimizer= (Note [Outer optimizer]) ---------------------------------------------
-    def _add_outer_group(self, params: list[torch.Tensor]) -> None:
-        proxies = []
-        for p in params:
-            if p not in self._proxies:
-                local = local_tensor(p)
-                self._proxies[p] = torch.empty(0, dtype=local.dtype, device=local.device)
-            proxies.append(self._proxies[p])
-        if self._outer_opt is None:
-            opt = self.options.outer_optimizer([{"params": proxies}])
-            if not isinstance(opt, torch.optim.Optimizer):
-                raise TypeError(f"LocalSGDOptions `outer_optimizer` must return a torch.optim.Optimizer, got "
-                                f"{type(opt).__name__}")
-            self._outer_opt = opt
-        else:
-            self._outer_opt.add_param_group({"params": proxies})
-
-    def _outer_placeholders(self, slow: torch.Tensor) -> dict[str, Any]:
-        """Template slots for the outer optimizer's state, shaped as a probe step reveals them."""
-        if self._outer_spec is None:
-            self._outer_spec = {}
-            try:  # a twin of the outer optimizer on a 2-element probe: which keys, which shapes
-                probe = torch.zeros(2)
-                opt = self._outer_opt
-                popt = type(opt)([probe], **opt.defaults)
-                probe.grad = torch.zeros(2)
-                popt.step()
-                for key, v in popt.state[probe].items():
-                    if isinstance(v, torch.Tensor) and v.shape == probe.shape:
-                        self._outer_spec[key] = "param"
-                    elif isinstance(v, torch.Tensor) and v.dim() == 0:
-                        self._outer_spec[key] = torch.zeros_like(v)
-            except Exception:  # noqa: BLE001 - an optimizer that cannot step on a CPU probe: no slots
-                self._outer_spec = {}
-        out: dict[str, Any] = {}
-        for key, kind in self._outer_spec.items():
-            out[OUTER_STATE_PREFIX + key] = torch.zeros_like(slow) if kind == "param" else kind.clone()
-        return out
-
-    def _restore_outer(self, p: torch.Tensor, saved: dict[str, Any], name: str) -> dict[str, Any]:
-        steps = int(saved.get(OUTER_STEPS_KEY, 0))
-        device = local_tensor(p).device
-        shape = self.expected_shape(p)
-        out: dict[str, Any] = {OUTER_STEPS_KEY: steps}
-        live: dict[str, Any] = {}
-        for key, v in saved.items():
-            if not (isinstance(key, str) and key.startswith(OUTER_STATE_PREFIX)):
-                continue
-            if isinstance(v, torch.Tensor):
-                if v.dim() > 0 and v.numel() != shape.numel():
-                    raise ValueError(
-                        f"Lookahead checkpoint: {name} `{key}` has shape {tuple(v.shape)} where the slow weight "
-                        f"has {tuple(shape)}; was it saved with another world size or sharding?")
-                v = v.to(device=device, copy=True).reshape(shape) if v.dim() > 0 else v.clone()
-            out[key] = v
-            live[key[len(OUTER_STATE_PREFIX):]] = v
-        proxy = self._proxies.get(p)
-        if steps > 0 and proxy is not None and self._outer_opt is not None:
-            self._outer_opt.state[proxy] = live
-        for key, v in self._outer_placeholders(torch.zeros(shape, device=device)).items():
-            out.setdefault(key, v)
-        return out
-
-    def _outer_user(self, host: SyncHost, plan: _Plan, d: list[torch.Tensor]) -> None:
-        """One step of the user's outer optimizer on the bucket's slow weights, gradient ``d``."""
-        opt = self._outer_opt
-        proxies = [self._proxies[p] for p in plan.params]
-        for px, s, g in zip(proxies, plan.slow_t, d):
-            px.data = s  # alias: the step updates the slow weight in place
-            px.grad = _shaped_like(g, s)
-        opt.step()
-        for px, p in zip(proxies, plan.params):
-            px.grad = None
-            entry = host.state_entry(p)
-            for key, v in opt.state.get(px, {}).items():
-                entry[OUTER_STATE_PREFIX + key] = v
-            entry[OUTER_STEPS_KEY] = entry.get(OUTER_STEPS_KEY, 0) + 1
-
-    # -- buffers -------------------------------------------------------------------------------
-    def _average_buffers(self, describe: str) -> None:
-        bufs = [b for b in self.options.buffer_list() if b.is_floating_point()]
-        if not bufs:
-            return
-        launched = []
-        for ts, flat in self._packed([b.detach() for b in bufs]):
-            launched.append((ts, flat, _comm.all_reduce(flat, self.group, self.stats, "buffers")))
-        for ts, flat, work in launched:
-            streaming.wait_work(work, self.timeout, f"the buffer average of {describe}",
-                                self._traits(self.group, flat.device))
-            flat.div_(self.group_size)
-            if self.intra is not None:  # mean of equal-sized group means = mean over all ranks
-                work = _comm.all_reduce(flat, self.intra, self.stats, "buffers")
-                streaming.wait_work(work, self.timeout, f"the intra-group buffer average of {describe}",
-                                    self._traits(self.intra, flat.device))
-                flat.div_(dist.get_world_size(self.intra))
-            torch._foreach_copy_(ts, [v.view_as(t) for v, t in zip(flat.split([t.numel() for t in ts]), ts)])
+        outer_step_(plan.slow, plan.mom, d, alpha, self.beta, self.nesterov)
 
     # -- evaluation on the slow weights --------------------------------------------------------
     @torch.no_grad()
@@ -1439,35 +679,3 @@ class LocalSGD(SyncStrategy):
                     fast += plan.fast_chunks
                     slow += lay.chunk_views(full)
         return fast, slow
-
-    # -- DDP that still all-reduces ------------------------------------------------------------
-    def _watch_ddp(self, ddp: torch.nn.Module) -> None:
-        ddp_ranks = set(_ranks(getattr(ddp, "process_group", None)))
-        if len(ddp_ranks & set(_ranks(self.group))) < 2:
-            return  # DDP inside an intra group only: the hierarchical set-up, expected to sync
-
-        def count_syncing_forward(module: torch.nn.Module, args: Any) -> None:
-            if torch.is_grad_enabled() and module.require_backward_grad_sync:
-                self._ddp_syncs += 1
-
-        self._ddp_handle = ddp.register_forward_pre_hook(count_syncing_forward)
-
-    def _check_ddp(self) -> None:
-        if not self._ddp_syncs:
-            return
-        n, self._ddp_syncs = self._ddp_syncs, 0
-        msg = (
-            f"Lookahead local SGD: the DistributedDataParallel module ran {n} forward pass(es) outside "
-            "no_sync() since the last sync, so it all-reduced gradients every step and local SGD saves "
-            "no communication. Run forward and backward inside `with model.no_sync():`, or train the "
-            "plain module (the optimizer aligns the starting weights itself)"
-        )
-        if self.options.on_ddp_sync == "raise":
-            raise RuntimeError(msg)
-        if not self._ddp_warned:
-            self._ddp_warned = True
-            warnings.warn(msg, UserWarning, stacklevel=6)
-
-
-def _ranks_of(group: dist.ProcessGroup | None, group_ranks: list[int]) -> list[int]:
-    return [dist.get_global_rank(group, r) if group is not None else r for r in group_ranks]

@@ -1,0 +1,176 @@
+"""The three wire modes of local SGD (Note [What goes on the wire] in local_sgd.py), one object each.
+
+A wire decides how one bucket (a :class:`~._plan.Plan`) travels: what is packed and which collective
+is launched (:meth:`launch`), what the waited-for result means (:meth:`reduced`), and how the fast
+weights are restored from the slow ones (:meth:`restore` after an outer step, :meth:`reset` after a
+non-finite sync). The strategy does the rest (the wait, the average, the outer step) alike for all.
+
+- :class:`FlatWire`: every rank holds the full slow weights and all-reduces its progress.
+- :class:`ShardedWire`: rank r owns chunk r of the slow weights; the fast weights are
+  reduce-scattered and the new slow chunks all-gathered.
+- :class:`HierarchicalWire`: sharded inside ``intra_group`` (identical replicas); chunk r's progress
+  is all-reduced across the groups, then all-gathered inside the group.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .. import _comm, _sync
+from . import streaming
+from ._plan import Launched, Plan, Reduced
+
+if TYPE_CHECKING:
+    from .base import SyncHost
+
+__all__ = ["FlatWire", "HierarchicalWire", "ShardedWire", "Wire"]
+
+
+class Wire:
+    """Base of the wire modes; ``strategy`` is the :class:`~.local_sgd.LocalSGD` it serves (its groups,
+    statistics, timeout, the wire-dtype cast, the quantised launch and the merge)."""
+
+    #: The mode's name (``LocalSGD.mode``).
+    name = ""
+
+    def __init__(self, strategy: Any) -> None:
+        self.s = strategy
+
+    def launch(self, host: SyncHost, plan: Plan) -> Launched:
+        """Pack the bucket and launch its collective (asynchronous)."""
+        raise NotImplementedError
+
+    def reduced(self, item: Launched, buf: torch.Tensor) -> Reduced:
+        """The bucket's result, ``buf`` holding the negated mean (of progress, or of fast weights)."""
+        raise NotImplementedError
+
+    def nonfinite_what(self, plan: Plan, red: Reduced) -> str:
+        """What held NaN/inf, for the message."""
+        return f"averaged fast weights of {plan.names[0]}..{plan.names[-1]}: non-finite on some rank"
+
+    def restore(self, plan: Plan, red: Reduced, describe: str) -> None:
+        """After the outer step: the new slow weights into the fast weights (the merge)."""
+        raise NotImplementedError
+
+    def reset(self, plan: Plan, describe: str) -> None:
+        """After a non-finite sync: fast <- slow (no merge)."""
+        raise NotImplementedError
+
+    def _send(self, plan: Plan, buf: torch.Tensor, views: list[torch.Tensor]) -> Launched:
+        """All-reduce ``buf`` (the progress, ``views`` per tensor) in the wire dtype."""
+        s = self.s
+        wire = s._wire(buf)
+        work = _comm.all_reduce(wire, s._frag_group, s.stats, "params")
+        return Launched(plan, work, buf, wire, views, group=s._frag_group)
+
+
+class FlatWire(Wire):
+    """Full slow weights on every rank; one all-reduce of the progress per bucket."""
+
+    name = "flat"
+
+    def launch(self, host: SyncHost, plan: Plan) -> Launched:
+        lay = plan.layout
+        stage = torch.empty(lay.numel, dtype=plan.stage_dtype, device=plan.device)
+        views = list(stage.split(lay.segment_sizes))
+        torch._foreach_copy_(views, plan.fast)
+        torch._foreach_sub_(views, plan.slow)  # progress theta_i - phi
+        if plan.quant is not None:
+            return self.s._launch_quant(host, plan, stage, views)
+        return self._send(plan, stage, views)
+
+    def reduced(self, item: Launched, buf: torch.Tensor) -> Reduced:
+        # buf is the views end to end: one probe of the whole buffer
+        return Reduced(item.plan, item.views, probe=[buf], locate=item.views)
+
+    def nonfinite_what(self, plan: Plan, red: Reduced) -> str:
+        return f"averaged pseudo-gradient of {plan.names[red.bad]}, shape {tuple(plan.params[red.bad].shape)}"
+
+    def restore(self, plan: Plan, red: Reduced, describe: str) -> None:
+        self.s._merge(plan.fast, plan.slow)
+
+    def reset(self, plan: Plan, describe: str) -> None:
+        torch._foreach_copy_(plan.fast, plan.slow)
+
+
+class _GatheringWire(Wire):
+    """The sharded modes: each rank owns a chunk of the slow weights and all-gathers it back."""
+
+    def _poison(self, plan: Plan) -> torch.Tensor | None:
+        # Note [Non-finite syncs in local SGD]: 1 if every local fast weight is finite, else NaN; a
+        # device scalar (no host read), multiplied into the send buffer.
+        return _sync.finite_scale(plan.fast)
+
+    def restore(self, plan: Plan, red: Reduced, describe: str) -> None:
+        self._gather(plan, red.seg, red.full, describe)
+
+    def reset(self, plan: Plan, describe: str) -> None:
+        self._gather(plan, None, None, describe, merge=False)
+
+    def _gather(self, plan: Plan, seg: torch.Tensor | None, full: torch.Tensor | None, describe: str,
+                merge: bool = True) -> None:
+        """fast <- slow on every rank of the shard group: all-gather the owned chunks, then merge."""
+        s = self.s
+        lay = plan.layout
+        if seg is None or seg.dtype != plan.fast_dtype:  # gather in the parameters' dtype
+            seg = torch.empty(lay.segment, dtype=plan.fast_dtype, device=plan.device)
+            full = None
+        if full is None or full.dtype != plan.fast_dtype:
+            full = torch.empty(lay.numel, dtype=plan.fast_dtype, device=plan.device)
+        own = lay.own_views(seg, s.shard_rank)
+        torch._foreach_copy_(own, plan.slow)
+        if lay.pads[s.shard_rank]:
+            seg[lay.segment - lay.pads[s.shard_rank]:].zero_()
+        work = _comm.all_gather(full, seg, s.shard_group, s.stats, "params", async_op=True)
+        streaming.wait_work(work, s.timeout, describe, s._traits(s.shard_group, plan.device))
+        s._merge(plan.fast_chunks, lay.chunk_views(full), None if merge else 0.0)
+
+
+class ShardedWire(_GatheringWire):
+    """Rank r owns chunk r: reduce-scatter of the fast weights, all-gather of the new slow chunks."""
+
+    name = "sharded"
+
+    def launch(self, host: SyncHost, plan: Plan) -> Launched:
+        s, lay = self.s, plan.layout
+        poison = self._poison(plan)
+        stage = torch.empty(lay.numel, dtype=plan.stage_dtype, device=plan.device)
+        torch._foreach_copy_(lay.chunk_views(stage), plan.fast_chunks)
+        for pad in lay.pad_views(stage):
+            pad.zero_()
+        if poison is not None:
+            stage.mul_(poison)
+        seg = torch.empty(lay.segment, dtype=plan.stage_dtype, device=plan.device)
+        work = _comm.reduce_scatter(seg, stage, s._frag_group, s.stats, "params")
+        return Launched(plan, work, seg, seg, [], full=stage, group=s._frag_group)
+
+    def reduced(self, item: Launched, buf: torch.Tensor) -> Reduced:
+        plan = item.plan
+        d = plan.layout.own_views(buf, self.s.shard_rank)
+        torch._foreach_add_(d, plan.slow)  # d = phi - mean_i theta_i, on the owned chunk
+        return Reduced(plan, d, seg=buf, full=item.full, probe=[buf])
+
+
+class HierarchicalWire(_GatheringWire):
+    """Identical replicas inside the group; this rank carries chunk r's progress across groups."""
+
+    name = "hier_sharded"
+
+    def launch(self, host: SyncHost, plan: Plan) -> Launched:
+        s, lay = self.s, plan.layout
+        poison = self._poison(plan)
+        seg = torch.zeros(lay.segment, dtype=plan.stage_dtype, device=plan.device)
+        views = lay.own_views(seg, s.shard_rank)
+        torch._foreach_copy_(views, plan.fast_own)
+        torch._foreach_sub_(views, plan.slow)
+        if poison is not None:  # NaN * 0 = NaN: the pads too, so every block of a quantised send
+            seg.mul_(poison)
+        if plan.quant is not None:
+            return s._launch_quant(host, plan, seg, views, poison)
+        return self._send(plan, seg, views)
+
+    def reduced(self, item: Launched, buf: torch.Tensor) -> Reduced:
+        check = item.views if item.qstage is not None else [buf]  # the pads of a quantised seg are not reduced
+        return Reduced(item.plan, item.views, seg=buf, probe=check)
