@@ -8,7 +8,9 @@
 # larger 85M one; results as JSON per row plus table.md. bf16: the local-SGD rows include
 # --comm-dtype bf16 (bf16 on the wire); the trainer's compute stays fp32 (TF32 matmuls where
 # the GPU has them). With a single GPU only the 1-rank rows run (no communication to measure).
-# The host and GPU are recorded in OUT_DIR/machine.txt (nvidia-smi).
+# The host and GPU are recorded in OUT_DIR/machine.txt (nvidia-smi). Run benchmarks/gpu_check.py
+# first (docs/support-matrix.md). Not here yet: hierarchical rows (they need two nodes) and an
+# NCCL-order check (flight recorder) of HSDP + int8 streaming.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-gpu-results}
@@ -40,6 +42,14 @@ for model in "--layers 7 --d-model 512 --heads 8 --seq-len 128" "--layers 12 --d
     for k in 4 16 64; do run "$tag-local$k" "$n" "$model" --mode local-sgd --k $k; done
     run "$tag-local16-sharded" "$n" "$model" --mode local-sgd --k 16 --local-sgd-sharded
     run "$tag-local16-bf16" "$n" "$model" --mode local-sgd --k 16 --comm-dtype bf16
+    # Streaming (F=4, tau=1) on each wire format, and blocking int8/int4: the NCCL paths of the
+    # quantised reduce (caller-thread side stream) and of the fragment group.
+    for wire in fp32 int8 int4; do
+      run "$tag-stream16-F4-$wire" "$n" "$model" --mode local-sgd --k 16 --num-fragments 4 --fragment-sync-delay 1 \
+        --comm-dtype "$wire"
+    done
+    run "$tag-local16-int8" "$n" "$model" --mode local-sgd --k 16 --comm-dtype int8
+    run "$tag-local16-int4" "$n" "$model" --mode local-sgd --k 16 --comm-dtype int4
     run "$tag-ceiling" "$n" "$model" --mode local-sgd --k 1000000
     run "$tag-torch-plsgd" "$n" "$model" --mode post-local-sgd --k 16
     run "$tag-accel-lsgd" "$n" "$model" --mode accelerate-local-sgd --k 16
