@@ -24,7 +24,7 @@ not know about:
   truth for k and alpha); so is a config ``"optimizer"`` block (accelerate then lets DeepSpeed
   build the optimizer, out of reach of a wrapper).
 - ``"local_sgd": {"across": "nodes", ...}`` in the block: ZeRO (any stage) inside each node, local
-  SGD across nodes (Note [Local SGD across nodes] in :mod:`lookahead_dist.deepspeed`): the node
+  SGD across nodes (Note [Local SGD across nodes] in :mod:`lookahead_dist.deepspeed.nodes`): the node
   groups are built, the model is broadcast from global rank 0, the Lookahead gets local-SGD options
   over the across-node group, and accelerate's ``deepspeed.initialize`` call gets the node ``mpu``
   (``_initialize_with_mpu``; an accelerate-filled ``train_batch_size`` is rescaled to one node).
@@ -68,7 +68,7 @@ def parse_lookahead_block(block: Any) -> dict[str, Any]:
     (``k``, ``alpha``, ``pullback``, ``slow_dtype``, ``local_sgd``: false, true -- ZeRO stage 0 only,
     checked by :func:`prepare` as by ``initialize`` -- or ``{"across": "nodes", ...}``).
     Returns the parsed values (``local_sgd``: False, True or the across-nodes entry)."""
-    from .deepspeed import parse_lookahead_block  # one parser for the block; imports no DeepSpeed
+    from .deepspeed.config import parse_lookahead_block  # one parser for the block; imports no DeepSpeed
 
     parsed = parse_lookahead_block(block)
     if parsed["local_sgd"] is None:
@@ -118,23 +118,23 @@ def _prepare_deepspeed_config(plugin: Any, objects: list[Any]) -> Any:
     across = block["local_sgd"] if block is not None and isinstance(block["local_sgd"], dict) else None
     local = block["local_sgd"] is True if block is not None else any(objects[i].local_sgd is not None for i in wanted)
     if local:
-        from .deepspeed import _check_local_sgd_stage  # the rule and message of lookahead_dist.deepspeed.initialize
+        from .deepspeed.config import _check_local_sgd_stage  # the rule and message of lookahead_dist.deepspeed.initialize
 
         _check_local_sgd_stage(int((config.get("zero_optimization") or {}).get("stage", 0)))
     _keep_client_optimizer_under_offload(config, "lookahead_dist.accelerate.prepare", stacklevel=4)
     mpu = None
     if block is not None:
         local_sgd: Any = block["local_sgd"]
-        if across is not None:  # Note [Local SGD across nodes] in lookahead_dist.deepspeed
-            from .deepspeed import NodeMPU, _align_across_world, inter_node_backend, node_groups
+        if across is not None:  # Note [Local SGD across nodes] in lookahead_dist.deepspeed.nodes
+            from .deepspeed.nodes import NodeMPU, align_across_world, inter_node_backend, node_groups
 
             groups = node_groups(across["ranks_per_node"], inter_backend=inter_node_backend(config))
             for obj in objects:
                 if isinstance(obj, torch.nn.Module):
-                    _align_across_world(obj)
+                    align_across_world(obj)
             mpu = NodeMPU(groups)
             local_sgd = dataclasses.replace(across["options"], process_group=groups.inter)
-        from .deepspeed import _config_wins_on_load
+        from .deepspeed.engine import _config_wins_on_load
 
         for i in optimizers:
             objects[i] = Lookahead(objects[i], k=block["k"], alpha=block["alpha"], pullback=block["pullback"],
@@ -211,7 +211,7 @@ def lookahead_config_from(config: dict[str, Any]) -> dict[str, Any] | None:
     A top-level key that looks like a misspelled ``"lookahead"`` (``"lookahaed"``, ``"LookAhead"``,
     ...) is a ``ValueError`` naming it, with or without the block.
     """
-    from .deepspeed import _check_block_name
+    from .deepspeed.config import _check_block_name
 
     _check_block_name(config)
     return parse_lookahead_block(config["lookahead"]) if "lookahead" in config else None
@@ -238,6 +238,12 @@ def prepare(accelerator: Any, *objects: Any, **kwargs: Any) -> Any:
         out = accelerator.prepare(*objs, **kwargs)
     prepared = list(out) if isinstance(out, tuple) else [out]
     _check_kept(accelerator, lookaheads, prepared)
+    if mpu is not None:  # across nodes: save_state/load_state write and read <dir>/node<i>
+        from .deepspeed.node_checkpoints import _node_checkpoints
+
+        wrapped = getattr(accelerator, "deepspeed_engine_wrapped", None)
+        if wrapped is not None:
+            _node_checkpoints(wrapped.engine)
     if mpu is None and any(la.local_sgd is not None for la in lookaheads):  # across nodes: the node reduces
         _stop_gradient_allreduce(accelerator, prepared)
     return out

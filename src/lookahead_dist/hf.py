@@ -12,7 +12,7 @@ config. The Trainer builds its optimizer as it always does (``optim``, ``learnin
 :class:`~lookahead_dist.Lookahead` with the block's ``k``, ``alpha``, ``pullback`` and
 ``slow_dtype`` around it before DeepSpeed sees it, so the engine steps the Lookahead and its
 checkpoints carry the slow weights and cycle positions. On resume the block's k and alpha win over
-the checkpoint's (Note [Resuming with another k or alpha] in :mod:`lookahead_dist.deepspeed`).
+the checkpoint's (Note [Resuming with another k or alpha] in :mod:`lookahead_dist.deepspeed.engine`).
 
 Why a subclass: the plain ``transformers.Trainer`` does not know the block (DeepSpeed ignores
 top-level keys it does not know), and under DeepSpeed it discards an optimizer given as
@@ -54,7 +54,7 @@ def _make_trainer_class() -> type:
     from transformers import Trainer, TrainerCallback
 
     from .accelerate import _keep_client_optimizer_under_offload, lookahead_config_from
-    from .deepspeed import _config_wins_on_load
+    from .deepspeed.engine import _config_wins_on_load
 
     class _StepsLookahead(TrainerCallback):
         """At ``on_train_begin`` (the engine is built): the engine must step a Lookahead."""

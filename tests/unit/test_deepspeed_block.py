@@ -117,8 +117,10 @@ def test_op_build_notice(monkeypatch, capsys):
     def stop(*args, **kwargs):
         raise Stop
 
-    monkeypatch.setattr(la_ds, "_op_is_built", lambda name: False)
-    monkeypatch.setattr(la_ds, "_ops_noticed", set())
+    import lookahead_dist.deepspeed.op_build as op_build  # where initialize's notice looks these up
+
+    monkeypatch.setattr(op_build, "_op_is_built", lambda name: False)
+    monkeypatch.setattr(op_build, "_ops_noticed", set())
     monkeypatch.setattr(deepspeed, "initialize", stop)
     config = _config(optimizer={"type": "AdamW", "params": {"lr": 1e-3}}, lookahead={"k": 5})
     for _ in range(2):
