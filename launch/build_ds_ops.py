@@ -22,6 +22,9 @@ OPS = {
     "cpu_adam": "CPUAdamBuilder",
     "cpu_adagrad": "CPUAdagradBuilder",
     "cpu_lion": "CPULionBuilder",
+    # The CPU accelerator's shared-memory collectives, which a plain deepspeed.initialize builds at
+    # start-up (the doc blocks that call it need it; our initialize skips it).
+    "deepspeed_shm_comm": "ShareMemCommBuilder",
 }
 
 
@@ -33,6 +36,24 @@ def built(name: str) -> bool:
     if installed_ops.get(name):
         return True
     return os.path.exists(os.path.join(_get_build_directory(name, verbose=False), f"{name}.so"))
+
+
+STALE_LOCK_S = 20 * 60  # a build takes 1-3 minutes; a lock this old was left by a killed build
+
+
+def clear_stale_lock(name: str) -> None:
+    """Remove the JIT build lock a killed build left behind (torch waits on it forever otherwise)."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    lock = os.path.join(_get_build_directory(name, verbose=False), "lock")
+    try:
+        age = time.time() - os.path.getmtime(lock)
+    except OSError:
+        return
+    if age > STALE_LOCK_S:
+        print(f"[build_ds_ops] {name}: removing a build lock left {age / 60:.0f} minutes ago by a killed build: "
+              f"{lock}", file=sys.stderr)
+        os.remove(lock)
 
 
 def main(names: list[str]) -> int:
@@ -55,6 +76,7 @@ def main(names: list[str]) -> int:
             print(f"[build_ds_ops] {name}: no build for the {accelerator._name} accelerator; skipped",
                   file=sys.stderr)
             continue
+        clear_stale_lock(name)
         print(f"[build_ds_ops] building DeepSpeed op {name} (first run only, about 1-3 minutes)",
               file=sys.stderr, flush=True)
         start = time.perf_counter()
