@@ -583,15 +583,8 @@ def quantized_all_reduce_async(flat: torch.Tensor, group: dist.ProcessGroup, *, 
 
         def job():
             side = worker.stream(device)
-            with torch.cuda.device(device), torch.cuda.stream(side):
-                side.wait_event(ready)
-                for t in (send, out, owner_residual):
-                    if t is not None:
-                        t.record_stream(side)
-                result = _stage_reduce(send, plan, group, average, owner_residual, out, label)
-                done = torch.cuda.Event()
-                done.record(side)
-            return result, done
+            side.wait_event(ready)
+            return _stage_reduce_on(side, send, plan, group, average, owner_residual, out, label, device)
     else:
         def job():
             return _stage_reduce(send, plan, group, average, owner_residual, out, label), None
@@ -608,6 +601,15 @@ def _launch_inline(send: torch.Tensor, plan: _Plan, group, average: bool, owner_
                                                                          owner_residual, out, label))
     side = _side_stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
+    result, done = _stage_reduce_on(side, send, plan, group, average, owner_residual, out, label, device)
+    return QuantizedAllReduceWork(None, device, result=result, done=done)
+
+
+def _stage_reduce_on(side: Any, send: torch.Tensor, plan: _Plan, group, average: bool,
+                     owner_residual: torch.Tensor | None, out: torch.Tensor | None, label: str,
+                     device: torch.device) -> tuple[Any, Any]:
+    """Stages 2-5 on the CUDA stream ``side`` (already ordered after the caller's work); the tensors
+    it touches are marked as used there, and an event recorded after the last stage is returned."""
     with torch.cuda.device(device), torch.cuda.stream(side):
         for t in (send, out, owner_residual):
             if t is not None:
@@ -615,7 +617,7 @@ def _launch_inline(send: torch.Tensor, plan: _Plan, group, average: bool, owner_
         result = _stage_reduce(send, plan, group, average, owner_residual, out, label)
         done = torch.cuda.Event()
         done.record(side)
-    return QuantizedAllReduceWork(None, device, result=result, done=done)
+    return result, done
 
 
 def quantized_all_reduce(flat: torch.Tensor, group: dist.ProcessGroup | None, *, bits: int,
