@@ -70,9 +70,16 @@ neither launches nor applies a sync reads no tensor on the host: the fake-step t
 inner state (a host dict) before it looks at a tensor ``lr`` (only an empty state, i.e. the first
 step or DCP's template step, reads it); under GradScaler with a fused inner optimizer and a strategy
 that counts every call (local SGD) ``found_inf`` is handed to the inner optimizer and never read.
-Where the count depends on it (the in-place update counts applied steps only) one read per step
-remains, as with GradScaler's own unfused path. ``tests/unit/test_host_syncs.py`` counts the
-reads.
+Where the count depends on it (the in-place update counts applied steps only) the flag is not
+read either: each unit adds it, on the device, to a skip tally, and the tally is read once on the
+call whose *call* count reaches k -- the only call that could sync. The skipped calls are then
+taken off the count, so the cycle still ends after k applied steps; when there were none, that
+call syncs as before. So quiet steps read nothing, and a sync step reads the tally besides the
+non-finite decision (two reads, only in this combination). A checkpoint, a pickle or
+:meth:`Lookahead.sync_now` folds the tally in first, so the saved counter means what it always did.
+With GradScaler's unfused path (an inner optimizer without ``_step_supports_amp_scaling``)
+GradScaler reads ``found_inf`` itself, and so does Lookahead, once. ``tests/unit/test_host_syncs.py``
+counts the reads.
 """
 
 from __future__ import annotations
@@ -278,6 +285,8 @@ class Lookahead(Optimizer):
         self._fresh: list[torch.Tensor] = []
         # id(group) -> (group, params list, len): the parameter sets already scanned.
         self._scanned: dict[int, tuple[dict, list, int]] = {}
+        # unit -> device tally of GradScaler-skipped calls not yet taken off its count (Note [Host syncs]).
+        self._skips: dict[torch.Tensor, torch.Tensor] = {}
         self._strategy.reset_cache()
 
     # -- the inner optimizer's objects, not copies -------------------------------------------
@@ -303,6 +312,7 @@ class Lookahead(Optimizer):
         # Work in flight is parked in per-parameter state first; the strategy drops its process
         # groups (a copy of a communicating Lookahead is detached: SyncStrategy.__getstate__).
         self._strategy.flush(self)
+        self._fold_skips()  # the tally is keyed by identity, which pickling does not keep
         return self.__dict__.copy()
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -387,13 +397,13 @@ class Lookahead(Optimizer):
         if self._is_fake_step(groups, strategy.communicates):
             return self._inner_step(closure)
         found_inf = getattr(self, "found_inf", None)  # set by GradScaler.step(): Note [Step counting]
-        applied = True
+        applied: bool | None = True
         if found_inf is None:
             loss = self._inner_step(closure)
         else:
             loss, applied = self._scaled_inner_step(closure, found_inf, getattr(self, "grad_scale", None),
                                                     strategy.communicates)
-            if not applied and not strategy.communicates:
+            if applied is False and not strategy.communicates:
                 return loss  # a skipped step does not count, unless ranks must stay in lockstep
         if self._fresh and applied:  # after a skipped step the inner optimizer has not seen them
             self._place(self._fresh)
@@ -405,6 +415,8 @@ class Lookahead(Optimizer):
             unit = params[0]
             n = self.state_entry(unit).get(STEP_KEY, 0) + 1
             k = group.get(K_KEY, self.defaults[K_KEY])
+            if applied is None:  # not known on the host: tally it, read it only where n could sync
+                n = self._count_skip(unit, n, k, found_inf)
             strategy.advance(self, params, n, k, group.get(ALPHA_KEY, self.defaults[ALPHA_KEY]))
             self.state_entry(unit)[STEP_KEY] = 0 if n >= k else n  # re-fetched: "reset" moves entries
         return loss
@@ -424,16 +436,36 @@ class Lookahead(Optimizer):
             pre.update(saved[0])
             post.update(saved[1])
 
+    def _count_skip(self, unit: torch.Tensor, n: int, k: int, found_inf: torch.Tensor) -> int:
+        """The unit's count after a call whose skip flag stays on the device (Note [Host syncs])."""
+        tally = self._skips.get(unit)
+        if tally is None:
+            tally = self._skips[unit] = torch.zeros((), dtype=torch.float32, device=found_inf.device)
+        tally.add_(found_inf.to(tally.device, torch.float32))
+        if n < k:
+            return n
+        skipped = int(tally.item())  # the one read, on the call that would sync
+        tally.zero_()
+        return n - skipped
+
+    def _fold_skips(self) -> None:
+        """Take every tallied skip off its unit's count (checkpoints, pickles, sync_now)."""
+        for unit, tally in self._skips.items():
+            skipped = int(tally.item())
+            if skipped:
+                entry = self.state_entry(unit)
+                entry[STEP_KEY] = max(0, entry.get(STEP_KEY, 0) - skipped)
+        self._skips.clear()
+
     @torch.no_grad()
     def _scaled_inner_step(self, closure: Callable[[], float] | None, found_inf: torch.Tensor,
-                           grad_scale: torch.Tensor | None, lockstep: bool) -> tuple[Any, bool]:
+                           grad_scale: torch.Tensor | None, lockstep: bool) -> tuple[Any, bool | None]:
         """The inner step under GradScaler: (loss, whether it was applied). Note [Step counting].
 
-        With a fused inner optimizer (it unscales and skips on the device) and a strategy that counts
-        every call (``lockstep``), whether the step was applied is not needed, so ``found_inf`` is
-        not read and the step stays free of host syncs (Note [Host syncs]); "applied" is then
-        reported as True, which only the placement of newly joined tensors would look at, and
-        that case reads the flag."""
+        With a fused inner optimizer (it unscales and skips on the device) ``found_inf`` is not
+        read (Note [Host syncs]): a strategy that counts every call (``lockstep``) does not need it
+        and gets True; the in-place update gets None ("not known on the host") and tallies the
+        flag on the device. Only the placement of newly joined tensors reads the flag here."""
         inner = self.optimizer
         if getattr(inner, "_step_supports_amp_scaling", False):  # fused optimizers unscale and skip
             inner.grad_scale, inner.found_inf = grad_scale, found_inf
@@ -441,8 +473,8 @@ class Lookahead(Optimizer):
                 loss = self._inner_step(closure)
             finally:
                 del inner.grad_scale, inner.found_inf
-            if lockstep and not self._fresh:
-                return loss, True
+            if not self._fresh:
+                return loss, (True if lockstep else None)
             return loss, not bool(found_inf)
         if bool(found_inf):  # GradScaler's own unfused path reads found_inf on the host too
             return None, False
@@ -620,6 +652,7 @@ class Lookahead(Optimizer):
         Tensors that have not taken a step yet have no slow weight and are left as they are.
         """
         self._strategy.flush(self)
+        self._skips.clear()  # every count restarts at 0 below
         if self._pending:
             self._place(list(self._pending))
         for group in self.optimizer.param_groups:
@@ -661,6 +694,7 @@ class Lookahead(Optimizer):
         optimizer's own, so hosts that save, shard or reshard that state handle these entries too.
         """
         self._strategy.flush(self)
+        self._fold_skips()
         for pre_hook in self._optimizer_state_dict_pre_hooks.values():
             pre_hook(self)
         state = self.optimizer.state

@@ -280,6 +280,45 @@ def test_grad_scaler_skipped_step_does_not_count():
         assert torch.equal(p, q)
 
 
+@pytest.mark.parametrize("skipped", [{4}, {3}, {2, 3}, {1, 2, 3}, {3, 6}], ids=str)
+@pytest.mark.parametrize("resume_at", [None, 5])
+def test_grad_scaler_fused_skips_are_tallied_on_the_device(skipped, resume_at):
+    """A fused inner optimizer: found_inf stays on the device and the cycle still ends after k applied steps.
+
+    Skips on the k-th call itself, on every call of a cycle, and a checkpoint taken with skips
+    still tallied (resume_at) all give the run that never took the skipped steps.
+    """
+    k = 3
+
+    def fused(ps):
+        return torch.optim.AdamW(ps, lr=0.05, fused=True)
+
+    params, ref_params = make_params(), make_params()
+    opt = Lookahead(fused(params), k=k)
+    ref = Lookahead(fused(ref_params), k=k)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1.0, growth_interval=1000)
+    for t in range(1, 11):
+        scaler.scale(torch.ones(()))
+        set_grads(t, params)
+        for p in params:  # the gradients a scaled loss would give (the scale stays a power of two)
+            p.grad.mul_(scaler.get_scale())
+        if t in skipped:
+            params[0].grad[0, 0] = float("inf")
+        scaler.step(opt)
+        scaler.update()
+        if t not in skipped:
+            set_grads(t, ref_params)
+            ref.step()
+        if t == resume_at:
+            saved = copy.deepcopy(opt.state_dict())
+            params = [torch.nn.Parameter(p.detach().clone()) for p in params]
+            opt = Lookahead(fused(params), k=k)
+            opt.load_state_dict(saved)
+    for p, q in zip(params, ref_params):
+        assert torch.equal(p, q)
+    assert opt.state_dict()["state"][0][STEP_KEY] == ref.state_dict()["state"][0][STEP_KEY]
+
+
 def test_dcp_style_fake_step_does_not_count():
     params = make_params()
     inner = torch.optim.AdamW(params, lr=1e-3)
