@@ -9,8 +9,11 @@
 # --comm-dtype bf16 (bf16 on the wire); the trainer's compute stays fp32 (TF32 matmuls where
 # the GPU has them). With a single GPU only the 1-rank rows run (no communication to measure).
 # The host and GPU are recorded in OUT_DIR/machine.txt (nvidia-smi). Run benchmarks/gpu_check.py
-# first (docs/support-matrix.md). Not here yet: hierarchical rows (they need two nodes) and an
-# NCCL-order check (flight recorder) of HSDP + int8 streaming.
+# first (docs/support-matrix.md). With >= 4 GPUs the hierarchical rows run as two "nodes" on this
+# host (two torchrun agents, each with half the GPUs: DDP inside a node over NVLink/PCIe, local SGD
+# across). With >= 2 GPUs (an even number) the collective-order check runs last: FSDP2 inside
+# each replica + int8 streaming across replicas, every rank's flight recorder compared
+# (benchmarks/workers/collective_order.py; strict on NCCL), output in OUT/collective-order.txt.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-gpu-results}
@@ -28,6 +31,20 @@ run() {  # name nproc model-flags row-flags...
   $PY -m torch.distributed.run --standalone --nproc-per-node "$n" --no-python "$LD" train "$@" $model \
     --steps "$STEPS" --batch-size $((PER_RANK * n)) --eval-batches 2 --device cuda --no-progress \
     --json "$OUT/$name-$n.json" || echo "{\"failed\": \"$name-$n\"}" > "$OUT/$name-$n.failed"
+}
+run_hier() {  # name model row-flags...: 2 nodes x NGPU/2 ranks on this host
+  local name=$1 model=$2; shift 2
+  local per=$((NGPU / 2)) port=$((29500 + RANDOM % 2000)) pids=() node
+  for node in 0 1; do
+    local json=() ; [ "$node" -eq 0 ] && json=(--json "$OUT/$name-$NGPU.json")
+    CUDA_VISIBLE_DEVICES=$(seq -s, $((node * per)) $((node * per + per - 1))) \
+      $PY -m torch.distributed.run --nnodes 2 --node-rank "$node" --nproc-per-node "$per" \
+      --master-addr 127.0.0.1 --master-port "$port" --no-python "$LD" train "$@" $model \
+      --steps "$STEPS" --batch-size $((PER_RANK * NGPU)) --eval-batches 2 --device cuda --no-progress "${json[@]}" &
+    pids+=($!)
+  done
+  local ok=0; for pid in "${pids[@]}"; do wait "$pid" || ok=1; done
+  [ "$ok" -eq 0 ] || echo "{\"failed\": \"$name-$NGPU\"}" > "$OUT/$name-$NGPU.failed"
 }
 for model in "--layers 7 --d-model 512 --heads 8 --seq-len 128" "--layers 12 --d-model 768 --heads 12 --seq-len 128"; do
   tag=$(echo "$model" | awk '{print "L"$2"d"$4}')
@@ -54,7 +71,16 @@ for model in "--layers 7 --d-model 512 --heads 8 --seq-len 128" "--layers 12 --d
     run "$tag-torch-plsgd" "$n" "$model" --mode post-local-sgd --k 16
     run "$tag-accel-lsgd" "$n" "$model" --mode accelerate-local-sgd --k 16
   done
+  if [ "$NGPU" -ge 4 ] && [ $((NGPU % 2)) -eq 0 ]; then
+    run_hier "$tag-hier16" "$model" --mode local-sgd --k 16 --hierarchical
+    run_hier "$tag-hier16-stream-F4-int8" "$model" --mode local-sgd --k 16 --hierarchical \
+      --num-fragments 4 --fragment-sync-delay 1 --comm-dtype int8
+  fi
 done
+if [ "$NGPU" -ge 2 ] && [ $((NGPU % 2)) -eq 0 ]; then
+  $PY -m torch.distributed.run --standalone --nproc-per-node "$NGPU" benchmarks/workers/collective_order.py \
+    --backend nccl --out "$OUT/flight-recorder" 2>&1 | tee "$OUT/collective-order.txt" || true
+fi
 $PY - "$OUT" <<'PY'
 import json, pathlib, sys
 out = pathlib.Path(sys.argv[1])
