@@ -84,17 +84,19 @@ def train_rank(rank: int, world: int, run: RunConfig, progress: bool | None = No
         comm.reset()  # set-up traffic (initial broadcasts, DeepSpeed's checks) is not per-step cost
 
         bar = _progress(run, rank, progress, label or run.name)
-        losses = torch.empty(run.steps, dtype=torch.float64)
+        # On the device: a per-step .item() would make every step wait for the GPU (issue 14);
+        # the progress bar reads the window at its log points only.
+        losses = torch.empty(run.steps, dtype=torch.float64, device=device)
         tx_start = interface_tx_bytes()
         start = time.perf_counter()
         for step in range(run.steps):
             x, y = corpus.batch(step, run.batch_size, run.model.seq_len, rank, world, seed=run.seed)
             loss = runner.step(x.to(device), y.to(device))
-            losses[step] = loss.item()
+            losses[step] = loss.detach()
             if bar is not None:
                 bar.update(1)
                 if step % 10 == 0 or step == run.steps - 1:
-                    bar.set_postfix(loss=f"{losses[max(0, step - 9):step + 1].mean():.3f}", refresh=False)
+                    bar.set_postfix(loss=f"{float(losses[max(0, step - 9):step + 1].mean()):.3f}", refresh=False)
         if runner.finish is not None:  # communication still in flight counts in the time
             runner.finish()
         with comm.paused():
