@@ -261,11 +261,13 @@ class Cluster:
     ...     results = c.run("torchrun ... --node-rank {node_rank} ... train.py", timeout=120)
 
     ``rate``: per-node link rate in each direction (``parse_rate``); ``None`` leaves it unshaped.
+    ``node_rates``: node -> rate for the nodes whose link differs (a straggler link), e.g. ``{1: "50mbit"}``.
     ``delay_ms``: added one-way latency on each node's uplink (needs ``sch_netem``).
     """
 
     def __init__(self, nodes: int, rate: str | int | None = "1gbit", *, delay_ms: float = 0.0,
-                 subnet: str = "10.77.0", master_port: int = 29500) -> None:
+                 subnet: str = "10.77.0", master_port: int = 29500,
+                 node_rates: dict[int, str | int] | None = None) -> None:
         if not isinstance(nodes, int) or isinstance(nodes, bool) or not 1 <= nodes <= MAX_NODES:
             raise ValueError(f"nodes must be an int in [1, {MAX_NODES}], got {nodes!r}")
         if not isinstance(delay_ms, (int, float)) or delay_ms < 0:
@@ -276,6 +278,11 @@ class Cluster:
             raise ValueError(f"master_port must be in [1024, 65535], got {master_port!r}")
         self.nodes = nodes
         self.rate_bps = parse_rate(rate)
+        self.node_rates_bps: dict[int, int | None] = {}
+        for node, r in (node_rates or {}).items():
+            if isinstance(node, bool) or not isinstance(node, int) or not 0 <= node < nodes:
+                raise ValueError(f"node_rates: node must be an int in [0, {nodes - 1}], got {node!r}")
+            self.node_rates_bps[node] = parse_rate(r)
         self.delay_ms = float(delay_ms)
         self.subnet = subnet
         self.master_port = master_port
@@ -306,8 +313,9 @@ class Cluster:
 
     def describe(self) -> str:
         delay = f", +{self.delay_ms:g} ms one-way" if self.delay_ms else ""
+        slow = "".join(f", node {i}: {format_rate(b)}" for i, b in sorted(self.node_rates_bps.items()))
         return (f"{self.nodes} node(s) {self.addr(0)}..{self.addr(self.nodes - 1)} on {self.ifname}, "
-                f"link {format_rate(self.rate_bps)} each direction{delay}")
+                f"link {format_rate(self.rate_bps)} each direction{delay}{slow}")
 
     # -- lifecycle
     def __enter__(self) -> "Cluster":
@@ -364,11 +372,11 @@ class Cluster:
             _run(["ip", "-n", ns, "link", "set", "lo", "up"])
             _run(["ip", "-n", ns, "addr", "add", f"{self.addr(i)}/24", "dev", self.ifname])
             _run(["ip", "-n", ns, "link", "set", self.ifname, "up"])
-            self._shape(ns, self.ifname, uplink=True)
-            self._shape(sw, port, uplink=False)
+            rate = self.node_rates_bps.get(i, self.rate_bps)
+            self._shape(ns, self.ifname, uplink=True, rate=rate)
+            self._shape(sw, port, uplink=False, rate=rate)
 
-    def _shape(self, ns: str, dev: str, *, uplink: bool) -> None:
-        rate = self.rate_bps
+    def _shape(self, ns: str, dev: str, *, uplink: bool, rate: int | None) -> None:
         delay = self.delay_ms if uplink else 0.0
         if rate is None and not delay:
             return
