@@ -231,6 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # -- plan: the cost model's recommendation (lookahead_dist.plan) ---------------------------------
+_DEFAULT_PROBE_PORT = 29650  # lookahead_dist.linkprobe.DEFAULT_PORT, without importing it at start-up
 def _parsed(parse: Callable[[str], Any], what: str) -> Callable[[str], Any]:
     """An argparse type from one of lookahead_dist.plan's parsers (its ValueError becomes the message)."""
 
@@ -278,11 +279,14 @@ def _add_plan(sub: Any) -> None:
     link.add_argument("--link", type=_parsed(_p.parse_rate, "rate"), metavar="RATE",
                       help="each node's inter-node bandwidth: 200Mbit, 1Gbit, 10Gbit/s, 100Mbps (bits/s) or "
                       "125MB/s (bytes/s)")
-    link.add_argument("--probe", metavar="HOST",
-                      help="NOT IMPLEMENTED YET (an error): measure the link with benchmarks/cluster_bandwidth.py "
-                      "or iperf3 and pass --link")
-    p.add_argument("--latency", type=_parsed(_p.parse_seconds, "duration"), default=1e-3, metavar="SECONDS",
-                   help="latency per message on the inter-node link, e.g. 1ms, 50us (default: 1ms)")
+    link.add_argument("--probe", metavar="HOST[:PORT]",
+                      help="measure the link (upload bandwidth and latency) to `lookahead-dist probe-server` "
+                      f"running on another node (port default {_DEFAULT_PROBE_PORT}); sets --latency too")
+    p.add_argument("--probe-bytes", type=_parsed(_p.parse_count, "count"), default=16 << 20, metavar="BYTES",
+                   help="bytes per --probe transfer, e.g. 16M (default: 16M; 3 transfers, the median kept)")
+    p.add_argument("--latency", type=_parsed(_p.parse_seconds, "duration"), default=None, metavar="SECONDS",
+                   help="latency per message on the inter-node link, e.g. 1ms, 50us (default: 1ms, or the "
+                   "measured one with --probe)")
     p.add_argument("--intra-link", type=_parsed(_p.parse_rate, "rate"), default=_p.DEFAULT_INTRA_LINK.bandwidth,
                    metavar="RATE", help="bandwidth inside a node, with --ranks-per-node > 1 (default: 100GB/s)")
     p.add_argument("--intra-latency", type=_parsed(_p.parse_seconds, "duration"),
@@ -300,6 +304,38 @@ def _add_plan(sub: Any) -> None:
     p.add_argument("--json", action="store_true",
                    help="print a JSON list, one object per option considered (DDP first), instead of the text")
     p.set_defaults(subparser=p)
+
+    server = sub.add_parser(
+        "probe-server", help="answer `lookahead-dist plan --probe` from another node (link measurement)",
+        description="Listen for link probes (lookahead_dist.linkprobe): round trips and timed uploads over TCP. "
+        "Stop it with Ctrl-C.")
+    server.add_argument("--bind", default="0.0.0.0", help="address to listen on (default: all)")
+    server.add_argument("--port", type=_int_at_least(1), default=_DEFAULT_PROBE_PORT,
+                        help=f"TCP port (default: {_DEFAULT_PROBE_PORT})")
+    server.set_defaults(subparser=server)
+
+
+def _probe_server(args: argparse.Namespace) -> int:
+    from .linkprobe import serve
+
+    print(f"lookahead-dist probe-server: listening on {args.bind}:{args.port}", flush=True)
+    try:
+        serve(args.bind, args.port)
+    except OSError as exc:
+        _error(f"probe-server: cannot listen on {args.bind}:{args.port} ({exc})")
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    return 0
+
+
+def _split_host_port(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or "]" in port:
+        return text.strip("[]"), _DEFAULT_PROBE_PORT
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise UsageError(f"--probe: the port in {text!r} must be an integer in 1..65535")
+    return host.strip("[]"), int(port)
 
 
 def _count_model_file(path: str) -> int:
@@ -327,13 +363,22 @@ def _plan(args: argparse.Namespace) -> int:
     from . import plan as _p
 
     try:
-        if args.probe is not None:
-            raise UsageError("--probe: not implemented yet; measure the link (benchmarks/cluster_bandwidth.py on the "
-                             "simulated cluster, or iperf3 between two nodes) and pass --link")
         params = args.params if args.params is not None else _count_model_file(args.model_file)
         workload = _p.Workload(params=params, step_time=args.step_time, ddp_overlap=args.ddp_overlap)
+        bandwidth, latency = args.link, args.latency
+        if args.probe is not None:
+            from .linkprobe import probe
+
+            host, port = _split_host_port(args.probe)
+            try:
+                measured = probe(host, port, nbytes=args.probe_bytes)
+            except (OSError, ConnectionError) as exc:
+                raise UsageError(f"--probe {args.probe}: {exc}") from None
+            print(f"# {measured.describe()}", file=sys.stderr if args.json else sys.stdout)
+            bandwidth = measured.bandwidth
+            latency = measured.latency if latency is None else latency
         cluster = _p.Cluster(nodes=args.nodes, ranks_per_node=args.ranks_per_node,
-                             link=_p.Link(args.link, args.latency),
+                             link=_p.Link(bandwidth, 1e-3 if latency is None else latency),
                              intra_link=_p.Link(args.intra_link, args.intra_latency))
     except ValueError as exc:
         args.subparser.error(str(exc))
@@ -524,6 +569,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.subparser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command == "plan":
         return _plan(args)
+    if args.command == "probe-server":
+        return _probe_server(args)
     try:
         if args.command == "train":
             configs = _configs(args, [(args.mode, args.optimizer or _default_optimizer(args.mode))])

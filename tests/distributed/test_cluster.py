@@ -166,3 +166,33 @@ def test_rate_parsing_and_argument_errors():
     assert cl.torchrun_argv(["train.py", "--x"])[-2:] == ["train.py", "--x"]
     assert "--no-python" not in cl.torchrun_argv(["train.py"])
     assert cl.torchrun_argv(["lookahead-dist", "train"])[-3:] == ["--no-python", "lookahead-dist", "train"]
+
+
+def test_plan_probe_measures_the_shaped_link_and_a_straggler():
+    """`lookahead-dist plan --probe` from node 0 to `probe-server` on nodes 1 and 2: node 1's link is
+    200 Mbit/s, node 2's (node_rates) 50 Mbit/s; each measurement lands within 15% of its shaping."""
+    exe = str(Path(sys.executable).parent / "lookahead-dist")
+    with cl.Cluster(3, "200mbit", node_rates={2: "50mbit"}, master_port=29760) as c:
+        servers = [subprocess.Popen(["ip", "netns", "exec", c.node_ns(i), exe, "probe-server", "--port", "29651"],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                   for i in (1, 2)]
+        try:
+            measured = {}
+            for node, nominal in ((1, 200e6), (2, 50e6)):
+                cmd = ["ip", "netns", "exec", c.node_ns(0), exe, "plan", "--params", "1M", "--step-time", "10ms",
+                       "--nodes", "2", "--probe", f"{c.addr(node)}:29651", "--probe-bytes", "4M", "--json"]
+                for _ in range(50):  # the server needs a moment to listen
+                    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+                    if "Connection refused" not in proc.stderr:
+                        break
+                    time.sleep(0.1)
+                assert proc.returncode == 0, proc.stderr
+                line = next(x for x in proc.stderr.splitlines() if x.startswith("# link to"))
+                mbit = float(line.split(": ")[1].split(" Mbit/s")[0])
+                measured[node] = mbit
+                assert abs(mbit * 1e6 / nominal - 1) < 0.15, (node, line)
+            assert json.loads(proc.stdout)[0]["mode"] == "ddp"
+        finally:
+            for s in servers:
+                os.killpg(s.pid, signal.SIGTERM)
+                s.wait(timeout=10)

@@ -1,0 +1,73 @@
+"""The link probe (lookahead_dist.linkprobe) and `lookahead-dist plan --probe`, on loopback. The
+shaped-link accuracy is tested on the simulated cluster (tests/distributed/test_cluster.py)."""
+
+from __future__ import annotations
+
+import socket
+import threading
+
+import pytest
+
+from lookahead_dist import cli
+from lookahead_dist.linkprobe import probe, start_server
+
+
+@pytest.fixture
+def server():
+    srv, port = start_server("127.0.0.1", 0)
+    yield port
+    srv.shutdown()
+    srv.server_close()
+
+
+def test_probe_measures_loopback(server):
+    m = probe("127.0.0.1", server, nbytes=1 << 20, rounds=2, pings=5)
+    assert m.bandwidth > 1e6 and 0 <= m.latency < 0.1
+    assert len(m.rtt_samples) == 5 and len(m.bandwidth_samples) == 2
+    assert "Mbit/s upload" in m.describe()
+
+
+def test_probe_refuses_a_server_that_is_not_ours():
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+
+    def answer_wrong() -> None:
+        conn, _ = listener.accept()
+        conn.recv(1)
+        conn.sendall(b"x")
+        conn.close()
+
+    threading.Thread(target=answer_wrong, daemon=True).start()
+    with pytest.raises(ConnectionError, match="not a lookahead-dist probe server"):
+        probe("127.0.0.1", listener.getsockname()[1], pings=1)
+    listener.close()
+
+
+def test_probe_names_the_missing_server():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()  # nothing listens there now
+    with pytest.raises(ConnectionError, match=f"probe-server --port {port}"):
+        probe("127.0.0.1", port, pings=1)
+
+
+def test_probe_rejects_bad_sizes():
+    with pytest.raises(ValueError, match="nbytes, rounds and pings"):
+        probe("127.0.0.1", 1, nbytes=0)
+
+
+def test_plan_probe_sets_the_link(server, capsys):
+    assert cli.main(["plan", "--params", "1M", "--step-time", "10ms", "--nodes", "2",
+                     "--probe", f"127.0.0.1:{server}", "--probe-bytes", "1M"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"# link to 127.0.0.1:{server}:") and ("Gbit/s link" in out or "Mbit/s link" in out)
+
+
+@pytest.mark.parametrize("value, message", [("127.0.0.1:x", "must be an integer in 1..65535"),
+                                            ("127.0.0.1:70000", "must be an integer in 1..65535")])
+def test_plan_probe_bad_port(value, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["plan", "--params", "1M", "--step-time", "10ms", "--nodes", "2", "--probe", value])
+    assert exc.value.code == 2 and message in capsys.readouterr().err
