@@ -53,6 +53,17 @@ K = 8
 WIRES = ("fp32", "bf16", "int8", "int4")
 SCHEDULES = ((1, 0), (4, 1))  # (num_fragments, fragment_sync_delay)
 TOL = {"fp32": 1e-4, "bf16": 1e-2, "int8": 1e-2, "int4": 1e-2}
+# The issue-16 formats on the same parity check: (name, LocalSGDOptions keywords, tolerance).
+# Quantised to 2 bits and/or sparse, a last-bit difference in the inner step can flip a rounding
+# or a top-k pick, so their tolerance is wider; the eager rule with int4 likewise.
+EXTRA = (
+    ("int2/F1tau0", dict(comm_dtype="int2"), 5e-2),
+    ("int2-top2pct/F1tau0", dict(comm_dtype="int2", topk_fraction=0.02), 5e-2),
+    ("int4-top2pct/F4tau1", dict(comm_dtype="int4", topk_fraction=0.02, num_fragments=4, fragment_sync_delay=1), 5e-2),
+    ("eager-fp32/F1", dict(eager_update=True), 1e-4),
+    ("eager-int4/F4", dict(eager_update=True, comm_dtype="int4", num_fragments=4), 5e-2),
+    ("naive-fp32/F1", dict(eager_update="naive"), 1e-4),
+)
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -104,13 +115,17 @@ def _train(device: Any, steps: int, make_opt: Callable[[Any], Any], sleep: bool 
 
 
 def _local_sgd(group: Any, wire: str, sharded: bool, fragments: int, delay: int) -> Callable[[Any], Any]:
+    return _local_sgd_with(group, sharded=sharded, comm_dtype=_comm_dtype(wire), num_fragments=fragments,
+                           fragment_sync_delay=delay)
+
+
+def _local_sgd_with(group: Any, **options: Any) -> Callable[[Any], Any]:
     import torch
 
     from lookahead_dist import Lookahead, LocalSGDOptions
 
     def make(model: Any) -> Any:
-        opts = LocalSGDOptions(process_group=group, sharded=sharded, comm_dtype=_comm_dtype(wire),
-                               num_fragments=fragments, fragment_sync_delay=delay)
+        opts = LocalSGDOptions(process_group=group, **options)
         return Lookahead(torch.optim.AdamW(model.parameters(), lr=1e-2), k=K, alpha=0.5, local_sgd=opts)
 
     return make
@@ -241,6 +256,19 @@ def _cases(device: Any, steps: int, group: Any, cpu_group: Any) -> list[tuple[st
                     return f"max rel diff vs gloo/CPU {d:.1e} (tol {TOL[wire]:.0e})"
 
                 cases.append((name, parity))
+
+    for name, options, tol in EXTRA:
+        def extra(options: dict = options, tol: float = tol) -> str:
+            got = _train(device, steps, _local_sgd_with(group, **options), sleep=on_cuda)
+            ref = _train(torch.device("cpu"), steps, _local_sgd_with(cpu_group, **options))
+            if not all(bool(torch.isfinite(t).all()) for t in got):
+                raise AssertionError("non-finite weights")
+            d = _rel_diff(got, ref)
+            if d > tol:
+                raise AssertionError(f"{device.type} vs gloo/CPU: max rel diff {d:.2e} > {tol:.0e}")
+            return f"max rel diff vs gloo/CPU {d:.1e} (tol {tol:.0e})"
+
+        cases.append((f"parity/flat/{name}", extra))
 
     for mode in ("in-place", "blocking", "streaming", "sharded", "int8"):
         def quiet(mode: str = mode) -> str:

@@ -21,6 +21,8 @@ __all__ = [
     "EF_OWNER_KEY",
     "OUTER_STATE_PREFIX",
     "OUTER_STEPS_KEY",
+    "EAGER_START_KEY",
+    "EAGER_INFLIGHT_KEY",
     "is_lookahead_key",
 ]
 
@@ -64,3 +66,12 @@ OUTER_STEPS_KEY = "lookahead_outer_steps"
 def is_lookahead_key(key: object) -> bool:
     """True for a state or param-group key written by lookahead-dist."""
     return isinstance(key, str) and key.startswith(KEY_PREFIX)
+
+
+# -- eager outer updates (Note [Eager outer updates] in sync/_outer.py) ------------------------------
+#: Per-parameter state (``eager_update=True``/``"naive"``): this rank's start point of the current
+#: inner phase, :math:`x_i` (shaped like the slow weight; differs per rank under the eager rule).
+EAGER_START_KEY = "lookahead_eager_start"
+#: Per-parameter int: bit f set while the result of fragment f's collective is parked in
+#: ``lookahead_inflight`` (written by ``flush()``, cleared when the result is applied).
+EAGER_INFLIGHT_KEY = "lookahead_eager_inflight"

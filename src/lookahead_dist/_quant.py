@@ -1,27 +1,34 @@
-"""Blockwise absmax quantisation to int8 / int4 and a quantised all-reduce that sums in fp32.
+"""Blockwise absmax quantisation to int8 / int4 / int2 and a quantised all-reduce that sums in fp32.
 
-Used by the local-SGD sync to send pseudo-gradients in 8 or 4 bits. Nothing here knows about
+Used by the local-SGD sync to send pseudo-gradients in 8, 4 or 2 bits. Nothing here knows about
 optimizers: the functions take flat fp32 tensors and a process group.
 
 Format
 ------
 A flat tensor ``x`` of ``n`` elements (computed in fp32) is zero-padded to a multiple of the block
-size ``B`` (default :data:`DEFAULT_BLOCK_SIZE` = 512, any positive even number) and cut into
+size ``B`` (default :data:`DEFAULT_BLOCK_SIZE` = 512, any positive even number; a multiple of 4
+for int2) and cut into
 ``ceil(n / B)`` consecutive blocks. For each block::
 
-    qmax  = 127 (bits=8) or 7 (bits=4)
+    qmax  = 127 (bits=8), 7 (bits=4) or 1 (bits=2), i.e. 2**(bits-1) - 1
     scale = max(|x_i| over the block) / qmax        one fp32 per block
     q_i   = round_half_to_even(x_i / scale)         an integer in [-qmax, qmax]
     x_i  ~= q_i * scale                              (dequantised, fp32)
 
-- **Symmetric grid**: 255 levels for int8 (-128 is never produced), 15 levels for int4. Zero is
-  exact, signs are symmetric, and the element with the largest magnitude is reproduced exactly
-  up to fp32 rounding of ``scale``.
+- **Symmetric grid**: 255 levels for int8 (-128 is never produced), 15 levels for int4, 3 levels
+  for int2 (ternary: ``{-scale, 0, +scale}``, ``scale = absmax``; the fourth 2-bit code is never
+  produced). Zero is exact, signs are symmetric, and the element with the largest magnitude is
+  reproduced exactly up to fp32 rounding of ``scale``. For int2 an element rounds to zero when
+  ``|x_i| < absmax / 2`` (ties to even: exactly ``absmax / 2`` also gives 0); with error feedback
+  (Note [Error feedback]) what was rounded away is sent at a later sync.
 - **Error bound**: ``|x_i - q_i * scale| <= scale / 2`` (plus fp32 rounding of the division),
-  i.e. at most ``absmax / 254`` (int8) or ``absmax / 14`` (int4) of the block's largest magnitude.
+  i.e. at most ``absmax / 254`` (int8), ``absmax / 14`` (int4) or ``absmax / 2`` (int2) of the
+  block's largest magnitude.
 - **Storage**: int8 codes are one ``torch.int8`` per element. int4 codes are stored offset-binary,
   ``u_i = q_i + 8`` in ``[1, 15]``, two per ``torch.uint8`` byte: element ``2j`` in the low nibble,
-  element ``2j + 1`` in the high nibble (``byte_j = u_2j | u_2j+1 << 4``). Scales are fp32,
+  element ``2j + 1`` in the high nibble (``byte_j = u_2j | u_2j+1 << 4``). int2 codes are
+  offset-binary too, ``u_i = q_i + 2`` in ``[1, 3]``, four per byte, element ``4j + m`` in bits
+  ``2m .. 2m+1`` (``byte_j = u_4j | u_4j+1 << 2 | u_4j+2 << 4 | u_4j+3 << 6``). Scales are fp32,
   one per block, in block order.
 - **Padding**: the zero padding of the last block does not change its scale; :func:`dequantize`
   returns exactly ``n`` elements.
@@ -44,6 +51,7 @@ block B   bits      code bytes   overhead
 ========  ========  ===========  ===========
 512       8         512          0.78 %
 512       4         256          1.56 %
+512       2         128          3.13 %
 256       4         128          3.13 %
 ========  ========  ===========  ===========
 
@@ -152,24 +160,27 @@ __all__ = [
     "quantized_all_reduce_async",
     "quantized_nbytes",
     "reduce_chunk_numel",
+    "run_stages",
     "scale_overhead",
 ]
 
 DEFAULT_BLOCK_SIZE = 512
 """Elements per block: fp32 scales cost 0.78 % (int8) and 1.56 % (int4); see Note [Scale overhead]."""
 
-_QMAX = {8: 127, 4: 7}
+_QMAX = {8: 127, 4: 7, 2: 1}
 _SCALE_BYTES = 4  # fp32
 
 
 def _check(bits: int, block_size: int) -> int:
     if bits not in _QMAX:
-        raise ValueError(f"bits must be 8 or 4, got {bits!r}")
+        raise ValueError(f"bits must be 8, 4 or 2, got {bits!r}")
     if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 2 or block_size % 2:
         raise ValueError(
             f"block_size must be a positive even number of elements, got {block_size!r}; "
             f"the default is {DEFAULT_BLOCK_SIZE}"
         )
+    if bits == 2 and block_size % 4:
+        raise ValueError(f"block_size must be a multiple of 4 with bits=2 (four codes per byte), got {block_size}")
     return _QMAX[bits]
 
 
@@ -192,10 +203,10 @@ class Quantized:
 
     Attributes:
         codes: ``torch.int8`` of ``blocks * block_size`` elements (bits=8), or ``torch.uint8`` of
-            ``blocks * block_size / 2`` packed bytes (bits=4).
+            ``blocks * block_size * bits / 8`` packed bytes (bits=4: two per byte, bits=2: four).
         scales: fp32, one per block.
         numel: elements of the original tensor (the rest of the last block is padding).
-        bits: 8 or 4.
+        bits: 8, 4 or 2.
         block_size: elements per block.
     """
 
@@ -229,21 +240,28 @@ def _quantize_blocks(x: torch.Tensor, qmax: int) -> tuple[torch.Tensor, torch.Te
 
 
 def _pack(q: torch.Tensor, bits: int) -> torch.Tensor:
-    """Integer-valued fp32 codes -> int8 codes (bits=8) or offset-binary nibble pairs (bits=4)."""
+    """Integer-valued fp32 codes -> int8 codes (bits=8) or offset-binary nibble pairs (bits=4) or
+    offset-binary 2-bit quadruples (bits=2); the element count must be a multiple of ``8 / bits``."""
     codes = q.to(torch.int8).reshape(-1)
     if bits == 8:
         return codes
-    u = codes.add_(8).view(torch.uint8).view(-1, 2)  # [1, 15]; the byte ops are 4x cheaper than fp32 ones
-    return u[:, 0] | (u[:, 1] << 4)
+    if bits == 4:
+        u = codes.add_(8).view(torch.uint8).view(-1, 2)  # [1, 15]; the byte ops are 4x cheaper than fp32 ones
+        return u[:, 0] | (u[:, 1] << 4)
+    u = codes.add_(2).view(torch.uint8).view(-1, 4)  # [1, 3]
+    return u[:, 0] | (u[:, 1] << 2) | (u[:, 2] << 4) | (u[:, 3] << 6)
 
 
 def _unpack(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Inverse of :func:`_pack` on the last dimension: fp32 integer values, 2x longer for bits=4."""
+    """Inverse of :func:`_pack` on the last dimension: fp32 integer values, ``8 / bits`` x longer."""
     if bits == 8:
         return codes.view(torch.int8).to(torch.float32)
     codes = codes.view(torch.uint8)
-    nibbles = torch.stack((codes & 15, codes >> 4), dim=-1).flatten(-2)  # uint8, interleaved
-    return nibbles.view(torch.int8).sub_(8).to(torch.float32)
+    if bits == 4:
+        nibbles = torch.stack((codes & 15, codes >> 4), dim=-1).flatten(-2)  # uint8, interleaved
+        return nibbles.view(torch.int8).sub_(8).to(torch.float32)
+    pairs = torch.stack((codes & 3, (codes >> 2) & 3, (codes >> 4) & 3, codes >> 6), dim=-1).flatten(-2)
+    return pairs.view(torch.int8).sub_(2).to(torch.float32)
 
 
 def _padded_fp32(x: torch.Tensor, numel: int, residual: torch.Tensor | None = None) -> torch.Tensor:
@@ -264,8 +282,8 @@ def quantize(x: torch.Tensor, *, bits: int, block_size: int = DEFAULT_BLOCK_SIZE
 
     Args:
         x: the tensor; its elements are taken in ``reshape(-1)`` order.
-        bits: 8 (int8 codes) or 4 (two codes per byte).
-        block_size: elements per scale, a positive even number (default 512).
+        bits: 8 (int8 codes), 4 (two codes per byte) or 2 (four codes per byte).
+        block_size: elements per scale, a positive even number (default 512; a multiple of 4 for bits=2).
 
     Returns:
         :class:`Quantized` with ``numel = x.numel()``. Round trip: ``dequantize(quantize(x))``.
@@ -576,6 +594,21 @@ def quantized_all_reduce_async(flat: torch.Tensor, group: dist.ProcessGroup, *, 
     device = flat.device
     if not _backend.traits(group, device).needs_worker_thread:
         return _launch_inline(send, plan, group, average, owner_residual, out, label, device)
+    return run_stages(group, device, lambda: _stage_reduce(send, plan, group, average, owner_residual, out, label),
+                      (send, out, owner_residual))
+
+
+def run_stages(group, device: torch.device, stages: Any,
+               touched: tuple[torch.Tensor | None, ...]) -> QuantizedAllReduceWork:
+    """Run ``stages()`` (the collectives and arithmetic after a send was packed on the caller's
+    thread; it returns the result tensor) the way the backend of ``group`` needs, and return the
+    handle: on the group's worker thread (host-blocking backends), or enqueued now from the
+    caller's thread on a side stream (stream-ordered ones); see Note [Asynchronous quantised
+    all-reduce]. ``touched``: the tensors the stages use (``record_stream``-ed on a device).
+    Shared by the quantised reduce and the sparse one (:mod:`lookahead_dist._sparse`), so the
+    two keep one order of collectives per group."""
+    if not _backend.traits(group, device).needs_worker_thread:
+        return _run_inline(stages, touched, device)
     worker = _worker_for(group, create=True)
     if device.type == "cuda":
         ready = torch.cuda.Event()
@@ -584,37 +617,42 @@ def quantized_all_reduce_async(flat: torch.Tensor, group: dist.ProcessGroup, *, 
         def job():
             side = worker.stream(device)
             side.wait_event(ready)
-            return _stage_reduce_on(side, send, plan, group, average, owner_residual, out, label, device)
+            return _stage_reduce_on(side, stages, touched, device)
     else:
         def job():
-            return _stage_reduce(send, plan, group, average, owner_residual, out, label), None
+            return stages(), None
     return QuantizedAllReduceWork(worker.submit(job), device)
 
 
 def _launch_inline(send: torch.Tensor, plan: _Plan, group, average: bool, owner_residual: torch.Tensor | None,
                    out: torch.Tensor | None, label: str, device: torch.device) -> QuantizedAllReduceWork:
-    """Stages 2-5 enqueued from the caller's thread (stream-ordered backends): on a side stream
+    """Stages 2-5 of the quantised reduce enqueued from the caller's thread (:func:`_run_inline`)."""
+    return _run_inline(lambda: _stage_reduce(send, plan, group, average, owner_residual, out, label),
+                       (send, out, owner_residual), device)
+
+
+def _run_inline(stages: Any, touched: tuple[torch.Tensor | None, ...],
+                device: torch.device) -> QuantizedAllReduceWork:
+    """The stages enqueued from the caller's thread (stream-ordered backends): on a side stream
     after the caller's, with an event after the last stage. Nothing here blocks the host on NCCL
     (its ``async_op=False`` collectives only order the current stream)."""
     if device.type != "cuda":  # a device without streams (or gloo forced here in tests): in order
-        return QuantizedAllReduceWork(None, device, result=_stage_reduce(send, plan, group, average,
-                                                                         owner_residual, out, label))
+        return QuantizedAllReduceWork(None, device, result=stages())
     side = _side_stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
-    result, done = _stage_reduce_on(side, send, plan, group, average, owner_residual, out, label, device)
+    result, done = _stage_reduce_on(side, stages, touched, device)
     return QuantizedAllReduceWork(None, device, result=result, done=done)
 
 
-def _stage_reduce_on(side: Any, send: torch.Tensor, plan: _Plan, group, average: bool,
-                     owner_residual: torch.Tensor | None, out: torch.Tensor | None, label: str,
+def _stage_reduce_on(side: Any, stages: Any, touched: tuple[torch.Tensor | None, ...],
                      device: torch.device) -> tuple[Any, Any]:
-    """Stages 2-5 on the CUDA stream ``side`` (already ordered after the caller's work); the tensors
-    it touches are marked as used there, and an event recorded after the last stage is returned."""
+    """The stages on the CUDA stream ``side`` (already ordered after the caller's work); the tensors
+    they touch are marked as used there, and an event recorded after the last stage is returned."""
     with torch.cuda.device(device), torch.cuda.stream(side):
-        for t in (send, out, owner_residual):
+        for t in touched:
             if t is not None:
                 t.record_stream(side)
-        result = _stage_reduce(send, plan, group, average, owner_residual, out, label)
+        result = stages()
         done = torch.cuda.Event()
         done.record(side)
     return result, done
@@ -634,7 +672,7 @@ def quantized_all_reduce(flat: torch.Tensor, group: dist.ProcessGroup | None, *,
     Args:
         flat: 1-D fp32 tensor, the same length on every rank; not modified (unless it is ``out``).
         group: the process group (``None``: the default group).
-        bits: 8 or 4.
+        bits: 8, 4 or 2.
         block_size: elements per scale (default 512); the same on every rank.
         average: divide the fp32 sum by the group size before requantising (default); ``False``
             returns the sum.

@@ -167,7 +167,7 @@ def test_zero_inside_nodes_local_sgd_across_nodes_matches_simulation():
         ({"across": "racks"}, ValueError, "racks"),
         ({"across": "nodes", "ranks": 2}, ValueError, "ranks"),
         ({"across": "nodes", "ranks_per_node": 0}, ValueError, "ranks_per_node"),
-        ({"across": "nodes", "comm_dtype": "int2"}, ValueError, "int2"),
+        ({"across": "nodes", "comm_dtype": "int3"}, ValueError, "int3"),
         ({"across": "nodes", "outer_momentum": 1.5}, ValueError, "outer_momentum"),
         ({"across": "nodes", "num_fragments": 2, "fragment_sync_delay": "1"}, TypeError, "fragment_sync_delay"),
     ],

@@ -31,7 +31,7 @@ def test_baselines_default_to_adamw_and_options_stay_with_local_sgd():
         ("ddp", "adamw", 0.0), ("accelerate-local-sgd", "adamw", 0.0), ("local-sgd", "lookahead", 0.5)]
 
 
-@pytest.mark.parametrize("argv", [["--outer-momentum", "1.0"], ["--outer-momentum", "x"], ["--comm-dtype", "int2"]])
+@pytest.mark.parametrize("argv", [["--outer-momentum", "1.0"], ["--outer-momentum", "x"], ["--comm-dtype", "int3"]])
 def test_bad_local_sgd_flags_exit_2(argv, capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["train", "--mode", "local-sgd", *argv])

@@ -200,7 +200,7 @@ from lookahead_dist.sync.local_sgd import (  # noqa: E402
          "`num_fragments=3` disagrees with the 2 lists"),
         (dict(outer_optimizer=torch.optim.SGD([torch.zeros(1)], lr=1.0)), TypeError, "got SGD"),
         (dict(outer_optimizer=lambda ps: None, outer_momentum=0.9), ValueError, "drop `outer_momentum`"),
-        (dict(comm_dtype="int2"), ValueError, "'int2'"),
+        (dict(comm_dtype="int3"), ValueError, "'int3'"),
         (dict(comm_dtype="int8", sharded=True), ValueError, "comm_dtype=int8` needs the full slow weights"),
         (dict(quant_block_size=7), ValueError, "`quant_block_size` must be an even number >= 2, got 7"),
         (dict(error_feedback=1), TypeError, "`error_feedback` must be a bool, got 1"),
@@ -413,3 +413,54 @@ def test_plans_are_built_once_when_each_step_hands_a_new_list(one_rank_group, mo
     assert len(builds) == once  # not once per step
     for a, b in zip(got, ref):
         assert torch.equal(a, b)
+
+
+# -- eager outer updates (Note [Eager outer updates] in sync/_outer.py) -----------------------------
+@pytest.mark.parametrize(
+    "kwargs,needle",
+    [
+        (dict(eager_update="yes"), "`eager_update` must be True, False or 'naive', got 'yes'"),
+        (dict(eager_update=1), "`eager_update` must be True, False or 'naive', got 1"),
+        (dict(eager_update=True, sharded=True), "`eager_update=True` cannot be combined with `sharded=True`"),
+        (dict(eager_update="naive", fragment_sync_delay=1),
+         "`eager_update='naive'` cannot be combined with `fragment_sync_delay=1`"),
+        (dict(eager_update=True, fragment_update_alpha=0.5),
+         "`eager_update=True` cannot be combined with `fragment_update_alpha=0.5`"),
+    ],
+)
+def test_eager_update_options_name_the_bad_value(kwargs, needle):
+    with pytest.raises(ValueError) as info:
+        LocalSGDOptions(**kwargs)
+    assert needle in str(info.value)
+
+
+def test_eager_update_rule_names():
+    assert LocalSGDOptions().eager_rule is None
+    assert LocalSGDOptions(eager_update=True).eager_rule == "eager"
+    assert LocalSGDOptions(eager_update="naive").eager_rule == "naive"
+
+
+def test_eager_update_refused_with_a_torchft_manager():
+    class FakeManager:
+        def start_quorum(self): ...
+        def allreduce(self, t): ...
+        def should_commit(self): ...
+        def register_state_dict_fn(self, *a): ...
+
+    with pytest.raises(ValueError, match="`eager_update=True` is not supported with a torchft `manager`"):
+        LocalSGDOptions(manager=FakeManager(), eager_update=True)
+
+
+def test_eager_update_state_keys_and_in_flight_on_one_rank(one_rank_group):
+    from lookahead_dist._keys import EAGER_INFLIGHT_KEY, EAGER_START_KEY
+
+    torch.manual_seed(0)
+    ps = [torch.nn.Parameter(torch.randn(6)), torch.nn.Parameter(torch.randn(3))]
+    opt = Lookahead(torch.optim.SGD(ps, lr=0.1), k=2, alpha=0.5, local_sgd=LocalSGDOptions(eager_update=True))
+    for t in range(3):
+        for p in ps:
+            p.grad = torch.full_like(p, 0.1 * (t + 1))
+        opt.step()
+    assert opt.local_sgd.in_flight() == [(0, 1)]  # launched at step 2, applied at step 4
+    st = opt.state_dict()["state"][0]
+    assert EAGER_START_KEY in st and st[EAGER_INFLIGHT_KEY] == 1

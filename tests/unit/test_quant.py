@@ -1,4 +1,4 @@
-"""Blockwise int8/int4 quantisation (single process), against a per-block numpy reference.
+"""Blockwise int8/int4/int2 quantisation (single process), against a per-block numpy reference.
 
 The reference (:func:`ref_roundtrip`) follows the format of the module docstring one block at a
 time in numpy float32: scale = absmax / qmax, q = round-half-even(x / scale) clipped to
@@ -24,7 +24,7 @@ from lookahead_dist._quant import (
     scale_overhead,
 )
 
-QMAX = {8: 127, 4: 7}
+QMAX = {8: 127, 4: 7, 2: 1}
 
 
 def ref_roundtrip(x: np.ndarray, bits: int, block: int) -> tuple[np.ndarray, np.ndarray]:
@@ -76,12 +76,40 @@ def test_roundtrip_equals_reference_and_error_bound(bits, n, block):
     assert q.nbytes == quantized_nbytes(n, bits=bits, block_size=block)
 
 
-@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("bits", [8, 4, 2])
 def test_absmax_element_is_exact_and_padding_does_not_change_the_scale(bits):
     x = torch.tensor([0.5, -3.0, 1.25], dtype=torch.float32)  # 3 of a block of 8: 5 zeros of padding
     q = quantize(x, bits=bits, block_size=8)
     assert q.scales.tolist() == [pytest.approx(3.0 / QMAX[bits], rel=1e-7)]
     assert dequantize(q)[1].item() == pytest.approx(-3.0, rel=1e-6)
+
+
+@pytest.mark.parametrize("n,block", [(7, 4), (1000, 16), (512, 512), (1025, 512), (4096, 256)])
+def test_int2_roundtrip_equals_reference_and_error_bound(n, block):
+    # The ternary grid {-s, 0, s}, s = absmax: error <= absmax / 2 per element.
+    x = mixed_magnitudes(n, seed=n + 2)
+    q = quantize(x, bits=2, block_size=block)
+    got = dequantize(q)
+    want, scale = ref_roundtrip(x.numpy(), 2, block)
+    np.testing.assert_array_equal(got.numpy(), want)
+    assert set(np.unique(np.sign(got.numpy()) * (got.numpy() != 0))) <= {-1.0, 0.0, 1.0}
+    err = (x - got).abs().numpy()
+    assert np.all(err <= scale / 2 * (1 + 1e-6) + 1e-45)
+    blocks = -(-n // block)
+    assert q.codes.dtype == torch.uint8 and q.codes.numel() == blocks * block // 4
+    assert q.nbytes == quantized_nbytes(n, bits=2, block_size=block) == blocks * (block // 4 + 4)
+
+
+def test_int2_packing_layout_and_rounding():
+    # absmax 1 -> scale 1; codes [1, -1, 0, 1] -> offset-binary u = q + 2 = [3, 1, 2, 3], element 4j+m
+    # in bits 2m..2m+1: 3 | 1 << 2 | 2 << 4 | 3 << 6.
+    q = quantize(torch.tensor([1.0, -1.0, 0.0, 1.0, 0.5, -0.5, 0.75, -0.25]), bits=2, block_size=4)
+    assert q.codes.tolist() == [3 | 1 << 2 | 2 << 4 | 3 << 6, 3 | 1 << 2 | 3 << 4 | 2 << 6]
+    assert q.scales.tolist() == [1.0, 0.75]
+    # 0.5 / 0.75 = 0.67 -> 1; -0.5 / 0.75 -> -1; 0.75 -> 1; -0.25 / 0.75 -> 0 (ties to even at 0.5)
+    assert dequantize(q).tolist() == [1.0, -1.0, 0.0, 1.0, 0.75, -0.75, 0.75, -0.0]
+    half = quantize(torch.tensor([1.0, 0.5, -0.5, 0.0]), bits=2, block_size=4)
+    assert dequantize(half).tolist() == [1.0, 0.0, -0.0, 0.0]
 
 
 def test_int4_nibble_layout():
@@ -103,7 +131,7 @@ def test_rounding_is_half_to_even(bits):
     assert got == [qmax, 0.0, 2.0, 2.0, -0.0, -2.0]
 
 
-@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("bits", [8, 4, 2])
 def test_zero_blocks_are_exact_zeros(bits):
     x = torch.zeros(24)
     x[16:] = torch.arange(1.0, 9.0)  # block 2 non-zero, blocks 0 and 1 zero
@@ -114,7 +142,7 @@ def test_zero_blocks_are_exact_zeros(bits):
     assert torch.isfinite(got).all()
 
 
-@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("bits", [8, 4, 2])
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
 def test_non_finite_value_makes_its_block_nan_and_leaves_the_others(bits, bad):
     x = mixed_magnitudes(40, seed=3)
@@ -141,7 +169,7 @@ def test_dequantize_into_out():
         dequantize(quantize(x, bits=4, block_size=4), out=torch.empty(7))
 
 
-@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("bits", [8, 4, 2])
 def test_error_feedback_tracks_the_running_sum(bits):
     # x_t = c + noise: a fixed part, so quantising it alone makes the same error every step and
     # the running sums drift apart linearly; with feedback, sum(sent) - sum(x) = -e_T stays within
@@ -205,7 +233,8 @@ def test_reduce_chunk_numel():
 @pytest.mark.parametrize(
     "kwargs,match",
     [
-        ({"bits": 3}, "bits must be 8 or 4, got 3"),
+        ({"bits": 3}, "bits must be 8, 4 or 2, got 3"),
+        ({"bits": 2, "block_size": 6}, r"block_size must be a multiple of 4 with bits=2 \(four codes per byte\), got 6"),
         ({"bits": 8, "block_size": 7}, "block_size must be a positive even number of elements, got 7"),
         ({"bits": 4, "block_size": 0}, "got 0; the default is 512"),
         ({"bits": 4, "block_size": True}, "got True"),

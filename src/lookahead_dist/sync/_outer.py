@@ -1,5 +1,6 @@
 r"""The outer step of local SGD, shared by :class:`~lookahead_dist.sync.local_sgd.LocalSGD` and the
-torchft strategy (:mod:`lookahead_dist.sync.ft`), and the proxy that steps a user's outer optimizer.
+torchft strategy (:mod:`lookahead_dist.sync.ft`), the proxy that steps a user's outer optimizer,
+and the eager / naive delayed outer updates (:class:`EagerOuter`, Note [Eager outer updates]).
 
 Note [The outer step]
 ---------------------
@@ -49,19 +50,31 @@ equals ``SGD(lr=alpha, momentum=outer_momentum, nesterov=nesterov)`` here (teste
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .._keys import OUTER_STATE_PREFIX, OUTER_STEPS_KEY
+from .. import _sync
+from .._keys import (
+    EAGER_INFLIGHT_KEY,
+    EAGER_START_KEY,
+    EF_OWNER_KEY,
+    EF_RESIDUAL_KEY,
+    INFLIGHT_KEY,
+    OUTER_STATE_PREFIX,
+    OUTER_STEPS_KEY,
+)
 from .._sync import local_tensor
-from ._plan import shaped_like
+from . import streaming
+from ._plan import Reduced, cut, shaped_like
 
 if TYPE_CHECKING:
-    from ._plan import Plan
+    from ._plan import Plan, Unit
     from .base import SyncHost
 
-__all__ = ["OuterOptimizerProxy", "outer_step_"]
+__all__ = ["EAGER_INFLIGHT_KEY", "EAGER_START_KEY", "EagerOuter", "OuterOptimizerProxy", "outer_step_"]
 
 
 def outer_step_(slow: list[torch.Tensor], mom: list[torch.Tensor], d: list[torch.Tensor], alpha: float,
@@ -162,3 +175,250 @@ class OuterOptimizerProxy:
             for key, v in opt.state.get(px, {}).items():
                 entry[OUTER_STATE_PREFIX + key] = v
             entry[OUTER_STEPS_KEY] = entry.get(OUTER_STEPS_KEY, 0) + 1
+
+
+# -- eager outer updates (Note [Eager outer updates]) ---------------------------------------------
+
+
+class EagerOuter:
+    r"""``eager_update=True | "naive"`` for :class:`~lookahead_dist.sync.local_sgd.LocalSGD` (a mixin).
+
+    Note [Eager outer updates]
+    --------------------------
+    Kale, Douillard & Donchev, *Eager updates for overlapped communication and computation in
+    DiLoCo* (2025, arXiv 2502.12996). A fragment's collective is applied at that fragment's *next*
+    sync, one whole outer step (k counted steps) after its launch, so the transfer overlaps a
+    whole inner phase (``F = 1``: launched at count k of cycle t, applied at count k of cycle t+1;
+    with fragments, each fragment at its own next sync). Per fragment, with N ranks, t counting the
+    fragment's syncs, :math:`x_i(t)` rank i's start point after sync t (:math:`x_i(0) = \phi(0)`)
+    and :math:`\theta_i(t)` its fast weights at sync t:
+
+    .. math::
+        \begin{aligned}
+        \Delta_i(t) &= x_i(t-1) - \theta_i(t)
+            &&\text{own outer gradient, launched at sync } t \\
+        D(t) &= \tfrac{1}{N} \textstyle\sum_j \Delta_j(t)
+            &&\text{arrives at sync } t+1 \ (D(0) = 0) \\
+        \phi(t) &= \mathrm{Opt}\big(\phi(t-1),\, D(t-1)\big)
+            &&\text{global slow weights, no step at } t = 1 \\
+        x_i(t) &= \phi(t) - \tfrac{\eta}{N}\,\Delta_i(t) \quad\text{(eager)}, \qquad
+        x_i(t) = \phi(t) \quad\text{(naive)}
+            &&\text{the fast weights restart from } x_i(t)
+        \end{aligned}
+
+    ``Opt`` is the outer step (Note [The outer step], or the user's ``outer_optimizer``) with its
+    state; :math:`\eta` is its learning rate (``alpha``, or the ``lr`` of the outer optimizer's
+    param group). The paper's eager worker applies the proxy
+
+    .. math::
+        \hat\Delta_i(t) = \tfrac{1}{N}\Delta_i(t) + \tfrac{1}{N}\textstyle\sum_{j \ne i}\Delta_j(t-1)
+                        = D(t-1) + \tfrac{1}{N}\big(\Delta_i(t) - \Delta_i(t-1)\big)
+
+    (its own fresh share and the others' delayed shares) to its own copy of the outer
+    parameters. With a plain SGD outer step (:math:`\beta = 0`) that copy is exactly :math:`x_i(t)`
+    above: summing :math:`\hat\Delta_i` over the syncs telescopes to
+    :math:`\sum_{s<t} D(s) + \frac{1}{N}\Delta_i(t)`, the global trajectory of the reduced averages
+    plus this rank's own fresh share. We keep that decomposition for every outer optimizer: the
+    *global* part, :math:`\phi` and the outer optimizer's state (momentum, Adam moments), is
+    stepped only with the reduced averages :math:`D`, which every rank receives identically, so
+    ``lookahead_slow`` and the outer state stay bit-identical across ranks; the *local* part,
+    the own fresh share, enters only the restart point :math:`x_i(t)`, as a plain step of the
+    outer learning rate (the outer momentum never sees it: it would make the state rank-specific).
+    The naive delayed rule of the paper applies :math:`D(t-1)` alone (:math:`x_i(t) = \phi(t)`).
+    The outer gradient is measured from the rank's own start point, so its own share is counted
+    once: in :math:`x_i(t)` while its collective is in flight, then in :math:`\phi` through
+    :math:`D(t)` at the next sync, where the local term is replaced by the next fresh one.
+
+    Order at a fragment's sync: wait for :math:`D(t-1)` (launched k counted steps earlier; the
+    quantised reduce hands back the owner's error-feedback residual that the next send reads), pack
+    and launch :math:`\Delta_i(t)` (from ``lookahead_eager_start`` and the fast weights), take the
+    outer step on the global slow weights with :math:`D(t-1)`, then restart the fragment's fast
+    weights from :math:`x_i(t)`. The send buffer is the flat wire's, so ``comm_dtype`` (bf16,
+    int8/int4 with error feedback) applies as usual.
+
+    State: ``lookahead_eager_start`` (:math:`x_i`, per rank: save every rank's optimizer state,
+    as for the error-feedback residuals); at ``state_dict()`` each collective in flight is waited
+    for and its result :math:`D(t-1)` parked in ``lookahead_inflight`` with its fragment's bit in
+    ``lookahead_eager_inflight`` (Note [Checkpoints in flight] in local_sgd.py): a resumed run
+    applies it at the same sync, bit-identical to not stopping. ``sync_now()`` applies what is in
+    flight to :math:`\phi`, then runs a blocking sync of every fragment against :math:`\phi`;
+    every rank restarts from the same weights. Not supported: ``sharded=True`` (the reduce-scatter
+    sends weights, not outer gradients), ``fragment_sync_delay > 0`` and ``fragment_update_alpha > 0``
+    (the delay is one outer step and the restart point is :math:`x_i`), a torchft ``manager``.
+    A non-finite :math:`D` (every rank sees the same) skips its outer step, drops the unit's
+    collectives in flight and restarts the whole unit from :math:`\phi` on every rank (Note
+    [Non-finite syncs in local SGD]). Under the eager rule a rank whose own outer gradient holds
+    NaN/inf restarts from a non-finite :math:`x_i(t)`; the average is then non-finite at the
+    fragment's next sync, which every rank skips alike.
+    """
+
+    def _eager_entry(self, slow: torch.Tensor) -> dict[str, Any]:
+        return {INFLIGHT_KEY: torch.zeros_like(slow), EAGER_INFLIGHT_KEY: 0, EAGER_START_KEY: slow.clone()}
+
+    def _eager_restore(self, p: torch.Tensor, saved: dict[str, Any], dtype: torch.dtype, name: str,
+                       slow: torch.Tensor) -> dict[str, Any]:
+        out: dict[str, Any] = {EAGER_INFLIGHT_KEY: int(saved.get(EAGER_INFLIGHT_KEY, 0))}
+        for key, default in ((INFLIGHT_KEY, torch.zeros_like(slow)), (EAGER_START_KEY, slow)):
+            out[key] = (self._restore_tensor(p, saved[key], dtype, name, key) if key in saved
+                        else default.clone())
+        return out
+
+    def _start_views(self, host: SyncHost, plan: Plan) -> list[torch.Tensor]:
+        return [cut(host.state_entry(p)[EAGER_START_KEY], sl) for p, sl in zip(plan.params, plan.sl)]
+
+    def _eager_scale(self, plan: Plan, alpha: float) -> float:
+        """:math:`\\eta / N` (eager) or 0 (naive)."""
+        if self.eager_rule != "eager":
+            return 0.0
+        lr = alpha
+        opt = self._outer_opt
+        if opt is not None:
+            px = self._proxies[plan.params[0]]
+            lr = next(float(g["lr"]) for g in opt.param_groups if any(q is px for q in g["params"]))
+        return lr / self.group_size
+
+    def _eager_due(self, n: int, k: int, f: int) -> int:
+        stride = k // self.num_fragments
+        at = (f * stride - 1) % k + 1  # the count that launches fragment f
+        return (at - n) % k or k
+
+    def _eager_advance(self, host: SyncHost, unit: Unit, n: int, k: int, alpha: float) -> None:
+        per = self._eager.setdefault(unit.params[0], {})
+        for g, rec in per.items():
+            rec.due_in = self._eager_due(n, k, g)
+        f = streaming.launch_fragment(n, k, self.num_fragments)
+        if f is None:
+            return
+        describe = (self._describe(host, unit, f, n, k)
+                    + f" ({self.eager_rule} outer update, applied at the fragment's next sync)")
+        self._fragment_start(host, unit, f, describe)
+        old = per.pop(f, None)
+        if old is not None and old.reduced is None:
+            # Waited for before the new launch (launched k steps ago, it is done by now): the
+            # quantised reduce hands back the owner's error-feedback residual the new send reads.
+            old.reduced = [self._reduce(host, item, old.describe) for item in old.launched]
+        launched = [self._launch(host, dataclasses.replace(plan, slow=self._start_views(host, plan)), describe)
+                    for plan in unit.fragments[f]]
+        per[f] = streaming.InFlight(fragment=f, due_in=k, launched=launched, describe=describe,
+                                    works=[item.work for item in launched])
+        bad = self._eager_commit(host, unit, f, old, alpha)
+        if bad:
+            self._eager_nonfinite(host, unit, bad)
+            return
+        ok: list[torch.Tensor] = []
+        for plan in unit.fragments[f]:
+            start = self._start_views(host, plan)
+            scale = self._eager_scale(plan, alpha) if plan.params else 0.0
+            if scale:
+                own = torch._foreach_sub(start, plan.fast)  # Delta_i(t) = x_i(t-1) - theta_i(t)
+                torch._foreach_copy_(start, plan.slow)
+                torch._foreach_add_(start, own, alpha=-scale)  # x_i(t) = phi(t) - eta/N Delta_i(t)
+            else:
+                torch._foreach_copy_(start, plan.slow)
+            torch._foreach_copy_(plan.fast, start)
+            ok += plan.report
+        if ok:
+            host.on_synced(ok, alpha)
+
+    def _eager_commit(self, host: SyncHost, unit: Unit, f: int, rec: streaming.InFlight | None,
+                      alpha: float) -> list[tuple[list[torch.Tensor], str]]:
+        """Wait for fragment f's previous collective and take the outer step on the global slow
+        weights with its result D(t-1); the non-finite buckets are returned, not stepped."""
+        bad: list[tuple[list[torch.Tensor], str]] = []
+        if rec is None:
+            return bad
+        if rec.reduced is None:
+            rec.reduced = [self._reduce(host, item, rec.describe) for item in rec.launched]
+        self._decide(rec.reduced)
+        for plan, red in zip(unit.fragments[f], rec.reduced):
+            if rec.parked:
+                for p in plan.params:
+                    e = host.state_entry(p)
+                    e[EAGER_INFLIGHT_KEY] = int(e.get(EAGER_INFLIGHT_KEY, 0)) & ~(1 << f)
+            if red.bad is not None:
+                if self._ef:  # a residual that absorbed a NaN would poison every later send
+                    for p in plan.params:
+                        e = host.state_entry(p)
+                        e[EF_RESIDUAL_KEY].zero_()
+                        e[EF_OWNER_KEY].zero_()
+                bad.append((plan.params, f"{self.wire.nonfinite_what(plan, red)}; {rec.describe}"))
+            elif self.options.outer_optimizer is not None:
+                self._outer_user(host, plan, red.d)
+            else:
+                self._outer(plan, red.d, alpha)
+        return bad
+
+    def _eager_nonfinite(self, host: SyncHost, unit: Unit, bad: list[tuple[list[torch.Tensor], str]]) -> None:
+        """Note [Non-finite syncs in local SGD]: the whole unit restarts from its global slow weights.
+        Every rank decides alike (from a reduced average), so every rank also drops the unit's
+        collectives in flight (waited for first): they were measured from start points that held
+        the NaN, or that this restart replaces."""
+        per = self._eager.get(unit.params[0], {})
+        for f, rec in list(per.items()):
+            if rec.reduced is None:
+                rec.reduced = [self._reduce(host, item, rec.describe) for item in rec.launched]
+            del per[f]
+        for plans in unit.fragments:
+            for plan in plans:
+                self.wire.reset(plan, bad[0][1])
+                torch._foreach_copy_(self._start_views(host, plan), plan.slow)
+                for p in plan.params:
+                    e = host.state_entry(p)
+                    e[EAGER_INFLIGHT_KEY] = 0
+                    if self._ef:
+                        e[EF_RESIDUAL_KEY].zero_()
+                        e[EF_OWNER_KEY].zero_()
+        host.on_nonfinite(unit.params, bad[0][1])
+
+    def _eager_sync(self, host: SyncHost, unit: Unit, alpha: float) -> None:
+        """``sync_now()``: apply every fragment in flight to the global slow weights, then a blocking
+        sync of the whole unit; every rank restarts from the same slow weights."""
+        per = self._eager.pop(unit.params[0], {})
+        bad: list[tuple[list[torch.Tensor], str]] = []
+        for f in sorted(per):
+            bad += self._eager_commit(host, unit, f, per[f], alpha)
+        if bad:
+            self._eager_nonfinite(host, unit, bad)
+            return
+        self._sync_now(host, unit, range(len(unit.fragments)), alpha, self._describe(host, unit, None, None, None))
+        for plans in unit.fragments:
+            for plan in plans:
+                torch._foreach_copy_(self._start_views(host, plan), plan.slow)
+
+    def _eager_flush(self, host: SyncHost) -> None:
+        """Park the result of every collective in flight (Note [Checkpoints in flight] in local_sgd.py)."""
+        for per in self._eager.values():
+            for f, rec in per.items():
+                if rec.reduced is None:
+                    rec.reduced = [self._reduce(host, item, rec.describe) for item in rec.launched]
+                self._decide(rec.reduced)
+                for red in rec.reduced:
+                    for i, p in enumerate(red.plan.params):
+                        entry = host.state_entry(p)
+                        if not rec.parked:
+                            view = cut(entry[INFLIGHT_KEY], red.plan.sl[i])
+                            view.copy_(red.d[i])
+                            if red.bad is not None:
+                                view.fill_(math.nan)
+                        entry[EAGER_INFLIGHT_KEY] = int(entry.get(EAGER_INFLIGHT_KEY, 0)) | (1 << f)
+                rec.parked = True
+
+    def _resume_eager(self, host: SyncHost, unit: Unit) -> None:
+        """Rebuild the collectives in flight at a checkpoint from per-parameter state (after a load)."""
+        per: dict[int, streaming.InFlight] = {}
+        for f, plans in enumerate(unit.fragments):
+            bits = {bool(int(host.state_entry(p).get(EAGER_INFLIGHT_KEY, 0)) >> f & 1) for p in unit.frag_params[f]}
+            if bits != {True}:
+                if len(bits) > 1:
+                    raise ValueError(
+                        f"Lookahead checkpoint: the tensors of fragment {f} of param group {unit.index} disagree on "
+                        f"bit {f} of `{EAGER_INFLIGHT_KEY}`; the checkpoint is inconsistent")
+                continue
+            reduced = []
+            for plan in plans:
+                d = [cut(host.state_entry(p)[INFLIGHT_KEY], sl) for p, sl in zip(plan.params, plan.sl)]
+                reduced.append(Reduced(plan, d, bad=_sync.first_nonfinite(d)))
+            per[f] = streaming.InFlight(
+                fragment=f, due_in=0, launched=[], reduced=reduced, parked=True,
+                describe=self._describe(host, unit, f, None, None) + " (resumed from a checkpoint)")
+        self._eager[unit.params[0]] = per

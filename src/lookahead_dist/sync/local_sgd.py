@@ -60,6 +60,13 @@ process group of its own (the same ranks, made at construction: Note [Collective
 in _backend.py), also when ``fragment_sync_delay=0``; on gloo from a worker thread, on NCCL
 enqueued from the caller's thread (Note [Asynchronous quantised all-reduce] in _quant.py).
 
+``comm_dtype="int2"`` is the same reduce on a ternary grid (3 levels, four codes per byte).
+``topk_fraction=f`` (with ``comm_dtype`` int8/int4/int2 for the value bits) replaces the reduce of
+the same block-laid-out bucket by the sparse exchange of :mod:`lookahead_dist._sparse` (top
+``round(256 f)`` of every 256 entries, all-gathered, decoded and averaged in fp32 on every rank:
+Note [Sparse outer gradients]); ``lookahead_ef_residual`` keeps everything not sent, and
+``lookahead_ef_owner`` stays zero (nothing is requantised).
+
 Note [Checkpoints in flight]
 ----------------------------
 ``state_dict()`` calls ``flush()``, which *waits* for a fragment's collective in flight but does
@@ -134,7 +141,7 @@ from .._keys import (
 )
 from .._sync import local_tensor
 from . import streaming
-from ._outer import OuterOptimizerProxy, outer_step_
+from ._outer import EagerOuter, OuterOptimizerProxy, outer_step_
 from ._plan import UNDECIDED, Launched, Plan, PlanBuilder, Reduced, Unit, cut
 from ._replicas import ReplicaSync, ranks_in
 from ._wire import FlatWire, HierarchicalWire, ShardedWire, Wire
@@ -174,7 +181,7 @@ def make_local_sgd(local_sgd: bool | LocalSGDOptions, process_group: Any = None)
     return LocalSGD(options)
 
 
-class LocalSGD(ReplicaSync, PlanBuilder, OuterOptimizerProxy, SyncStrategy):
+class LocalSGD(ReplicaSync, PlanBuilder, OuterOptimizerProxy, EagerOuter, SyncStrategy):
     """The communication and outer step of one Lookahead in local-SGD mode (see module notes).
 
     Built by ``Lookahead(..., local_sgd=True | LocalSGDOptions(...))``; reach it as
@@ -228,7 +235,9 @@ class LocalSGD(ReplicaSync, PlanBuilder, OuterOptimizerProxy, SyncStrategy):
         self.quant_bits = o.quant_bits
         self._qgroup = None
         self._frag_group = self.group
-        if self.quant_bits is not None or self.delay > 0:
+        self.eager_rule = o.eager_rule  # Note [Eager outer updates] in _outer.py
+        self._eager: dict[torch.Tensor, dict[int, streaming.InFlight]] = {}
+        if self.quant_bits is not None or self.delay > 0 or self.eager_rule is not None:
             own = _backend.dedicated_group(self.group)
             if ranks_in(own) == ranks_in(self.group):  # the same rank order: chunk r goes to the same rank
                 self._frag_group = own
@@ -247,13 +256,14 @@ class LocalSGD(ReplicaSync, PlanBuilder, OuterOptimizerProxy, SyncStrategy):
     # hold groups and the module, and identity-keyed caches. The Lookahead flushes work in flight
     # into per-parameter state before it pickles its strategy.
     _unpicklable = ("group", "intra", "shard_group", "_qgroup", "_frag_group", "_ddp_handle", "options", "_units",
-                    "_inflight")
+                    "_inflight", "_eager")
 
     def reset_cache(self) -> None:
         # Work in flight belongs to the state being replaced (load_state_dict): its collectives
         # finish on their own; a fragment due after a resume comes back from per-parameter state.
         self._units = {}
         self._inflight = {}
+        self._eager = {}
 
     @property
     def mode(self) -> str:
@@ -271,11 +281,13 @@ class LocalSGD(ReplicaSync, PlanBuilder, OuterOptimizerProxy, SyncStrategy):
 
     def in_flight(self) -> list[tuple[int, int]]:
         """``(fragment, steps until applied)`` of each fragment whose result is not applied yet."""
-        return [(r.fragment, r.due_in) for r in self._inflight.values()]
+        return ([(r.fragment, r.due_in) for r in self._inflight.values()]
+                + [(r.fragment, r.due_in) for per in self._eager.values() for r in per.values()])
 
     def pending(self) -> bool:
         """True while a launched collective has not completed (non-blocking check, for tests)."""
-        return any(r.pending() for r in self._inflight.values())
+        return any(r.pending() for r in self._inflight.values()) or any(
+            r.pending() for per in self._eager.values() for r in per.values())
 
     # -- per-parameter state -------------------------------------------------------------------
     def new_entry(self, p: torch.Tensor, dtype: torch.dtype) -> dict[str, Any]:
@@ -297,6 +309,8 @@ class LocalSGD(ReplicaSync, PlanBuilder, OuterOptimizerProxy, SyncStrategy):
             entry[EF_RESIDUAL_KEY] = torch.zeros_like(slow, dtype=torch.float32)
             entry[EF_OWNER_KEY] = torch.zeros(self._owner_numel(slow.numel()), dtype=torch.float32,
                                               device=slow.device)
+        if self.eager_rule is not None:
+            entry.update(self._eager_entry(slow))
         if self.options.outer_optimizer is not None:
             entry.update(self._outer_placeholders(slow))
             entry[OUTER_STEPS_KEY] = 0
@@ -341,6 +355,8 @@ class LocalSGD(ReplicaSync, PlanBuilder, OuterOptimizerProxy, SyncStrategy):
                     "sharding or comm_dtype?")
             else:
                 out[EF_OWNER_KEY] = value.to(device=device, dtype=torch.float32, copy=True)
+        if self.eager_rule is not None:
+            out.update(self._eager_restore(p, saved, dtype, name, out[SLOW_KEY]))
         if self.options.outer_optimizer is not None:
             out.update(self._restore_outer(p, saved, name))
         return out
@@ -380,6 +396,8 @@ class LocalSGD(ReplicaSync, PlanBuilder, OuterOptimizerProxy, SyncStrategy):
         self._units[params[0]] = unit
         if self.delay > 0 and params[0] not in self._inflight:
             self._resume_inflight(host, unit)
+        if self.eager_rule is not None and params[0] not in self._eager:
+            self._resume_eager(host, unit)
         return unit
 
 
@@ -389,6 +407,9 @@ class LocalSGD(ReplicaSync, PlanBuilder, OuterOptimizerProxy, SyncStrategy):
         """After each counted step of a unit: apply a fragment that is due, launch the one whose turn it is."""
         unit = self._unit(host, params)
         streaming.check_schedule(k, self.num_fragments, self.delay, f"param group {unit.index}")
+        if self.eager_rule is not None:  # Note [Eager outer updates] in _outer.py
+            self._eager_advance(host, unit, n, k, alpha)
+            return
         rec = self._inflight.get(params[0])
         if rec is not None:
             rec.due_in -= 1
@@ -409,6 +430,9 @@ class LocalSGD(ReplicaSync, PlanBuilder, OuterOptimizerProxy, SyncStrategy):
         """Sync the whole unit now (``sync_now()``): a fragment in flight is applied first, then
         every fragment is averaged and stepped, blocking."""
         unit = self._unit(host, params)
+        if self.eager_rule is not None:
+            self._eager_sync(host, unit, alpha)
+            return
         rec = self._inflight.pop(params[0], None)
         if rec is not None:
             self._complete(host, unit, rec, alpha)
@@ -499,6 +523,7 @@ class LocalSGD(ReplicaSync, PlanBuilder, OuterOptimizerProxy, SyncStrategy):
                             cut(entry[INFLIGHT_KEY], red.plan.sl[i]).fill_(math.nan)
                     entry[INFLIGHT_DUE_KEY] = rec.due_in
             rec.parked = True
+        self._eager_flush(host)
 
     def _resume_inflight(self, host: SyncHost, unit: Unit) -> None:
         """Rebuild the fragment in flight at a checkpoint from per-parameter state (after a load)."""
@@ -569,17 +594,27 @@ class LocalSGD(ReplicaSync, PlanBuilder, OuterOptimizerProxy, SyncStrategy):
         if poison is not None:  # every block, so that every owner sees it
             qstage.mul_(poison)
         residual = owner = None
+        sparse = self.options.topk_fraction is not None
         if self._ef:
             entries = [host.state_entry(p) for p in plan.params]
             residual = torch.zeros(ql.numel, dtype=torch.float32, device=plan.device)
             res_views = ql.split_each([cut(e[EF_RESIDUAL_KEY], sl) for e, sl in zip(entries, plan.sl)])
             torch._foreach_copy_(ql.chunk_views(residual), res_views)
-            owner = torch.zeros(ql.segment, dtype=torch.float32, device=plan.device)
-            torch._foreach_copy_(ql.own_views(owner, self.quant_rank),
-                                 [cut(e[EF_OWNER_KEY], sl) for e, sl in zip(entries, plan.osl)])
-        work = _quant.quantized_all_reduce_async(
-            qstage, self._qgroup, bits=self.quant_bits, block_size=self.options.quant_block_size,
-            average=True, residual=residual, owner_residual=owner, out=qstage, stats=self.stats, label="params")
+            if not sparse:  # the sparse exchange does not requantise: its owner residual stays zero
+                owner = torch.zeros(ql.segment, dtype=torch.float32, device=plan.device)
+                torch._foreach_copy_(ql.own_views(owner, self.quant_rank),
+                                     [cut(e[EF_OWNER_KEY], sl) for e, sl in zip(entries, plan.osl)])
+        if sparse:  # Note [Sparse outer gradients] in _sparse.py: encoded here, all-gathered
+            from .. import _sparse
+
+            work = _sparse.sparse_all_reduce_async(
+                qstage, self._qgroup, fraction=self.options.topk_fraction, bits=self.quant_bits,
+                residual=residual, out=qstage, stats=self.stats, label="params")
+        else:
+            work = _quant.quantized_all_reduce_async(
+                qstage, self._qgroup, bits=self.quant_bits, block_size=self.options.quant_block_size,
+                average=True, residual=residual, owner_residual=owner, out=qstage, stats=self.stats,
+                label="params")
         if residual is not None:  # updated at launch (the send is quantised on this thread)
             torch._foreach_copy_(res_views, ql.chunk_views(residual))
         return Launched(plan, work, buf, buf, views, qstage=qstage, owner_res=owner, group=self._qgroup)

@@ -29,12 +29,13 @@ COMM_DTYPES: dict[str, torch.dtype | str] = {
     "fp16": torch.float16,
     "int8": "int8",
     "int4": "int4",
+    "int2": "int2",
 }
 
 InitMode = Literal["broadcast", "check", "none"]
 DDPPolicy = Literal["warn", "raise"]
 _COMM_DTYPES = tuple(v for v in COMM_DTYPES.values() if isinstance(v, torch.dtype))
-_QUANT_BITS = {"int8": 8, "int4": 4}
+_QUANT_BITS = {"int8": 8, "int4": 4, "int2": 2}
 _MANAGER_METHODS = ("start_quorum", "allreduce", "should_commit", "register_state_dict_fn")
 
 
@@ -55,7 +56,7 @@ class LocalSGDOptions:
         nesterov: Nesterov outer momentum (DiLoCo); needs ``outer_momentum > 0``.
         sharded: keep 1/N of the slow weights and outer momenta per rank (Note [What goes on the wire]).
         comm_dtype: dtype of the pseudo-gradient on the wire (``torch.bfloat16``/``float16``), or
-            ``"int8"``/``"int4"``: blockwise absmax-quantised, summed in fp32 (Note [Quantised sync]);
+            ``"int8"``/``"int4"``/``"int2"``: blockwise absmax-quantised, summed in fp32 (Note [Quantised sync]);
             None sends the slow weights' dtype. Not with ``sharded=True`` unless ``intra_group`` is set.
         module: the trained module (or its DDP wrapper): its buffers are averaged at each sync,
             and a DDP wrapper is watched for per-step gradient all-reduces.
@@ -76,14 +77,26 @@ class LocalSGDOptions:
             dict per Lookahead param group) stepped on the (sharded) slow weights with the averaged
             pseudo-gradient as ``.grad``; replaces the built-in outer step (``alpha``,
             ``outer_momentum``, ``nesterov``). Reach it as ``opt.local_sgd.outer_optimizer``.
-        quant_block_size: elements per fp32 scale with ``comm_dtype="int8"/"int4"`` (even, default 512).
-        error_feedback: with ``comm_dtype="int8"/"int4"``, keep each rank's quantisation error and
+        quant_block_size: elements per fp32 scale with ``comm_dtype="int8"/"int4"/"int2"`` (even, a
+            multiple of 4 for int2; default 512).
+        error_feedback: with ``comm_dtype="int8"/"int4"/"int2"``, keep each rank's quantisation error and
             add it to the next send (per parameter, checkpointed); default True.
+        topk_fraction: None (default: dense) or a float in (0, 1]: send only the largest
+            ``round(topk_fraction * 256)`` of every 256 entries of the progress, their values at the
+            bits of ``comm_dtype`` (``"int8"``/``"int4"``/``"int2"``, required), exchanged by
+            all-gather; with ``error_feedback`` what was not sent is kept for the next sync (Note
+            [Sparse outer gradients] in _sparse.py). Not with ``sharded=True`` or a ``manager``.
         timeout: seconds (or a ``datetime.timedelta``) a sync waits for its collectives before
             raising ``TimeoutError`` naming the sync, the step and the group; None: the process
             group's own timeout.
         manager: a ``torchft.Manager``: the sync goes through it and survives lost replica groups
             (:mod:`lookahead_dist.sync.ft`, ``docs/fault-tolerance.md``; extra ``[ft]``).
+        eager_update: ``True``: each fragment's collective is applied at that fragment's *next* sync
+            (a delay of one whole outer step) with the eager rule of Kale, Douillard & Donchev
+            (2025, arXiv 2502.12996); ``"naive"``: the same delay with the naive delayed rule (for
+            comparison); ``False`` (default): off (Note [Eager outer updates] in sync/_outer.py).
+            Not with ``sharded=True``, ``fragment_sync_delay > 0``, ``fragment_update_alpha > 0``
+            or a ``manager``.
     """
 
     process_group: dist.ProcessGroup | None = None
@@ -106,6 +119,8 @@ class LocalSGDOptions:
     error_feedback: bool = True
     timeout: float | datetime.timedelta | None = None
     manager: Any = None
+    eager_update: bool | Literal["naive"] = False
+    topk_fraction: float | None = None
     _buffers: list[torch.Tensor] | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -124,7 +139,7 @@ class LocalSGDOptions:
         if self.comm_dtype is not None and self.comm_dtype not in _COMM_DTYPES and not (
                 isinstance(self.comm_dtype, str) and self.comm_dtype in _QUANT_BITS):
             raise ValueError(
-                f"LocalSGDOptions `comm_dtype` must be None, one of {_COMM_DTYPES} or 'int8'/'int4', got "
+                f"LocalSGDOptions `comm_dtype` must be None, one of {_COMM_DTYPES} or 'int8'/'int4'/'int2', got "
                 f"{self.comm_dtype!r}")
         if self.sharded and self.intra_group is None and self.comm_dtype not in (None, torch.float32):
             raise ValueError(
@@ -133,6 +148,7 @@ class LocalSGDOptions:
                 "sharded=False, or an intra_group (hierarchical sharding sends progress)"
             )
         self._check_streaming()
+        self._check_sparse()
         if self.init not in ("broadcast", "check", "none"):
             raise ValueError(f"LocalSGDOptions `init` must be 'broadcast', 'check' or 'none', got {self.init!r}")
         if self.on_ddp_sync not in ("warn", "raise"):
@@ -202,6 +218,7 @@ class LocalSGDOptions:
                              f"{self.quant_block_size}")
         if not isinstance(self.error_feedback, bool):
             raise TypeError(f"LocalSGDOptions `error_feedback` must be a bool, got {self.error_feedback!r}")
+        self._check_eager()
         t = self.timeout
         if t is not None:
             secs = t.total_seconds() if isinstance(t, datetime.timedelta) else t
@@ -209,9 +226,52 @@ class LocalSGDOptions:
                 raise ValueError(f"LocalSGDOptions `timeout` must be None, a number of seconds > 0 or a "
                                  f"datetime.timedelta, got {t!r}")
 
+    def _check_sparse(self) -> None:
+        """Checks of ``topk_fraction`` and of int2's block size (Note [Sparse outer gradients] in _sparse.py)."""
+        if self.comm_dtype == "int2" and self.quant_block_size % 4:
+            raise ValueError(f"LocalSGDOptions `quant_block_size` must be a multiple of 4 with comm_dtype='int2' "
+                             f"(four codes per byte), got {self.quant_block_size}")
+        f = self.topk_fraction
+        if f is None:
+            return
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or math.isnan(f) or not 0.0 < f <= 1.0:
+            raise ValueError(f"LocalSGDOptions `topk_fraction` must be None or a float in (0, 1], got {f!r}")
+        self.topk_fraction = float(f)
+        if not (isinstance(self.comm_dtype, str) and self.comm_dtype in _QUANT_BITS):
+            raise ValueError(
+                f"LocalSGDOptions `topk_fraction={f}` sends its values at the bits of `comm_dtype`: set "
+                f"comm_dtype='int8', 'int4' or 'int2', got comm_dtype={self.comm_dtype!r}")
+        for name, bad in (("sharded", self.sharded), ("manager", self.manager)):
+            if bad is not None and bad is not False:
+                raise ValueError(
+                    f"LocalSGDOptions `topk_fraction={f}` is not supported with `{name}={bad!r}`: the sparse "
+                    "exchange sends progress over the full slow weights by all-gather and is implemented for "
+                    f"the flat modes only; use sharded=False and no manager, or topk_fraction=None")
+
+    def _check_eager(self) -> None:
+        """Checks of ``eager_update`` (Note [Eager outer updates] in sync/_outer.py)."""
+        e = self.eager_update
+        if not (e is True or e is False or e == "naive"):
+            raise ValueError(f"LocalSGDOptions `eager_update` must be True, False or 'naive', got {e!r}")
+        if e is False:
+            return
+        for name, bad in (("sharded", self.sharded), ("fragment_sync_delay", self.fragment_sync_delay),
+                          ("fragment_update_alpha", self.fragment_update_alpha)):
+            if bad:
+                raise ValueError(
+                    f"LocalSGDOptions `eager_update={e!r}` cannot be combined with `{name}={bad!r}`: the eager "
+                    "and naive delayed rules apply each collective one whole outer step later and restart the "
+                    "fragment from the global slow weights (sharded slow weights are not supported); "
+                    f"leave `{name}` at its default")
+
+    @property
+    def eager_rule(self) -> str | None:
+        """``"eager"`` or ``"naive"`` with ``eager_update=True``/``"naive"``, else None."""
+        return None if self.eager_update is False else ("naive" if self.eager_update == "naive" else "eager")
+
     @property
     def quant_bits(self) -> int | None:
-        """8 or 4 with ``comm_dtype="int8"/"int4"``, else None."""
+        """8, 4 or 2 with ``comm_dtype="int8"/"int4"/"int2"``, else None."""
         return _QUANT_BITS.get(self.comm_dtype) if isinstance(self.comm_dtype, str) else None
 
     @classmethod
@@ -252,7 +312,8 @@ def check_manager_options(o: LocalSGDOptions) -> None:
                          "use comm_dtype=None")
     # Streaming and the other blocking-mode extras are not implemented on the managed path.
     for name, default in (("num_fragments", 1), ("fragments", None), ("fragment_sync_delay", 0),
-                          ("fragment_update_alpha", 0.0), ("outer_optimizer", None), ("timeout", None)):
+                          ("fragment_update_alpha", 0.0), ("outer_optimizer", None), ("timeout", None),
+                          ("eager_update", False)):
         value = getattr(o, name, default)
         if value != default if default is not None else value is not None:
             hint = ("set the timeouts on the Manager and its ProcessGroupGloo instead" if name == "timeout"

@@ -55,7 +55,9 @@ Lookahead counts applied steps of a unit, ``n = 1 .. k``. With ``s = k / F`` (``
   ``theta <- a * theta_local + (1 - a) * phi_new`` (``a = fragment_update_alpha``).
 
 ``tau = 0`` applies at the launch step (blocking); ``F = 1, tau = 0, a = 0`` is the plain blocking
-sync, bit for bit. The timeline is drawn in ``docs/img/streaming-timeline.png``.
+sync, bit for bit. With ``eager_update=True``/``"naive"`` a fragment's collective is instead applied
+at that fragment's next launch, ``k`` counted steps later, so up to F are in flight (Note [Eager
+outer updates] in _outer.py). The timeline is drawn in ``docs/img/streaming-timeline.png``.
 
 Note [Overlap on each backend]
 ------------------------------

@@ -1,0 +1,303 @@
+"""Eager outer updates (``LocalSGDOptions(eager_update=True | "naive")``) on real gloo processes.
+
+The reference is :func:`simulate_eager`, a single-process simulation of 2 workers following the
+rule of Note [Eager outer updates] in ``lookahead_dist/sync/_outer.py`` (Kale, Douillard & Donchev
+2025, arXiv 2502.12996), written out again here: each fragment's averaged outer gradient (measured
+from each worker's own start point) is applied to the global slow weights at the fragment's next
+sync; the eager rule restarts each worker from the global slow weights minus ``lr / N`` of its own
+fresh outer gradient, the naive rule from the global slow weights. One 2-rank spawn runs every
+scenario; the test functions assert on its results.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lookahead_dist import LocalSGDOptions, Lookahead
+from tests.distributed._spawn import run_ranks
+
+pytestmark = pytest.mark.distributed
+
+LR = 0.1
+K = 4
+STEPS = 14  # syncs of F=1 at steps 3, 7, 11: two results applied, one still in flight
+ALPHA = 0.5
+
+
+def make_model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 4))
+
+
+def loss_on(model: nn.Module, rank: int, t: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(10_000 * (rank + 1) + t)
+    x, y = torch.randn(4, 6, generator=g), torch.randn(4, 4, generator=g)
+    return F.mse_loss(model(x), y)
+
+
+def sgd(params):
+    return torch.optim.SGD(params, lr=LR, momentum=0.9)
+
+
+def nesterov(ps):
+    return torch.optim.SGD(ps, lr=0.7, momentum=0.9, nesterov=True)
+
+
+def flat(tensors) -> np.ndarray:
+    return torch.cat([p.detach().reshape(-1) for p in tensors]).numpy().copy()
+
+
+def train(model, opt, rank, start, stop) -> None:
+    for t in range(start, stop):
+        opt.zero_grad()
+        loss_on(model, rank, t).backward()
+        opt.step()
+
+
+def slow_state(opt: Lookahead) -> np.ndarray:
+    """This rank's ``lookahead_slow`` (the global slow weights), in parameter order."""
+    return flat(opt.state[p]["lookahead_slow"] for g in opt.param_groups for p in g["params"])
+
+
+def state_tensors(opt: Lookahead) -> list[torch.Tensor]:
+    sd = opt.state_dict()["state"]
+    return [v if isinstance(v, torch.Tensor) else torch.tensor(v)
+            for idx in sorted(sd) for _, v in sorted(sd[idx].items())]
+
+
+def split_midpoint(nbytes: list[int], num_fragments: int) -> list[list[int]]:
+    total, start, out = sum(nbytes), 0, [[] for _ in range(num_fragments)]
+    for i, nb in enumerate(nbytes):
+        out[min(num_fragments - 1, int(num_fragments * (start + nb / 2) / total))].append(i)
+        start += nb
+    return out
+
+
+def simulate_eager(steps, k, num_fragments, rule, outer=None, lr=ALPHA):
+    """Two workers from model 0 on ranks 0 and 1's data, Note [Eager outer updates] by hand.
+
+    ``outer(slow_params) -> Optimizer`` (default: the Lookahead step, SGD with lr ``ALPHA``);
+    ``lr`` is its learning rate (eta of the eager restart point)."""
+    base = make_model(0)
+    workers = [copy.deepcopy(base) for _ in range(2)]
+    inner = [sgd(w.parameters()) for w in workers]
+    slow = [p.detach().clone() for p in base.parameters()]
+    start = [[p.clone() for p in slow] for _ in workers]
+    outer_opt = (outer or (lambda ps: torch.optim.SGD(ps, lr=ALPHA)))(slow)
+    frags = split_midpoint([p.numel() * 4 for p in slow], num_fragments)
+    stride, pending = k // num_fragments, {}
+    for t in range(steps):
+        for r, (w, o) in enumerate(zip(workers, inner)):
+            o.zero_grad()
+            loss_on(w, r, t).backward()
+            o.step()
+        n = t % k + 1
+        if n % stride:
+            continue
+        f = (n // stride) % num_fragments
+        with torch.no_grad():
+            fast = [list(w.parameters()) for w in workers]
+            own = [{j: start[r][j] - fast[r][j] for j in frags[f]} for r in range(2)]  # Delta_i(t)
+            old, pending[f] = pending.get(f), {j: (own[0][j] + own[1][j]) / 2 for j in frags[f]}
+            if old is not None:  # D(t-1) arrives: the global outer step
+                for j in frags[f]:
+                    slow[j].grad = old[j]
+                outer_opt.step()
+                for j in frags[f]:
+                    slow[j].grad = None
+            for r in range(2):
+                for j in frags[f]:
+                    start[r][j] = slow[j] - (lr / 2) * own[r][j] if rule == "eager" else slow[j].clone()
+                    fast[r][j].copy_(start[r][j])
+    return [flat(w.parameters()) for w in workers], flat(slow)
+
+
+# -- scenarios ------------------------------------------------------------------------------------
+CASES = {  # name: (options, simulation)
+    "eager_f1_nesterov": (dict(eager_update=True, outer_optimizer=nesterov),
+                          dict(num_fragments=1, rule="eager", outer=nesterov, lr=0.7)),
+    "naive_f1_nesterov": (dict(eager_update="naive", outer_optimizer=nesterov),
+                          dict(num_fragments=1, rule="naive", outer=nesterov, lr=0.7)),
+    "eager_f2_nesterov": (dict(eager_update=True, num_fragments=2, outer_optimizer=nesterov),
+                          dict(num_fragments=2, rule="eager", outer=nesterov, lr=0.7)),
+    "naive_f2_nesterov": (dict(eager_update="naive", num_fragments=2, outer_optimizer=nesterov),
+                          dict(num_fragments=2, rule="naive", outer=nesterov, lr=0.7)),
+    "eager_f2_builtin_momentum": (
+        dict(eager_update=True, num_fragments=2, outer_momentum=0.9, nesterov=True),
+        dict(num_fragments=2, rule="eager", lr=ALPHA,
+             outer=lambda ps: torch.optim.SGD(ps, lr=ALPHA, momentum=0.9, nesterov=True))),
+    "eager_f1_lookahead": (dict(eager_update=True), dict(num_fragments=1, rule="eager")),
+}
+
+
+def _runs(rank: int) -> dict:
+    out = {}
+    for name, (opts, _) in CASES.items():
+        model = make_model(rank)  # init="broadcast": rank 0's weights
+        opt = Lookahead(sgd(model.parameters()), k=K, alpha=ALPHA, local_sgd=LocalSGDOptions(**opts))
+        train(model, opt, rank, 0, STEPS)
+        out[name] = {"fast": flat(model.parameters()), "slow": slow_state(opt),
+                     "in_flight": sorted(opt.local_sgd.in_flight())}
+    # Compression: int8 with error feedback on the wire of the eager rule.
+    for name, opts in {"eager_f2_int8": dict(eager_update=True, num_fragments=2, comm_dtype="int8",
+                                             quant_block_size=8, outer_optimizer=nesterov),
+                       "eager_f2_fp32": dict(eager_update=True, num_fragments=2, outer_optimizer=nesterov)}.items():
+        model = make_model(rank)
+        opt = Lookahead(sgd(model.parameters()), k=K, alpha=ALPHA, local_sgd=LocalSGDOptions(**opts))
+        train(model, opt, rank, 0, STEPS)
+        out[name] = {"fast": flat(model.parameters()), "slow": slow_state(opt)}
+    return out
+
+
+CKPT_CASES = {
+    "f2_nesterov": dict(eager_update=True, num_fragments=2, outer_optimizer=nesterov),
+    "f1_int8_ef_momentum": dict(eager_update=True, comm_dtype="int8", quant_block_size=8, outer_momentum=0.9),
+    "f1_naive": dict(eager_update="naive", outer_momentum=0.5),
+}
+
+
+def _checkpoint_in_flight(rank: int) -> dict:
+    """Save after step 6 (k=4: the collective launched at step 3, F=1; at step 5, F=2, in flight)."""
+    out = {}
+    for name, opts in CKPT_CASES.items():
+        straight = make_model(rank)
+        straight_opt = Lookahead(sgd(straight.parameters()), k=K, alpha=ALPHA, local_sgd=LocalSGDOptions(**opts))
+        train(straight, straight_opt, rank, 0, STEPS)
+        model = make_model(rank)
+        opt = Lookahead(sgd(model.parameters()), k=K, alpha=ALPHA, local_sgd=LocalSGDOptions(**opts))
+        train(model, opt, rank, 0, 6)
+        in_flight = sorted(opt.local_sgd.in_flight())
+        blob = io.BytesIO()
+        torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, blob)  # every rank its own
+        train(model, opt, rank, 6, STEPS)  # the saving run goes on: flush() changed nothing
+        blob.seek(0)
+        saved = torch.load(blob, weights_only=True)
+        model2 = make_model(123)
+        opt2 = Lookahead(sgd(model2.parameters()), k=K, alpha=ALPHA, local_sgd=LocalSGDOptions(**opts))
+        model2.load_state_dict(saved["model"])
+        opt2.load_state_dict(saved["opt"])
+        train(model2, opt2, rank, 6, STEPS)
+        ref_state = state_tensors(straight_opt)
+        out[name] = {
+            "in_flight_at_save": in_flight,
+            "continued_equal": bool(np.array_equal(flat(model.parameters()), flat(straight.parameters()))),
+            "fast_equal": bool(np.array_equal(flat(model2.parameters()), flat(straight.parameters()))),
+            "slow_equal": bool(np.array_equal(slow_state(opt2), slow_state(straight_opt))),
+            "state_equal": all(torch.equal(a, b) for a, b in zip(state_tensors(opt2), ref_state)),
+        }
+    return out
+
+
+def _sync_now(rank: int) -> dict:
+    """``sync_now()`` with collectives in flight: every rank ends on the same weights."""
+    model = make_model(rank)
+    opt = Lookahead(sgd(model.parameters()), k=K, alpha=ALPHA,
+                    local_sgd=LocalSGDOptions(eager_update=True, num_fragments=2, outer_momentum=0.9))
+    train(model, opt, rank, 0, 6)
+    opt.sync_now()
+    after = flat(model.parameters())
+    train(model, opt, rank, 6, 10)
+    return {"after": after, "slow": slow_state(opt), "in_flight": opt.local_sgd.in_flight()}
+
+
+def _nonfinite(rank: int) -> dict:
+    """A NaN in rank 1's fast weights before step 6 (F=1, k=4): its outer gradient launched at step 7
+    is non-finite, so the average applied at step 11 is skipped by both ranks, which restart from
+    the same slow weights and drop the collective launched at step 11."""
+    import warnings
+
+    model = make_model(rank)
+    opt = Lookahead(sgd(model.parameters()), k=K, alpha=ALPHA,
+                    local_sgd=LocalSGDOptions(eager_update=True, outer_optimizer=nesterov))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        train(model, opt, rank, 0, 6)
+        if rank == 1:
+            with torch.no_grad():
+                model[0].weight[0, 0] = float("nan")
+        train(model, opt, rank, 6, 12)  # syncs at steps 7 and 11
+        after = flat(model.parameters())
+        in_flight = opt.local_sgd.in_flight()
+        train(model, opt, rank, 12, STEPS + 4)
+    return {"after": after, "in_flight": in_flight, "skipped": opt.nonfinite_syncs, "slow": slow_state(opt),
+            "fast": flat(model.parameters())}
+
+
+def _body(rank: int, world_size: int) -> dict:
+    torch.use_deterministic_algorithms(True)
+    return {"runs": _runs(rank), "checkpoint": _checkpoint_in_flight(rank), "sync_now": _sync_now(rank),
+            "nonfinite": _nonfinite(rank)}
+
+
+@pytest.fixture(scope="module")
+def two_ranks():
+    return run_ranks(_body, world_size=2, timeout=200)
+
+
+# -- tests ------------------------------------------------------------------------------------------
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_eager_and_naive_match_simulation_of_two_workers(two_ranks, case):
+    _, sim = CASES[case]
+    fast, slow = simulate_eager(STEPS, K, **sim)
+    for rank, res in enumerate(two_ranks):
+        v = res["runs"][case]
+        np.testing.assert_allclose(v["fast"], fast[rank], rtol=0, atol=2e-6, err_msg=case)
+        np.testing.assert_allclose(v["slow"], slow, rtol=0, atol=2e-6, err_msg=case)
+    # The ranks really trained apart since their last sync (the comparison is not vacuous).
+    assert np.abs(two_ranks[0]["runs"][case]["fast"] - two_ranks[1]["runs"][case]["fast"]).max() > 1e-3
+
+
+@pytest.mark.parametrize("case", sorted(CASES) + ["eager_f2_int8"])
+def test_global_slow_weights_are_bit_identical_across_ranks(two_ranks, case):
+    a, b = (res["runs"][case]["slow"] for res in two_ranks)
+    assert np.array_equal(a, b)
+
+
+def test_each_fragment_stays_in_flight_until_its_next_sync(two_ranks):
+    # k=4, 14 steps: F=1 launched at step 11, due at its next sync (step 15): 4 counted steps on.
+    assert two_ranks[0]["runs"]["eager_f1_nesterov"]["in_flight"] == [(0, 2)]
+    # F=2 (syncs every 2 steps): both fragments in flight, fragment 1 launched at step 13.
+    assert two_ranks[0]["runs"]["eager_f2_nesterov"]["in_flight"] == [(0, 2), (1, 4)]
+
+
+def test_eager_and_naive_differ(two_ranks):
+    r = two_ranks[0]["runs"]
+    assert np.abs(r["eager_f1_nesterov"]["fast"] - r["naive_f1_nesterov"]["fast"]).max() > 1e-4
+
+
+def test_int8_error_feedback_eager_stays_close_to_fp32(two_ranks):
+    for res in two_ranks:
+        q, ref = res["runs"]["eager_f2_int8"], res["runs"]["eager_f2_fp32"]
+        assert np.abs(q["slow"] - ref["slow"]).max() < 2e-2
+        assert np.abs(q["slow"] - ref["slow"]).max() > 0  # it really was quantised
+
+
+@pytest.mark.parametrize("case", sorted(CKPT_CASES))
+def test_checkpoint_with_a_collective_in_flight_resumes_exactly(two_ranks, case):
+    for res in two_ranks:
+        v = res["checkpoint"][case]
+        assert v["in_flight_at_save"], v
+        assert v["continued_equal"] and v["fast_equal"] and v["slow_equal"] and v["state_equal"], v
+
+
+def test_sync_now_applies_what_is_in_flight_and_aligns_the_ranks(two_ranks):
+    a, b = (res["sync_now"] for res in two_ranks)
+    assert np.array_equal(a["after"], b["after"])
+    assert np.array_equal(a["slow"], b["slow"])
+
+
+def test_nan_on_one_rank_is_skipped_alike_and_the_ranks_recover(two_ranks):
+    a, b = (res["nonfinite"] for res in two_ranks)
+    assert a["skipped"] == b["skipped"] == 1
+    assert np.array_equal(a["after"], b["after"]) and np.isfinite(a["after"]).all()  # both restart from phi
+    assert a["in_flight"] == b["in_flight"] == []  # the collective launched with the NaN was dropped
+    assert np.array_equal(a["slow"], b["slow"]) and np.isfinite(a["slow"]).all()
+    assert np.isfinite(a["fast"]).all() and np.isfinite(b["fast"]).all()
