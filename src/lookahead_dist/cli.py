@@ -80,6 +80,13 @@ _positive_float = _float_in("a positive number", lambda v: 0.0 < v < math.inf)
 _nonnegative_float = _float_in("a number >= 0", lambda v: 0.0 <= v < math.inf)
 _unit_interval = _float_in("a number in [0, 1]", lambda v: 0.0 <= v <= 1.0)
 _momentum = _float_in("a number in [0, 1)", lambda v: 0.0 <= v < 1.0)
+_fraction = _float_in("a number in (0, 1]", lambda v: 0.0 < v <= 1.0)
+
+
+def _eager_rule(text: str) -> str:
+    if text != "naive":
+        raise argparse.ArgumentTypeError(f"expected no value (the eager rule) or 'naive', got {text!r}")
+    return text
 
 
 def _block_size(text: str) -> int:
@@ -126,13 +133,20 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     ls.add_argument("--local-sgd-sharded", dest="sharded", action="store_true",
                     help="each rank keeps 1/N of the slow weights (reduce-scatter + all-gather)")
     ls.add_argument("--comm-dtype", choices=COMM_DTYPES, default="fp32",
-                    help="dtype of the averaged progress on the wire; int8/int4: blockwise absmax-quantised, "
+                    help="dtype of the averaged progress on the wire; int8/int4/int2: blockwise absmax-quantised, "
                     "summed in fp32 (default: fp32)")
     ls.add_argument("--quant-block-size", type=_block_size, default=512,
-                    help="values per fp32 scale with --comm-dtype int8/int4 (even; default: 512)")
+                    help="values per fp32 scale with --comm-dtype int8/int4/int2 (even; default: 512)")
     ls.add_argument("--error-feedback", action=argparse.BooleanOptionalAction, default=True,
-                    help="with --comm-dtype int8/int4, carry each rank's quantisation error into its next send "
+                    help="with --comm-dtype int8/int4/int2, carry each rank's quantisation error into its next send "
                     "(default: on)")
+    ls.add_argument("--eager-update", nargs="?", const=True, default=False, type=_eager_rule, metavar="naive",
+                    help="apply each sync's collective at the next sync (the transfer overlaps a whole inner "
+                    "phase), with the eager rule (own fresh outer gradient for its share); '--eager-update "
+                    "naive': the delayed average alone, for comparison (default: off)")
+    ls.add_argument("--topk-fraction", type=_fraction, default=None, metavar="F",
+                    help="send only this fraction of the outer gradient (top-k per block of 256 values, at the "
+                    "bits of --comm-dtype int8/int4/int2, exchanged by all-gather), e.g. 0.02 (default: dense)")
     ls.add_argument("--num-fragments", type=_int_at_least(1), default=1,
                     help="streaming (local-sgd, torchft-diloco): F fragments synced at staggered steps, each 1/F "
                     "of the model; k must be a multiple of F (default: 1)")
@@ -456,7 +470,9 @@ _LOCAL_SGD_FLAGS = (("--outer-momentum", "outer_momentum", 0.0, STREAMING_MODES)
                     ("--hierarchical", "hierarchical", False, ("local-sgd",)),
                     ("--num-fragments", "num_fragments", 1, STREAMING_MODES),
                     ("--fragment-sync-delay", "fragment_sync_delay", 0, STREAMING_MODES),
-                    ("--fragment-update-alpha", "fragment_update_alpha", 0.0, STREAMING_MODES))
+                    ("--fragment-update-alpha", "fragment_update_alpha", 0.0, STREAMING_MODES),
+                    ("--eager-update", "eager_update", False, ("local-sgd",)),
+                    ("--topk-fraction", "topk_fraction", None, ("local-sgd",)))
 
 
 def _check_local_sgd_flags(args: argparse.Namespace, specs: Sequence[tuple[str, str]]) -> None:
@@ -482,7 +498,8 @@ def _local_sgd_options(args: argparse.Namespace, mode: str) -> dict[str, Any]:
                                 fragment_update_alpha=args.fragment_update_alpha)
     if mode == "local-sgd":
         opts.update(sharded=args.sharded, comm_dtype=args.comm_dtype, hierarchical=args.hierarchical,
-                    quant_block_size=args.quant_block_size, error_feedback=args.error_feedback)
+                    quant_block_size=args.quant_block_size, error_feedback=args.error_feedback,
+                    eager_update=args.eager_update, topk_fraction=args.topk_fraction)
     return opts
 
 

@@ -136,3 +136,27 @@ def test_torchft_diloco_without_lighthouse_says_how_to_start_one(monkeypatch):
     assert "TORCHFT_LIGHTHOUSE=http://" in mode_unavailable_reason("torchft-diloco", "adamw")
     monkeypatch.setenv("TORCHFT_LIGHTHOUSE", "http://localhost:29510")
     assert mode_unavailable_reason("torchft-diloco", "adamw") is None
+
+
+def test_eager_and_sparse_flags_reach_the_config():
+    (c,) = _configs(["train", "--mode", "local-sgd", "--k", "16", "--num-fragments", "2", "--eager-update",
+                     "--comm-dtype", "int2", "--topk-fraction", "0.02", "--device", "cpu"])
+    assert (c.eager_update, c.topk_fraction, c.comm_dtype, c.num_fragments) == (True, 0.02, "int2", 2)
+    (c,) = _configs(["train", "--mode", "local-sgd", "--eager-update", "naive", "--device", "cpu"])
+    assert (c.eager_update, c.topk_fraction) == ("naive", None)
+    (c,) = _configs(["train", "--mode", "local-sgd", "--device", "cpu"])
+    assert (c.eager_update, c.topk_fraction) == (False, None)
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--mode", "ddp", "--eager-update"], "--eager-update: option(s) of --mode local-sgd"),
+    (["--mode", "local-sgd", "--eager-update", "eager"], "'naive'"),
+    (["--mode", "local-sgd", "--topk-fraction", "0"], "(0, 1]"),
+    (["--mode", "local-sgd", "--topk-fraction", "0.02"], "comm_dtype='int8', 'int4' or 'int2'"),
+    (["--mode", "local-sgd", "--k", "4", "--eager-update", "--fragment-sync-delay", "1"], "fragment_sync_delay=1"),
+    (["--mode", "local-sgd", "--eager-update", "--local-sgd-sharded"], "sharded"),
+])
+def test_bad_eager_and_sparse_flags_exit_2(argv, needle, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["train", *argv, "--device", "cpu"])
+    assert e.value.code == 2 and needle in capsys.readouterr().err

@@ -159,3 +159,17 @@ def test_node_groups_builds_the_inter_groups_on_the_backend_asked(one_rank_group
     with pytest.warns(UserWarning, match="found 1 node"):
         groups = node_groups(1, inter_backend="gloo")
     assert seen == [None, "gloo"] and dist.get_backend(groups.inter) == "gloo"
+
+
+def test_eager_and_sparse_keys_of_the_across_nodes_block():
+    from lookahead_dist.deepspeed.config import _parse_local_sgd
+
+    parsed = _parse_local_sgd({"across": "nodes", "eager_update": True, "comm_dtype": "int2", "topk_fraction": 0.02,
+                               "num_fragments": 2})
+    o = parsed["options"]
+    assert (o.eager_update, o.topk_fraction, o.comm_dtype, o.num_fragments) == (True, 0.02, "int2", 2)
+    assert _parse_local_sgd({"across": "nodes", "eager_update": "naive"})["options"].eager_update == "naive"
+    with pytest.raises(ValueError, match=r'"lookahead.local_sgd": LocalSGDOptions `topk_fraction=0.02`'):
+        _parse_local_sgd({"across": "nodes", "topk_fraction": 0.02})
+    with pytest.raises(ValueError, match="'eager_updates' -> 'eager_update'"):
+        _parse_local_sgd({"across": "nodes", "eager_updates": True})

@@ -51,7 +51,7 @@ class RunConfig:
         nesterov: local-sgd: Nesterov outer momentum (needs ``outer_momentum > 0``).
         sharded: local-sgd: each rank keeps 1/N of the slow weights (reduce-scatter + all-gather).
         comm_dtype: local-sgd: dtype of the averaged progress on the wire, ``fp32`` | ``bf16`` | ``fp16``,
-            or ``int8`` | ``int4`` (blockwise absmax-quantised, summed in fp32).
+            or ``int8`` | ``int4`` | ``int2`` (blockwise absmax-quantised, summed in fp32).
         hierarchical: local-sgd: DDP inside each node (the ``LOCAL_WORLD_SIZE`` ranks of a node),
             local SGD across nodes.
         num_fragments: local-sgd, torchft-diloco: F, fragments synced at staggered steps (``k % F == 0``).
@@ -59,9 +59,14 @@ class RunConfig:
             its application (0: blocking; ``tau < k / F``).
         fragment_update_alpha: local-sgd, torchft-diloco: share of the local weights kept when a
             fragment's result is applied, in [0, 1].
-        quant_block_size: local-sgd with ``comm_dtype`` int8/int4: values per fp32 scale (even).
-        error_feedback: local-sgd with ``comm_dtype`` int8/int4: carry each rank's quantisation error
-            into its next send.
+        quant_block_size: local-sgd with ``comm_dtype`` int8/int4/int2: values per fp32 scale (even).
+        error_feedback: local-sgd with ``comm_dtype`` int8/int4/int2: carry each rank's quantisation
+            error into its next send.
+        eager_update: local-sgd: False, True (the eager rule: each sync's collective is applied at
+            the next sync, the rank's own fresh outer gradient standing in for its share) or
+            ``"naive"`` (the delayed average alone), Note [Eager outer updates].
+        topk_fraction: local-sgd: send only this fraction of the outer gradient (top-k per block of
+            256 values, at the bits of ``comm_dtype`` int8/int4/int2), or None (dense).
         corpus: training text, ``pydoc`` (documentation prose) or ``stdlib`` (standard-library source).
     """
 
@@ -89,6 +94,8 @@ class RunConfig:
     fragment_update_alpha: float = 0.0
     quant_block_size: int = 512
     error_feedback: bool = True
+    eager_update: bool | str = False
+    topk_fraction: float | None = None
     corpus: str = "pydoc"
 
     def __post_init__(self) -> None:
@@ -165,9 +172,21 @@ class RunConfig:
             if tau >= self.k // F:
                 raise ValueError(f"`fragment_sync_delay` ({tau}) must be < k / num_fragments = {self.k // F}: a "
                                  "fragment must be applied before it is sent again; lower it or use fewer fragments")
-        if self.comm_dtype not in ("int8", "int4") and (self.quant_block_size != 512 or not self.error_feedback):
-            raise ValueError(f"quant_block_size and error_feedback apply to comm_dtype int8/int4, not to "
+        if self.comm_dtype not in ("int8", "int4", "int2") and (self.quant_block_size != 512 or not self.error_feedback):
+            raise ValueError(f"quant_block_size and error_feedback apply to comm_dtype int8/int4/int2, not to "
                              f"{self.comm_dtype!r}")
+        if self.eager_update is not False or self.topk_fraction is not None:
+            if self.mode != "local-sgd":
+                raise ValueError(f"eager_update and topk_fraction are options of mode 'local-sgd', not of {self.mode!r}")
+            from ..sync.options import COMM_DTYPES as _TABLE, LocalSGDOptions
+
+            # The library's own checks (the combinations it refuses), before any process starts.
+            LocalSGDOptions(eager_update=self.eager_update, topk_fraction=self.topk_fraction,
+                            comm_dtype=_TABLE[self.comm_dtype] if self.comm_dtype != "fp32" else None,
+                            sharded=self.sharded, num_fragments=self.num_fragments,
+                            fragment_sync_delay=self.fragment_sync_delay,
+                            fragment_update_alpha=self.fragment_update_alpha,
+                            quant_block_size=self.quant_block_size, init="none")
 
     @property
     def name(self) -> str:

@@ -167,13 +167,15 @@ def _zero2(model: nn.Module, run: Any, device: torch.device) -> Runner:
 
 
 def _local_sgd(model: nn.Module, run: Any, device: torch.device) -> Runner:
-    dtypes = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": "int8", "int4": "int4"}
+    dtypes = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": "int8", "int4": "int4",
+              "int2": "int2"}
     opts = dict(outer_momentum=run.outer_momentum, nesterov=run.nesterov, sharded=run.sharded,
                 comm_dtype=dtypes[run.comm_dtype])
     # Streaming and quantisation options, passed only when set (so a library without them still runs
     # the plain modes).
     for name, default in (("num_fragments", 1), ("fragment_sync_delay", 0), ("fragment_update_alpha", 0.0),
-                          ("quant_block_size", 512), ("error_feedback", True)):
+                          ("quant_block_size", 512), ("error_feedback", True), ("eager_update", False),
+                          ("topk_fraction", None)):
         if getattr(run, name) != default:
             opts[name] = getattr(run, name)
     module: nn.Module = model
