@@ -72,6 +72,25 @@ STREAMING_ROWS = [
 #: Rows drawn in the loss-vs-wall-clock plot of --suite streaming.
 WALLCLOCK_ROWS = ("ddp", "blocking", "stream-fp32", "stream-int8")
 
+# --suite slow-links (issue 16): the settings meant for 10-100 Mbit/s links against the same blocking
+# fp32 reference. Eager rows: each sync's collective lands at the next sync (F fragments, tau = 0).
+_EAGER = (*_LSGD, "--num-fragments", "{F}", "--eager-update")
+SLOW_LINK_ROWS = [
+    ("blocking", "blocking local SGD, fp32", _LSGD, None),
+    ("stream-int4", "streaming F={F} tau=1, int4 (the best before)",
+     (*_LSGD, "--num-fragments", "{F}", "--fragment-sync-delay", "1", "--comm-dtype", "int4"), 0.02),
+    ("eager-fp32", "eager F={F}, fp32", _EAGER, 0.02),
+    ("eager-int4", "eager F={F}, int4", (*_EAGER, "--comm-dtype", "int4"), 0.02),
+    ("eager-int2", "eager F={F}, int2", (*_EAGER, "--comm-dtype", "int2"), 0.02),
+    ("naive-int4", "naive delayed F={F}, int4", (*_LSGD, "--num-fragments", "{F}", "--eager-update", "naive",
+                                                 "--comm-dtype", "int4"), 0.02),
+    ("sparse-int2-2pct", "blocking, top-2% at 2 bits", (*_LSGD, "--comm-dtype", "int2", "--topk-fraction", "0.02"),
+     0.02),
+    ("eager-sparse-int2-2pct", "eager F={F}, top-2% at 2 bits", (*_EAGER, "--comm-dtype", "int2",
+                                                                 "--topk-fraction", "0.02"), 0.02),
+]
+SUITES = {"streaming": STREAMING_ROWS, "slow-links": SLOW_LINK_ROWS}
+
 
 def run(corpus: str, steps: int, batch: int, nproc: int) -> list[dict]:
     from lookahead_dist.demo.config import RunConfig
@@ -243,7 +262,7 @@ def _local_steps(steps: int, k: int, fragments: int, tau: int) -> str:
     return out[0] if fragments == 1 else "(" + ", ".join(out) + ")"
 
 
-def _streaming_verdicts(results: list[dict]) -> str:
+def _streaming_verdicts(results: list[dict], table_rows: list[tuple] | None = None) -> str:
     by = {(r["key"], r["config"]["seed"]): r for r in results}
     blocking = sorted((s, r["val_loss"]) for (k, s), r in by.items() if k == "blocking")
     lines = []
@@ -253,7 +272,7 @@ def _streaming_verdicts(results: list[dict]) -> str:
         spread = hi / lo - 1.0
         lines.append("Noise reference: the blocking mode's validation loss over seeds "
                      + ", ".join(f"{s}: {v:.4f}" for s, v in blocking) + f" (spread {spread:.2%}).\n")
-    for key, label, _, target in STREAMING_ROWS:
+    for key, label, _, target in table_rows or STREAMING_ROWS:
         gaps = [by[(key, s)]["val_loss"] / by[("blocking", s)]["val_loss"] - 1.0 for s, _ in blocking if (key, s) in by]
         if target is None or not gaps:
             continue
@@ -265,12 +284,21 @@ def _streaming_verdicts(results: list[dict]) -> str:
         name = next(r["label"] for r in results if r["key"] == key)
         lines.append(f"- {name}: {mean:+.2%} vs blocking (mean over {len(gaps)} seed(s)), target <= +{target:.0%}: "
                      f"**{verdict}**{paired}.")
+    seeds = [s for s, _ in blocking] or sorted({s for _, s in by})
+    for eager, naive in (("eager-int4", "naive-int4"),):
+        pairs = [(by[(eager, s)]["val_loss"], by[(naive, s)]["val_loss"]) for s in seeds
+                 if (eager, s) in by and (naive, s) in by]
+        if pairs:
+            wins = sum(e < n for e, n in pairs)
+            lines.append(f"- eager vs naive delayed (int4, same delay): val loss {', '.join(f'{e:.4f} vs {n:.4f}' for e, n in pairs)}"
+                         f" (seed by seed): eager lower on {wins} of {len(pairs)} seed(s).")
     return "\n".join(lines)
 
 
 def main_streaming(args: argparse.Namespace) -> int:
     rate = None if args.rate.lower() == "none" else args.rate
-    known = {r[0] for r in STREAMING_ROWS}
+    table_rows = SUITES[args.suite]
+    known = {r[0] for r in table_rows}
     if args.from_json:
         runs = [json.loads(Path(f).read_text()) for f in args.from_json.split(",")]
         results = [r for run in runs for r in run["results"] if r["key"] in known]
@@ -279,11 +307,11 @@ def main_streaming(args: argparse.Namespace) -> int:
         if rate is not None:
             if (status := cluster_unavailable("convergence", " (use --rate none)")) is not None:
                 return status
-        wanted = args.rows.split(",") if args.rows else [r[0] for r in STREAMING_ROWS]
+        wanted = args.rows.split(",") if args.rows else [r[0] for r in table_rows]
         bad = [k for k in wanted if k not in known]
         if bad:
             raise SystemExit(f"--rows: unknown row(s) {', '.join(bad)}; choose from {', '.join(sorted(known))}")
-        rows = [r for r in STREAMING_ROWS if r[0] in wanted]
+        rows = [r for r in table_rows if r[0] in wanted]
         seeds = [int(x) for x in args.seeds.split(",")]
         load_before = os.getloadavg()
         results = run_streaming(rows, steps=args.steps, batch=args.batch_size, fragments=args.num_fragments,
@@ -293,14 +321,14 @@ def main_streaming(args: argparse.Namespace) -> int:
                  "command": command}]
         if args.json_out:
             Path(args.json_out).write_text(json.dumps(runs[0], indent=1))
-    png = IMG / "convergence_streaming.png"
+    png = IMG / ("convergence_streaming.png" if args.suite == "streaming" else "convergence_slow_links.png")
     groups: dict[int, list[dict]] = {}
     for r in results:
         groups.setdefault(r["config"]["steps"], []).append(r)
     plotted = next(iter(groups.values()))
     if args.write:
         plot_streaming(plotted, png, rate)
-    sections = [f"#### {steps} steps\n\n{streaming_table(rs)}\n\n{_streaming_verdicts(rs)}"
+    sections = [f"#### {steps} steps\n\n{streaming_table(rs)}\n\n{_streaming_verdicts(rs, table_rows)}"
                 for steps, rs in groups.items()]
     notes = []
     if len(runs) > 1:
@@ -355,11 +383,12 @@ def main_streaming(args: argparse.Namespace) -> int:
 
         cmd = " ".join(["OMP_NUM_THREADS=1 python -m benchmarks.convergence",
                         *(sys.argv[1:] if args.argv is None else args.argv)])
-        write_section(STREAMING_SECTION, cmd, body)
+        write_section(STREAMING_SECTION if args.suite == "streaming" else SLOW_LINKS_SECTION, cmd, body)
     return 0
 
 
 STREAMING_SECTION = "Convergence of streaming local SGD (real trainer)"
+SLOW_LINKS_SECTION = "Convergence of eager, 2-bit and sparse outer updates (real trainer)"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -370,9 +399,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--json-out", default=None)
     p.add_argument("--write", action="store_true", help="PNGs to docs/img/ and a section in docs/benchmarks.md")
-    p.add_argument("--suite", choices=("tasks", "streaming"), default="tasks",
+    p.add_argument("--suite", choices=("tasks", "streaming", "slow-links"), default="tasks",
                    help="tasks: the two-task comparison (default); streaming: streaming vs blocking local SGD "
-                   "(on the trainer's corpus, pydoc)")
+                   "(on the trainer's corpus, pydoc); slow-links: eager, int2 and sparse rows vs blocking")
     p.add_argument("--rate", default="200mbit",
                    help="--suite streaming: link rate of the simulated cluster (root), or 'none' to spawn the "
                    "ranks here (default: 200mbit)")
@@ -388,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = argv
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     sys.path.insert(0, str(ROOT))
-    if args.suite == "streaming":
+    if args.suite in SUITES:
         return main_streaming(args)
     all_results = {c: run(c, args.steps, args.batch_size, args.nproc) for c in args.corpora.split(",")}
     if args.json_out:
