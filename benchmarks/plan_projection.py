@@ -50,7 +50,7 @@ def row(params: int, link: str, nodes: int) -> dict:
         "ddp": result.ddp.utilization,
         "blocking": P.predict(P.Option("local_sgd", FIXED_K), w, c).utilization,
         "streaming": streaming,
-        "sparse": P.predict(P.Option("local_sgd", FIXED_K, comm_dtype="int8", topk_fraction=TOPK), w, c).utilization,
+        "sparse": P.predict(P.Option("local_sgd", FIXED_K, comm_dtype="int2", topk_fraction=TOPK), w, c).utilization,
         "recommended": result.recommended,
         "step": w.step_time,
     }
@@ -64,12 +64,13 @@ def _opt(p: P.Prediction) -> str:
     o = p.option
     if o.mode == "ddp":
         return "DDP"
-    return f"k={o.k} F={o.num_fragments} tau={o.fragment_sync_delay} {o.comm_dtype}"
+    wire = o.comm_dtype if o.topk_fraction is None else f"top-{100 * o.topk_fraction:g}% {o.comm_dtype}"
+    return f"k={o.k} F={o.num_fragments} tau={o.fragment_sync_delay} {wire}" + (" eager" if o.eager_update else "")
 
 
 def table() -> str:
     head = ("| model | step | link | nodes | DDP | blocking fp32 k=64 | streaming int8 k=64 (F, tau) | "
-            f"top-{100 * TOPK:g}% int8 k=64 (model only) | `plan`'s choice | its utilisation |")
+            f"top-{100 * TOPK:g}% int2 k=64 | `plan`'s choice | its utilisation |")
     lines = [head, "|" + "|".join(["---"] * (head.count("|") - 1)) + "|"]
     for name, params in SIZES.items():
         for link in LINKS:
@@ -91,7 +92,7 @@ def plot(path: Path) -> None:
 
     fig, axes = plt.subplots(len(SIZES), len(LINKS), figsize=(14, 9), sharex=True, sharey=True)
     series = (("DDP", "ddp", "tab:red"), ("blocking fp32 k=64", "blocking", "tab:gray"),
-              ("streaming int8 k=64", "streaming", "tab:blue"), (f"top-{100 * TOPK:g}% int8 k=64 (model only)",
+              ("streaming int8 k=64", "streaming", "tab:blue"), (f"top-{100 * TOPK:g}% int2 k=64 (blocking)",
                                                                  "sparse", "tab:purple"),
               ("plan's choice", "recommended", "tab:green"))
     for i, (name, params) in enumerate(SIZES.items()):
@@ -129,14 +130,18 @@ predicted-vs-measured check on the simulated cluster (issue 17, item 1) are not 
 **The model, in brief.** One inner step takes `t` (compute, no communication) plus the exposed
 part of each collective. A collective over `n` ranks on a link of bandwidth `beta` and latency
 `alpha` costs, per the ring algorithms: all-reduce `2(n-1) alpha + 2(n-1)/n S / beta`;
-reduce-scatter, all-gather and all-to-all `(n-1) alpha + (n-1)/n S / beta` each; the int8/int4
-mean (all-to-all + all-gather of quantised chunks, one fp32 scale per 512 values)
-`2(n-1) alpha + 2(n-1) s / beta` with `s` the padded chunk's bytes; a top-k all-gather
-`(n-1) alpha + (n-1) c (v + 4) / beta` for `c` values of `v` bytes with an int32 index each;
+reduce-scatter, all-gather and all-to-all `(n-1) alpha + (n-1)/n S / beta` each; the
+int8/int4/int2 mean (all-to-all + all-gather of quantised chunks, one fp32 scale per 512 values)
+`2(n-1) alpha + 2(n-1) s / beta` with `s` the padded chunk's bytes; the top-k exchange
+(`topk_fraction`, the library's encoding) a ring all-gather `(n-1) alpha + (n-1) S / beta` of each
+rank's payload `S = 4 P/2048 + (P/256) k_b (1 + bits/8)` bytes (`k_b = round(256 f)` values per
+256 with a 1-byte index each, `P` the padded count: 0.21 bits per value at 2% with int2 values);
 hierarchical: the intra-node stage plus the inter-node stage. DDP exposes
 `max(0, T_allreduce - 2/3 t)` every step (the all-reduce overlaps the backward pass, 2/3 of the
-FLOPs); local SGD exposes `F/k * max(0, T_fragment - tau t)`. Utilisation = `t / (t + exposed)`,
-the fraction of the no-communication throughput.
+FLOPs); local SGD exposes `F/k * max(0, T_fragment - tau t)`, and with an eager update (tau = 0,
+applied at the fragment's next sync) `F/k * max(0, T_fragment - (k/F) t)`: the F fragments in
+flight share the link. Utilisation = `t / (t + exposed)`, the fraction of the no-communication
+throughput.
 
 **Assumptions.** A node is one local-SGD replica: {GPUS_PER_NODE} x {GPU} at {PEAK_FLOPS / 1e12:g} TFLOP/s (bf16 dense) each,
 MFU {100 * MFU:.0f}%, {TOKENS_PER_NODE_STEP:,} tokens per node per step ({GPUS_PER_NODE} GPUs x 16 sequences x 2,048 tokens),
@@ -147,10 +152,12 @@ pay `log2 N` latencies, not `2(N-1)`: at 1,024 nodes the ring's 2 s per sync is 
 small model); no congestion, no stragglers, no slowdown of compute by the transfer; DDP sends
 fp32 gradients (bf16 would halve its bytes). Memory is not modelled (70B does not fit one node
 under DDP without sharding). Columns: DDP; blocking local SGD, fp32, k = 64; streaming int8 at
-k = 64 with the least stale (F, tau <= 5) that reaches 95% (else the best); a top-1% int8 sparse
-exchange at k = 64 (the all-gather of SparseLoCo-style methods: **model only, not in the
-library**); and what `lookahead-dist plan` recommends (smallest k in 8..512, then the most precise
-wire format, then the smallest tau and F, reaching 95%; else the highest utilisation).
+k = 64 with the least stale (F, tau <= 5) that reaches 95% (else the best); blocking top-1% with
+int2 values at k = 64 (`topk_fraction=0.01, comm_dtype="int2"`: the all-gather of SparseLoCo-style
+methods); and what `lookahead-dist plan` recommends among fp32, bf16, int8, int4, int2 and top-3/2/1%
+with int2 values, each blocking, streaming or eager: the smallest k in 8..512, then the most
+precise wire, then non-eager before eager, then the smallest tau and F, reaching 95%; else the
+highest utilisation.
 
 {table()}
 
@@ -159,13 +166,18 @@ wire format, then the smallest tau and F, reaching 95%; else the highest utilisa
 What it says (all predicted): DDP stays under 9% of the no-communication throughput at
 10 Gbit/s and reaches 47-68% at 100 Gbit/s (17% for 1B on 1,024 nodes: latency). Blocking fp32 local SGD at k = 64 gives 33-36% at
 1 Gbit/s, 79-85% at 10 Gbit/s and 92-98% at 100 Gbit/s. Streaming int8 at the same k reaches 95%
-from 10 Gbit/s on. `plan`'s choice (a larger k, int4, up to 64 fragments) reaches 95% in every
-case except 1B on 1,024 nodes over 100 Mbit/s (82.6%), where the ring's 2 s of latency per sync
-cannot hide behind 5 steps of 0.5 s. The model size hardly matters: with a fixed token count per
-node-step, compute and bytes both grow in proportion to the parameters, and only the latency's
-share changes. The top-1% sparse exchange beats dense int8 on slow links at 8 nodes (53% against
-21% at 100 Mbit/s), but each rank receives the values of every other rank, so it falls to 0.8%
-at 1,024 nodes.
+from 10 Gbit/s on. `plan`'s choice reaches 95% in every case: at 100 Gbit/s with fp32 and
+tau <= 5; at 1-10 Gbit/s often with an eager update (F = 1, tau = 0: the transfer overlaps the
+whole k steps) at k = 8-16, where no blocking or streaming schedule of that wire or a more
+precise one reaches 95% at that k; at 100 Mbit/s with int2 at k = 128 (streaming, or eager) on 64
+and 1,024 nodes, and top-2% int2 with an eager update at k = 32 on 8 nodes. The eager update also removes the one case the ring's
+latency sank before (1B on 1,024 nodes over 100 Mbit/s, 2 s per sync: eager int2 at k = 128).
+The model size hardly matters: with a fixed token count per node-step, compute and bytes both
+grow in proportion to the parameters, and only the latency's share changes. The blocking top-1%
+int2 exchange (about 0.13 bits per value per peer) beats blocking fp32 by far on slow links at
+8 nodes (77% against 5.4% at 100 Mbit/s), but each rank receives the payloads of every other
+rank, so over 100 Mbit/s it falls to 27.5% at 64 nodes and 2.3% at 1,024 (19% at 1,024 nodes
+over 1 Gbit/s).
 
 For one cluster: `lookahead-dist plan --params 8B --step-time 4 --nodes 64 --link 10Gbit`
 (docs/local-sgd.md, "Choosing F and tau")."""

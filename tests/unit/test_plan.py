@@ -53,11 +53,20 @@ def test_hierarchical_all_reduce_hand_computed():
 
 def test_sparse_all_gather_hand_computed_and_grows_with_n():
     link = P.Link(10 * MB, 1e-3)
-    c = P.sparse_all_gather(1_000_000, 8, link, fraction=0.01, value_bytes=4)
-    # 10,000 values of 4 bytes + 4-byte index, sent to each of the 7 others (ring all-gather)
-    assert c.rank_bytes == pytest.approx(7 * 10_000 * 8)
-    assert c.seconds == pytest.approx(7e-3 + 7 * 10_000 * 8 / (10 * MB))
-    c64 = P.sparse_all_gather(1_000_000, 64, link, fraction=0.01, value_bytes=4)
+    # 1,048,576 values (a multiple of 2048), f = 0.02 -> 5 per block of 256, int2:
+    # 4096 blocks * 5 = 20,480 values: 20,480 index bytes + 20,480 / 4 code bytes + 512 scales * 4
+    m = 2**20
+    payload = 20_480 + 5_120 + 2_048
+    assert P.sparse_payload_bytes(m, fraction=0.02, bits=2) == payload
+    assert 8 * payload / m == pytest.approx(5 * 10 / 256 + 32 / 2048)  # 0.2109 bits per value
+    c = P.sparse_all_gather(m, 8, link, fraction=0.02, bits=2)
+    # ring all-gather: each rank sends (and receives) 7 payloads; 7 latency rounds
+    assert c.rank_bytes == pytest.approx(7 * payload)
+    assert c.seconds == pytest.approx(7e-3 + 7 * payload / (10 * MB))
+    assert P.sparse_all_gather(m, 1, link, fraction=0.02, bits=2).seconds == 0.0
+    # padding to 2048 and the clamp of k_b: 1000 values pad to 2048 (8 blocks), f = 0.001 -> 1
+    assert P.sparse_payload_bytes(1000, fraction=0.001, bits=8) == 4 + 8 * 1 * 2
+    c64 = P.sparse_all_gather(m, 64, link, fraction=0.02, bits=2)
     assert c64.rank_bytes == pytest.approx(63 / 7 * c.rank_bytes)
     # the dense all-reduce's bytes hardly grow
     d8, d64 = (P.ring_all_reduce(4e6, n, link).rank_bytes for n in (8, 64))
@@ -86,6 +95,61 @@ def test_quantized_mean_bytes_match_the_real_reduce():
     assert (P.value_bytes("fp32"), P.value_bytes("bf16")) == (4, 2)
 
 
+def test_sparse_payload_matches_the_library_encoding():
+    from lookahead_dist import _sparse
+
+    for numel in (1, 1000, 2048, 12_345, 1_000_000, 6_300_000):
+        for fraction in (0.001, 0.01, 0.02, 0.03, 0.5, 1.0):
+            for bits in (8, 4, 2):
+                assert P.sparse_payload_bytes(numel, fraction=fraction, bits=bits) == _sparse.sparse_nbytes(
+                    numel, fraction=fraction, bits=bits), (numel, fraction, bits)
+    link = P.Link(1 * MB, 0.0)
+    for numel, n in ((6_300_000, 2), (12_345, 5)):
+        expect = (n - 1) * _sparse.sparse_nbytes(numel, fraction=0.02, bits=2)
+        assert P.sparse_all_gather(numel, n, link, fraction=0.02, bits=2).rank_bytes == pytest.approx(expect)
+    # one fragment of a model in predict: the whole fragment's payload, to the N - 1 others
+    w = P.Workload(params=6_300_000, step_time=0.1)
+    c = P.Cluster(nodes=3, link=link)
+    p = P.predict(P.Option("local_sgd", 16, 4, 1, "int2", topk_fraction=0.02), w, c)
+    frag = -(-6_300_000 // 4)
+    assert p.bytes_per_step == pytest.approx(4 / 16 * 2 * _sparse.sparse_nbytes(frag, fraction=0.02, bits=2))
+    assert p.sync_seconds == pytest.approx(2 * _sparse.sparse_nbytes(frag, fraction=0.02, bits=2) / MB)
+
+
+def test_int2_value_bytes_and_quantized_mean():
+    from lookahead_dist import _quant
+
+    # 2 bits per value + one fp32 scale per 512 values: 0.25 + 4/512 bytes
+    assert P.value_bytes("int2") == pytest.approx(0.25 + 4 / 512)
+    assert P.value_bytes("int2", 1024) == pytest.approx(0.25 + 4 / 1024)
+    link = P.Link(1 * MB, 0.0)
+    # 4096 values, 2 ranks, block 512: C = 2048 values per chunk, segment = 512 code bytes + 4 scales * 4
+    assert P.quantized_mean(4096, 2, link, bits=2).rank_bytes == 2 * (512 + 16)
+    for numel, n in ((4096, 2), (12_345, 3), (10**6, 8)):
+        seg = _quant._plan(numel, n, 2, 512).seg_bytes
+        assert P.quantized_mean(numel, n, link, bits=2).rank_bytes == 2 * (n - 1) * seg
+    w = P.Workload(params=2**20, step_time=1.0)
+    c = P.Cluster(nodes=2, link=link)
+    int2 = P.predict(P.Option("local_sgd", 8, comm_dtype="int2"), w, c)
+    fp32 = P.predict(P.Option("local_sgd", 8), w, c)
+    assert int2.bytes_per_step / fp32.bytes_per_step == pytest.approx(2 / 32 * (1 + 32 / (2 * 512)))
+    assert "int2" in P.WIRE_FORMATS and P.WIRE_FORMATS[-1] == "int2"
+
+
+def test_option_checks_follow_the_library():
+    with pytest.raises(ValueError, match="fragment_sync_delay=0"):
+        P.Option("local_sgd", 16, 4, 1, eager_update=True)
+    with pytest.raises(ValueError, match="comm_dtype"):
+        P.Option("local_sgd", 16, topk_fraction=0.02)  # fp32 values: refused, as by LocalSGDOptions
+    with pytest.raises(ValueError, match="comm_dtype"):
+        P.Option("local_sgd", 16, comm_dtype="int3")
+    for o in (P.Option("local_sgd", 16, 4, 0, "int2", eager_update=True),
+              P.Option("local_sgd", 16, 2, 1, "int4", topk_fraction=0.02), P.Option("ddp")):
+        assert o.available
+    assert P.Option("local_sgd", 16, 1, 0, "int2", eager_update=True, topk_fraction=0.01).describe() == (
+        "local SGD top-1% eager")
+
+
 # -- one option -----------------------------------------------------------------------------------
 def test_predict_ddp_and_local_sgd_hand_computed():
     link = P.Link(125 * MB, 0.0)  # 1 Gbit/s
@@ -108,11 +172,39 @@ def test_predict_ddp_and_local_sgd_hand_computed():
     # F = 2, tau = 1: 0.4 s per fragment, 0.1 s exposed twice per 16 steps
     st2 = P.predict(P.Option("local_sgd", 16, 2, 1), w, cluster)
     assert st2.exposed_seconds == pytest.approx(2 * 0.1 / 16)
-    # bf16 halves the bytes; eager (model only) overlaps k / F steps
+    # bf16 halves the bytes
     assert P.predict(P.Option("local_sgd", 16, comm_dtype="bf16"), w, cluster).bytes_per_step == pytest.approx(
         50 * MB / 16)
-    eager = P.predict(P.Option("local_sgd", 16, eager_update=True), w, cluster)
-    assert eager.utilization == 1.0 and not eager.option.available
+
+
+def test_eager_window_hand_computed():
+    link = P.Link(125 * MB, 0.0)
+    cluster = P.Cluster(nodes=2, link=link)
+    w = P.Workload(params=25_000_000, step_time=0.3, ddp_overlap=0.5)  # one fp32 sync: 0.8 s
+    # F = 1: launched at the sync, applied at the next one, k steps later: 8 * 0.3 = 2.4 s > 0.8 s
+    e8 = P.predict(P.Option("local_sgd", 8, eager_update=True), w, cluster)
+    assert (e8.utilization, e8.exposed_seconds) == (1.0, 0.0)
+    # k = 2: 0.6 s of window, 0.2 s exposed per 2 steps
+    e2 = P.predict(P.Option("local_sgd", 2, eager_update=True), w, cluster)
+    assert e2.exposed_seconds == pytest.approx(0.2 / 2)
+    assert e2.utilization == pytest.approx(0.3 / (0.3 + 0.1))
+    # the blocking sync at k = 2 exposes all of it
+    assert P.predict(P.Option("local_sgd", 2), w, cluster).exposed_seconds == pytest.approx(0.8 / 2)
+    # F = 4 at k = 8: each fragment (0.2 s) has its next sync 8 steps later, but the 4 fragments share
+    # the link: one per k / F = 2 steps (0.6 s), the binding window
+    e84 = P.predict(P.Option("local_sgd", 8, 4, 0, eager_update=True), w, cluster)
+    assert e84.sync_seconds == pytest.approx(0.2) and e84.exposed_seconds == 0.0
+    slow = P.Cluster(nodes=2, link=P.Link(12.5 * MB, 0.0))  # 8 s per full sync, 2 s per fragment
+    e84s = P.predict(P.Option("local_sgd", 8, 4, 0, eager_update=True), w, slow)
+    assert e84s.exposed_seconds == pytest.approx(4 / 8 * (2.0 - 2 * 0.3))
+    # = the link's throughput bound: F fragments' transfers per k steps minus k steps of compute
+    assert e84s.exposed_seconds * 8 == pytest.approx(8.0 - 8 * 0.3)
+    # eager with R > 1 runs flat (not sharded): every local rank carries the whole fragment
+    hier = P.Cluster(nodes=2, ranks_per_node=4, link=P.Link(10 * MB, 0.0), intra_link=P.Link(1000 * MB, 0.0))
+    w1 = P.Workload(params=1_000_000, step_time=0.01, ddp_overlap=0.0)
+    e = P.predict(P.Option("local_sgd", 8, eager_update=True), w1, hier)
+    assert e.sync_seconds == pytest.approx(4 * MB / 2.5e6)  # 4 MB at 10/4 MB/s, no all-gather in the node
+    assert e.node_bytes_per_step == pytest.approx(4 * 4 * MB / 8)
 
 
 def test_hierarchical_local_sgd_hand_computed():
@@ -143,15 +235,21 @@ def _h100_step(params: float) -> float:
     return P.step_time_from_mfu(params, 262_144, peak_flops=8 * 989e12, mfu=0.4)
 
 
-def _any_reaches(w: P.Workload, c: P.Cluster, target: float = 0.95) -> bool:
-    """Brute force over the planner's space (k grid, F | k up to 64, tau <= 5, every wire format)."""
-    for k in P.DEFAULT_K_CHOICES:
+def _space(ks=P.DEFAULT_K_CHOICES):
+    """The planner's space: k grid, F | k up to 64, tau <= 5, every wire format and top-k at int2, eager."""
+    wires = [(d, None) for d in P.WIRE_FORMATS] + [("int2", f) for f in P.DEFAULT_TOPK_FRACTIONS]
+    for k in ks:
         for f in (f for f in range(1, min(k, 64) + 1) if k % f == 0):
             for tau in range(min(k // f - 1, 5) + 1):
-                for d in P.WIRE_FORMATS:
-                    if P.predict(P.Option("local_sgd", k, f, tau, d), w, c).utilization >= target:
-                        return True
-    return False
+                for d, frac in wires:
+                    yield P.Option("local_sgd", k, f, tau, d, topk_fraction=frac)
+                    if tau == 0:
+                        yield P.Option("local_sgd", k, f, 0, d, eager_update=True, topk_fraction=frac)
+
+
+def _any_reaches(w: P.Workload, c: P.Cluster, target: float = 0.95) -> bool:
+    """Brute force over the planner's space."""
+    return any(P.predict(o, w, c).utilization >= target for o in _space())
 
 
 @pytest.mark.parametrize("nodes", [2, 8, 64, 1024])
@@ -164,6 +262,7 @@ def test_recommendation_hides_the_transfer(nodes):
             result = P.plan(w, c)
             rec = result.recommended
             assert rec.option.available and rec in result.options and result.options[0].option.mode == "ddp"
+            _check_order(result)
             if rec.utilization < 0.95:  # only where nothing in the space reaches it
                 assert result.notes and not _any_reaches(w, c), (params, rate, rec)
                 assert rec.utilization == max(p.utilization for p in result.options[1:])
@@ -173,10 +272,84 @@ def test_recommendation_hides_the_transfer(nodes):
                 assert result.ddp.utilization < 0.95
                 reaching = [p.option.k for p in result.options[1:] if p.utilization >= 0.95]
                 assert rec.option.k == min(reaching)
-    # up to 64 nodes every case is hidden; at 1024 nodes the ring's 2 (N-1) latency rounds (2 s at
-    # 1 ms per sync) exceed 5 steps of the 125M model (62 ms each) on every link, and of 1B on the slowest
-    assert unreached == ([] if nodes <= 64 else [(125_000_000, r) for r in ("100Mbit", "1Gbit", "10Gbit", "100Gbit")]
-                         + [(1_000_000_000, "100Mbit")])
+    # every case is hidden: at 1024 nodes the ring's 2 (N-1) latency rounds (2 s at 1 ms per sync)
+    # exceed 5 steps of the 125M model (62 ms each), but an eager update has k steps (32 s at k = 512)
+    assert unreached == []
+
+
+def _pref(p: P.Prediction):
+    o = p.option
+    prec = (0, P.WIRE_FORMATS.index(o.comm_dtype), 0) if o.topk_fraction is None else (
+        1, -o.topk_fraction, -int(o.comm_dtype[3:]))
+    return (o.k, prec, o.eager_update, o.fragment_sync_delay, o.num_fragments)
+
+
+def _check_order(result: P.Plan, target: float = 0.95) -> None:
+    """The recommendation is the first option reaching the target in the documented order."""
+    reaching = [p for p in result.options[1:] if p.utilization >= target]
+    if reaching:
+        assert result.best_local_sgd.option == min(reaching, key=_pref).option
+        assert result.best_local_sgd.utilization >= target
+    else:
+        assert result.best_local_sgd.utilization == max(p.utilization for p in result.options[1:])
+        assert result.notes
+
+
+@pytest.mark.parametrize("step, link", [(0.1, "10Mbit"), (0.046, "10Mbit"), (0.046, "50Mbit"), (0.1, "1Mbit"),
+                                        (0.046, "1Mbit")])
+def test_slow_link_recommendation(step, link):
+    w = P.Workload(params=6_300_000, step_time=step)
+    c = P.Cluster(nodes=2, link=P.Link(P.parse_rate(link), 1e-3))
+    result = P.plan(w, c)
+    rec = result.recommended
+    assert rec.option.mode == "local_sgd"
+    if _any_reaches(w, c):
+        assert rec.utilization >= 0.95 and not any(n.startswith("no option") for n in result.notes)
+    else:
+        assert rec.utilization < 0.95 and result.notes[0].startswith("no option reaches 95%")
+    _check_order(result)
+    # the documented cases (docs/local-sgd.md, "Choosing F and tau")
+    o = rec.option
+    if (step, link) == (0.1, "10Mbit"):  # no dense wire reaches 95% at k = 8: top-3% int2 streaming does
+        assert (o.k, o.comm_dtype, o.topk_fraction, o.eager_update) == (8, "int2", 0.03, False)
+    if (step, link) == (0.046, "50Mbit"):  # dense int2 streaming does
+        assert (o.k, o.comm_dtype, o.topk_fraction, o.eager_update) == (8, "int2", None, False)
+
+
+def test_ordering_rules():
+    w = P.Workload(params=6_300_000, step_time=0.1)
+    c = P.Cluster(nodes=2, link=P.Link(P.parse_rate("10Mbit"), 1e-3))
+    # k = 16, dense wires only: streaming int2 hides 12 of the 13 steps of a sync (94%); eager, k steps
+    dense = P.plan(w, c, topk_fractions=(), k=16)
+    _check_order(dense)
+    o = dense.recommended.option
+    assert (o.comm_dtype, o.eager_update, o.topk_fraction, o.fragment_sync_delay) == ("int2", True, None, 0)
+    assert max(p.utilization for p in dense.options[1:] if not p.option.eager_update) < 0.95
+    # with top-k as well, dense int2 eager still comes first (a more precise wire), ...
+    assert P.plan(w, c, k=16).recommended.option == o
+    # ... but with k free, k = 8 with top-3% streaming comes first (the smallest k)
+    free = P.plan(w, c).recommended.option
+    assert (free.k, free.topk_fraction, free.eager_update) == (8, 0.03, False)
+    # no eager at all: never recommended
+    no_eager = P.plan(w, c, eager=False)
+    assert not any(p.option.eager_update for p in no_eager.options)
+    _check_order(no_eager)
+    # a precise wire that reaches beats a sparse one at the same k; non-eager beats eager
+    fast = P.plan(w, P.Cluster(nodes=2, link=P.Link(P.parse_rate("1Gbit"), 1e-3)), k=16)
+    assert fast.recommended.option.comm_dtype == "fp32" and not fast.recommended.option.eager_update
+    assert fast.recommended.option.topk_fraction is None
+    # eager is recommended where it alone reaches the target at the fixed k and wire
+    only = P.plan(w, c, k=64, comm_dtypes=("int2",), topk_fractions=())
+    kinds = {(p.option.eager_update, p.utilization >= 0.95) for p in only.options[1:]}
+    if (True, True) in kinds and (False, True) not in kinds:
+        assert only.recommended.option.eager_update
+    _check_order(only)
+    for p in P.plan(w, c).options[1:]:  # every option is one LocalSGDOptions accepts
+        o = p.option
+        LocalSGDOptions(num_fragments=o.num_fragments, fragment_sync_delay=o.fragment_sync_delay,
+                        comm_dtype={"fp32": None, "bf16": torch.bfloat16}.get(o.comm_dtype, o.comm_dtype),
+                        eager_update=o.eager_update, topk_fraction=o.topk_fraction, init="none")
+        streaming.check_schedule(o.k, o.num_fragments, o.fragment_sync_delay, "test")
 
 
 def test_plan_rules():
@@ -234,48 +407,103 @@ def _blocks(text: str) -> dict[str, str]:
             "trainer": lines[tr + 1]}
 
 
+def _trainer_has(flag: str) -> bool:
+    """Whether ``lookahead-dist train`` knows ``flag`` (--eager-update, --topk-fraction)."""
+    return any(flag in a.option_strings for sub in cli.build_parser()._subparsers._group_actions
+               for a in sub.choices["train"]._actions)
+
+
 def _check_blocks(blocks: dict[str, str], ranks_per_node: int, expect) -> None:
+    from lookahead_dist.deepspeed import config as ds_config
+    from lookahead_dist.sync.options import COMM_DTYPES
+
+    eager, topk = expect.eager_update, expect.topk_fraction
+    sharded = ranks_per_node > 1 and not eager and topk is None  # eager/top-k refuse sharded slow weights
     # DeepSpeed: the block parser accepts it and it carries the option
-    parsed = parse_lookahead_block(json.loads(blocks["deepspeed"])["lookahead"])
-    opts = parsed["local_sgd"]["options"]
-    assert parsed["k"] == expect.k and parsed["local_sgd"]["ranks_per_node"] == ranks_per_node
+    block = json.loads(blocks["deepspeed"])["lookahead"]
+    local = block["local_sgd"]
+    assert local.get("eager_update", False) is eager and local.get("topk_fraction") == topk
+    if all(k in ds_config._LOCAL_SGD_KEYS for k in local):
+        parsed = parse_lookahead_block(block)
+        opts = parsed["local_sgd"]["options"]
+        assert parsed["k"] == expect.k and parsed["local_sgd"]["ranks_per_node"] == ranks_per_node
+    else:  # the block parser does not know eager_update/topk_fraction yet: the options must still be valid
+        assert eager or topk is not None
+        opts = LocalSGDOptions(comm_dtype=COMM_DTYPES[local["comm_dtype"]], init="none",
+                               **{k: v for k, v in local.items() if k not in ("across", "ranks_per_node", "comm_dtype")})
     assert (opts.num_fragments, opts.fragment_sync_delay) == (expect.num_fragments, expect.fragment_sync_delay)
+    assert (opts.eager_update, opts.topk_fraction) == (eager, topk)
     # Python: runs as printed (one node of ranks: the kwargs build LocalSGDOptions)
     ns: dict = {}
     if ranks_per_node == 1:
         exec(blocks["python"], ns)  # noqa: S102 - the printed block, run as a user would
         built = ns["local_sgd"]
     else:
-        code = "\n".join(ln for ln in blocks["python"].splitlines() if "from_mesh" not in ln and "sharded=True" not in ln)
+        code = "\n".join(ln for ln in blocks["python"].splitlines() if "from_mesh" not in ln
+                         and not ln.lstrip().startswith(("sharded=True", "**local_sgd_kwargs")))
         exec(code, ns)  # noqa: S102
         assert "LocalSGDOptions.from_mesh(mesh" in blocks["python"]
-        built = LocalSGDOptions(**ns["local_sgd_kwargs"])
+        assert ("sharded=True" in blocks["python"]) == sharded
+        built = LocalSGDOptions(**ns["local_sgd_kwargs"])  # from_mesh adds the groups (and sharded)
     assert isinstance(built, LocalSGDOptions)
     assert (built.num_fragments, built.fragment_sync_delay) == (expect.num_fragments, expect.fragment_sync_delay)
-    wire = {"fp32": None, "bf16": torch.bfloat16, "int8": "int8", "int4": "int4"}[expect.comm_dtype]
+    assert (built.eager_update, built.topk_fraction) == (eager, topk)
+    wire = {"fp32": None, "bf16": torch.bfloat16, "int8": "int8", "int4": "int4", "int2": "int2"}[expect.comm_dtype]
     assert built.comm_dtype == wire
     streaming.check_schedule(expect.k, built.num_fragments, built.fragment_sync_delay, "test")
     # Trainer flags: the CLI's own parser and run-config validation accept them
     argv = blocks["trainer"].split()
     assert argv[0] == "lookahead-dist"
+    assert ("--eager-update" in argv) == eager
+    assert ("--local-sgd-sharded" in argv) == sharded
+    if topk is not None:
+        assert argv[argv.index("--topk-fraction") + 1] == repr(topk)
+    new = [f for f in ("--eager-update", "--topk-fraction") if f in argv and not _trainer_has(f)]
+    if "--topk-fraction" in new:  # the trainer learns the flag in the same change: check the rest
+        i = argv.index("--topk-fraction")
+        argv = argv[:i] + argv[i + 2:]
+    argv = [a for a in argv if a not in new]
     args = cli.build_parser().parse_args(argv[1:])
     (config,) = cli._configs(args, [(args.mode, "lookahead")])
     assert (config.k, config.num_fragments, config.fragment_sync_delay, config.comm_dtype) == (
         expect.k, expect.num_fragments, expect.fragment_sync_delay, expect.comm_dtype)
     assert config.hierarchical == (ranks_per_node > 1)
+    if not new:
+        assert getattr(config, "eager_update", False) == eager and getattr(config, "topk_fraction", None) == topk
 
 
 @pytest.mark.parametrize("extra, rpn", [([], 1), (["--ranks-per-node", "4"], 4), (["--k", "64"], 1)])
 def test_printed_config_blocks_parse(extra, rpn, capsys):
-    code, out, _ = _run(_BASE + extra, capsys)
+    _printed(_BASE + extra, rpn, capsys)
+
+
+def _printed(argv, rpn, capsys) -> P.Option:
+    """Run ``plan`` (text and --json) and check the recommendation's printed blocks."""
+    code, out, _ = _run(argv, capsys)
     assert code == 0
-    code, js, _ = _run(_BASE + extra + ["--json"], capsys)
+    code, js, _ = _run(argv + ["--json"], capsys)
     rec = next(o for o in json.loads(js) if o["recommended"])
     assert rec["mode"] == "local_sgd"
-    expect = P.Option("local_sgd", rec["k"], rec["num_fragments"], rec["fragment_sync_delay"], rec["comm_dtype"])
+    expect = P.Option("local_sgd", rec["k"], rec["num_fragments"], rec["fragment_sync_delay"], rec["comm_dtype"],
+                      eager_update=rec["eager_update"], topk_fraction=rec["topk_fraction"])
     _check_blocks(_blocks(out), rpn, expect)
     assert f"k={rec['k']}, num_fragments={rec['num_fragments']}" in out
-    assert "eager update: no (not yet available in the library)" in out
+    assert "not yet available" not in out and "not in the library" not in out
+    return expect
+
+
+_SLOW = ["plan", "--params", "6.3M", "--step-time", "100ms", "--nodes", "2", "--link", "10Mbit"]
+
+
+@pytest.mark.parametrize("extra, rpn, kind", [([], 1, "sparse"), (["--k", "16"], 1, "eager"),
+                                              (["--ranks-per-node", "2"], 2, "sparse")])
+def test_printed_config_blocks_parse_eager_and_sparse(extra, rpn, kind, capsys):
+    """10 Mbit/s: no dense non-eager schedule reaches 95%; the recommendation's blocks still build."""
+    expect = _printed(_SLOW + extra, rpn, capsys)
+    if kind == "sparse":
+        assert expect.topk_fraction is not None and expect.comm_dtype == "int2"
+    else:
+        assert expect.eager_update and expect.topk_fraction is None and expect.fragment_sync_delay == 0
 
 
 @pytest.mark.parametrize("dtype", P.WIRE_FORMATS)
@@ -283,8 +511,12 @@ def test_printed_config_blocks_parse(extra, rpn, capsys):
 def test_config_blocks_every_wire_format(dtype, rpn):
     c = P.Cluster(nodes=4, ranks_per_node=rpn, link=P.Link(125 * MB))
     w = P.Workload(params=10**8, step_time=0.2)
-    opt = P.Option("local_sgd", 32, 4, 2, dtype)
-    _check_blocks(P.config_blocks(P.predict(opt, w, c), c), rpn, opt)
+    opts = [P.Option("local_sgd", 32, 4, 2, dtype), P.Option("local_sgd", 32, 2, 0, dtype, eager_update=True)]
+    if dtype in P.SPARSE_FORMATS:
+        opts += [P.Option("local_sgd", 32, 4, 2, dtype, topk_fraction=0.02),
+                 P.Option("local_sgd", 32, 1, 0, dtype, eager_update=True, topk_fraction=0.01)]
+    for opt in opts:
+        _check_blocks(P.config_blocks(P.predict(opt, w, c), c), rpn, opt)
 
 
 _KEYS = {"mode", "k", "num_fragments", "fragment_sync_delay", "comm_dtype", "eager_update", "topk_fraction",
@@ -301,8 +533,11 @@ def test_json_schema(argv, capsys):
     assert sum(r["recommended"] is True for r in rows) == 1
     for r in rows:
         assert _KEYS <= set(r)
-        assert r["mode"] in ("ddp", "local_sgd") and r["comm_dtype"] in ("fp32", "bf16", "int8", "int4")
-        assert r["eager_update"] is False and r["topk_fraction"] is None
+        assert r["mode"] in ("ddp", "local_sgd") and r["comm_dtype"] in P.WIRE_FORMATS
+        assert isinstance(r["eager_update"], bool) and r["available"] is True
+        assert r["topk_fraction"] is None or (0 < r["topk_fraction"] <= 1 and r["comm_dtype"] in P.SPARSE_FORMATS)
+        if r["eager_update"]:
+            assert r["fragment_sync_delay"] == 0
         assert 0.0 < r["utilization"] <= 1.0 and isinstance(r["bytes_per_step"], int) and r["bytes_per_step"] > 0
         assert all(isinstance(r[k], int) for k in ("k", "num_fragments", "fragment_sync_delay"))
     ddp = rows[0]
