@@ -81,10 +81,18 @@ def run_ranks(fn: Callable, world_size: int = 2, args: tuple = (), timeout: floa
 
         pytest.skip(f"LOOKAHEAD_TEST_BACKEND=nccl: this test needs {world_size} ranks, one GPU each, and "
                     f"{torch.cuda.device_count()} GPU(s) are visible")
-    ctx = mp.get_context("spawn")
+    return start_and_collect(mp.get_context("spawn"), _worker,
+                             lambda r, port, queue: (r, world_size, port, fn, args, queue), world_size, timeout)
+
+
+def start_and_collect(ctx: Any, target: Callable, make_args: Callable[[int, int, Any], tuple], world_size: int,
+                      timeout: float) -> list[Any]:
+    """Start ``world_size`` processes of ``ctx`` running ``target(*make_args(rank, port, queue))``
+    and collect each rank's ``(rank, ok, result)`` from the queue; the first failure is raised with
+    its traceback and the other ranks are killed (shared by _spawn_warm's forkserver ranks)."""
     queue = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue)) for r in range(world_size)]
+    procs = [ctx.Process(target=target, args=make_args(r, port, queue)) for r in range(world_size)]
     for p in procs:
         p.start()
     results: dict[int, Any] = {}

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import io
 import itertools
 import os
@@ -26,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tests.distributed._spawn import run_ranks
+from tests.distributed._spawn_warm import run_ranks
 
 pytestmark = [pytest.mark.distributed]
 
@@ -102,10 +103,16 @@ def _ds_batch(step: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(DS_MICRO, D_IN, generator=g), torch.randn(DS_MICRO, D_OUT, generator=g)
 
 
+# reduce_bucket_size (DeepSpeed's default: 5e8 elements) sizes the gradient buffer that ZeRO-1/2 allocate at
+# every backward and ZeRO-3 at initialisation; any size >= the model's 5496 elements behaves as the default
+# does here (all gradients in one bucket, reduced once per step: the same bytes and weights, bit for bit).
+# The default costs seconds per step or engine here: 2 GB allocated and, under
+# torch.use_deterministic_algorithms (fill_uninitialized_memory), filled with NaN each time.
+_ONE_BUCKET = {"reduce_bucket_size": 1 << 16}
 DS_STAGES = {
-    "zero1": {"stage": 1},
-    "zero2": {"stage": 2},
-    "zero3": {"stage": 3, "stage3_param_persistence_threshold": 0},
+    "zero1": {"stage": 1, **_ONE_BUCKET},
+    "zero2": {"stage": 2, **_ONE_BUCKET},
+    "zero3": {"stage": 3, "stage3_param_persistence_threshold": 0, **_ONE_BUCKET},
 }
 # name -> (local_sgd block entries)
 DS_RUNS = {
@@ -176,12 +183,33 @@ def _ds_all(rank: int, world: int) -> dict[str, Any]:
     return out
 
 
+def _two_rank_all(rank: int, world: int, with_deepspeed: bool) -> dict[str, Any]:
+    """The plain torch cases, then (their environment changed only after) the DeepSpeed cases: one spawn
+    of 2 ranks for both, as each spawn pays for importing torch's compiler stack in every rank."""
+    out = {"pt": _pt_all(rank, world)}
+    if with_deepspeed:
+        out["ds"] = _ds_all(rank, world)
+    return out
+
+
 @pytest.fixture(scope="module")
-def ds_runs():
+def two_rank_runs() -> list[dict[str, Any]]:
+    try:
+        import deepspeed  # noqa: F401
+    except ImportError:
+        with_deepspeed = False
+    else:
+        with_deepspeed = True
+    return run_ranks(_two_rank_all, world_size=2, args=(with_deepspeed,), timeout=540)
+
+
+@pytest.fixture(scope="module")
+def ds_runs(two_rank_runs):
     pytest.importorskip("deepspeed")
-    return run_ranks(_ds_all, world_size=2, timeout=540)
+    return [res["ds"] for res in two_rank_runs]
 
 
+@functools.cache  # the same for every ZeRO stage: computed once per (F, tau)
 def _ds_reference(f: int, tau: int) -> list[list[np.ndarray]]:
     base = _ds_model(seed=0)  # initialize broadcasts rank 0's model
     replicas = [copy.deepcopy(base) for _ in range(2)]
@@ -344,8 +372,8 @@ def _pt_all(rank: int, world: int) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def pt_runs():
-    return run_ranks(_pt_all, world_size=2, timeout=240)
+def pt_runs(two_rank_runs):
+    return [res["pt"] for res in two_rank_runs]
 
 
 def _pt_reference(f: int, tau: int, beta: float, nesterov: bool, sharded: bool = False) -> list[list[np.ndarray]]:

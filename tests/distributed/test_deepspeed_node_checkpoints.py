@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import torch
 
-from tests.distributed._spawn import run_ranks
+from tests.distributed._spawn_warm import run_ranks
 
 pytest.importorskip("deepspeed")
 

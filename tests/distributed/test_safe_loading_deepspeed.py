@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.distributed._spawn import run_ranks
+from tests.distributed._spawn_warm import run_ranks
 
 pytest.importorskip("deepspeed")
 
