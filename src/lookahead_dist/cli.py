@@ -283,9 +283,17 @@ def _add_plan(sub: Any) -> None:
                       help="number of parameters, e.g. 1300000000, 1.3B, 350M")
     size.add_argument("--model-file", metavar="PATH",
                       help="a torch-saved state dict (.pt); the numels of its tensors are summed")
-    p.add_argument("--step-time", type=_parsed(_positive_seconds, "duration"), required=True, metavar="SECONDS",
-                   help="one inner step (forward, backward, optimizer) measured without communication, "
-                   "e.g. 0.5, 0.5s, 250ms")
+    step = p.add_mutually_exclusive_group(required=True)
+    step.add_argument("--step-time", type=_parsed(_positive_seconds, "duration"), metavar="SECONDS",
+                      help="one inner step (forward, backward, optimizer) measured without communication, "
+                      "e.g. 0.5, 0.5s, 250ms")
+    step.add_argument("--step-time-cmd", metavar="CMD",
+                      help="measure the step time: CMD (a shell command containing {steps}, e.g. \"python "
+                      "train.py --steps {steps}\") is run with two step counts (--step-time-steps) on one "
+                      "node without communication; step time = difference of wall times / difference of steps, "
+                      "so start-up and set-up cancel out")
+    p.add_argument("--step-time-steps", default="5,25", metavar="A,B",
+                   help="the two step counts of --step-time-cmd (default: 5,25)")
     p.add_argument("--nodes", type=_int_at_least(1), required=True, help="nodes (local-SGD replicas), >= 1")
     p.add_argument("--ranks-per-node", type=_int_at_least(1), default=1,
                    help="ranks per node; > 1: DDP inside each node, local SGD across nodes (default: 1)")
@@ -343,6 +351,35 @@ def _probe_server(args: argparse.Namespace) -> int:
     return 0
 
 
+def _measure_step_time(command: str, counts: str) -> float:
+    """Seconds per step of ``command``: run at two step counts, the difference of wall times over the
+    difference of steps (start-up, imports and set-up are paid by both runs and cancel out)."""
+    import subprocess
+    import time
+
+    if "{steps}" not in command:
+        raise UsageError(f"--step-time-cmd must contain {{steps}} (where the step count goes), got {command!r}")
+    try:
+        a, b = (int(x) for x in counts.split(","))
+    except ValueError:
+        raise UsageError(f"--step-time-steps must be two integers A,B, got {counts!r}") from None
+    if not 1 <= a < b:
+        raise UsageError(f"--step-time-steps needs 1 <= A < B, got {counts!r}")
+    seconds = []
+    for n in (a, b):
+        t0 = time.perf_counter()
+        done = subprocess.run(command.replace("{steps}", str(n)), shell=True, capture_output=True, text=True)
+        seconds.append(time.perf_counter() - t0)
+        if done.returncode != 0:
+            tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
+            raise UsageError(f"--step-time-cmd exited {done.returncode} with {n} steps: {' | '.join(tail)}")
+    per_step = (seconds[1] - seconds[0]) / (b - a)
+    if per_step <= 0:
+        raise UsageError(f"--step-time-cmd: {b} steps took no longer than {a} ({seconds[1]:.2f} s vs "
+                         f"{seconds[0]:.2f} s); does the command honour {{steps}}?")
+    return per_step
+
+
 def _split_host_port(text: str) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
     if not sep or "]" in port:
@@ -378,7 +415,12 @@ def _plan(args: argparse.Namespace) -> int:
 
     try:
         params = args.params if args.params is not None else _count_model_file(args.model_file)
-        workload = _p.Workload(params=params, step_time=args.step_time, ddp_overlap=args.ddp_overlap)
+        step_time = args.step_time
+        if args.step_time_cmd is not None:
+            step_time = _measure_step_time(args.step_time_cmd, args.step_time_steps)
+            print(f"# step time {step_time * 1e3:.1f} ms, measured with --step-time-cmd",
+                  file=sys.stderr if args.json else sys.stdout)
+        workload = _p.Workload(params=params, step_time=step_time, ddp_overlap=args.ddp_overlap)
         bandwidth, latency = args.link, args.latency
         if args.probe is not None:
             from .linkprobe import probe

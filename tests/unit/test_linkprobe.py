@@ -71,3 +71,28 @@ def test_plan_probe_bad_port(value, message, capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main(["plan", "--params", "1M", "--step-time", "10ms", "--nodes", "2", "--probe", value])
     assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_plan_measures_the_step_time_with_a_command(capsys):
+    # 50 ms per step plus a start-up of 1 s that the two-count difference cancels (GNU sleep sums
+    # its arguments; no interpreter start-up, whose time varies on a loaded machine). Total / steps
+    # would give 133 ms.
+    cmd = "sleep 1 $(( {steps} * 5 ))e-2"
+    assert cli.main(["plan", "--params", "1M", "--step-time-cmd", cmd, "--step-time-steps", "2,12", "--nodes", "2",
+                     "--link", "1Gbit"]) == 0
+    line = capsys.readouterr().out.splitlines()[0]
+    ms = float(line.split("step time ")[1].split(" ms")[0])
+    assert 45 < ms < 80, line
+
+
+@pytest.mark.parametrize("cmd, counts, message", [
+    ("true", "5,25", "must contain {steps}"),
+    ("true {steps}", "25,5", "1 <= A < B"),
+    ("exit 3 # {steps}", "5,25", "exited 3 with 5 steps"),
+    ("true {steps}", "5,25", "took no longer"),
+])
+def test_plan_step_time_cmd_errors(cmd, counts, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["plan", "--params", "1M", "--step-time-cmd", cmd, "--step-time-steps", counts, "--nodes", "2",
+                  "--link", "1Gbit"])
+    assert exc.value.code == 2 and message in capsys.readouterr().err
