@@ -85,6 +85,8 @@ MODES: dict[str, Callable[[], Any]] = {
     "streaming": lambda: LocalSGDOptions(num_fragments=2, fragment_sync_delay=1),
     "sharded": lambda: LocalSGDOptions(sharded=True),
     "int8": lambda: LocalSGDOptions(comm_dtype="int8"),
+    "eager": lambda: LocalSGDOptions(eager_update=True, num_fragments=2),
+    "sparse": lambda: LocalSGDOptions(comm_dtype="int2", topk_fraction=0.02),
 }
 
 
