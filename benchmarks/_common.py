@@ -40,6 +40,23 @@ def cluster_unavailable(prog: str, hint: str = "") -> int | None:
     return NO_CLUSTER
 
 
+#: glibc malloc settings every row of a CPU benchmark runs under (the driver sets them in its own
+#: environment, which every job inherits). Why: with glibc's defaults a process whose set-up never
+#: allocated and freed large buffers keeps returning memory to the kernel and page-faults it back
+#: at every step, so rows built on a bare ``torch.optim.AdamW`` (DDP, the peers) ran up to 1.5-1.8x
+#: slower per step than rows whose set-up happened to warm the heap (issue 16). 32 MiB is the largest
+#: mmap threshold glibc accepts; the trim threshold keeps freed heap memory in the process.
+ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(4 << 30)}
+
+
+def equalise_allocator() -> str:
+    """Put :data:`ALLOCATOR_ENV` into this process's environment (values already set win) and
+    return it as ``NAME=value ...`` for the docs."""
+    for k, v in ALLOCATOR_ENV.items():
+        os.environ.setdefault(k, v)
+    return " ".join(f"{k}={os.environ[k]}" for k in ALLOCATOR_ENV)
+
+
 def trainer_exe() -> str:
     """``lookahead-dist`` of this interpreter's environment, else the one on PATH."""
     exe = Path(sys.executable).parent / "lookahead-dist"

@@ -127,10 +127,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     sys.path.insert(0, str(ROOT))  # the driver imports tools/ and benchmarks/; the worker needs neither
-    from benchmarks._common import cluster_unavailable
+    from benchmarks._common import cluster_unavailable, equalise_allocator
 
     if (status := cluster_unavailable("cluster_bandwidth")) is not None:
         return status
+    equalise_allocator()  # every row under one malloc setting (benchmarks/_common.py)
     rows = []
     for rate in args.rates.split(","):
         r = measure(rate.strip(), seconds_per_call=args.seconds_per_call, iters=args.iters)

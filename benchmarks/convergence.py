@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -88,8 +89,19 @@ SLOW_LINK_ROWS = [
      0.02),
     ("eager-sparse-int2-2pct", "eager F={F}, top-2% at 2 bits", (*_EAGER, "--comm-dtype", "int2",
                                                                  "--topk-fraction", "0.02"), 0.02),
+    # the wire formats alone (blocking, F=1), for the bits-per-parameter vs loss plot
+    ("block-bf16", "blocking, bf16", (*_LSGD, "--comm-dtype", "bf16"), None),
+    ("block-int8", "blocking, int8", (*_LSGD, "--comm-dtype", "int8"), None),
+    ("block-int4", "blocking, int4", (*_LSGD, "--comm-dtype", "int4"), None),
+    ("block-int2", "blocking, int2", (*_LSGD, "--comm-dtype", "int2"), None),
+    ("sparse-int2-1pct", "blocking, top-1% at 2 bits", (*_LSGD, "--comm-dtype", "int2", "--topk-fraction", "0.01"),
+     None),
+    ("sparse-int2-3pct", "blocking, top-3% at 2 bits", (*_LSGD, "--comm-dtype", "int2", "--topk-fraction", "0.03"),
+     None),
 ]
 SUITES = {"streaming": STREAMING_ROWS, "slow-links": SLOW_LINK_ROWS}
+#: Rows whose loss curves are drawn, per suite (the rest are in the tables and the bits plot).
+_PLOTTED_CURVES = {"slow-links": {k for k, *_ in SLOW_LINK_ROWS if not k.startswith(("block-", "sparse-int2-1", "sparse-int2-3"))}}
 
 
 def run(corpus: str, steps: int, batch: int, nproc: int) -> list[dict]:
@@ -215,6 +227,63 @@ def plot_streaming(results: list[dict], path: Path, rate: str | None) -> None:
                  (f"loss vs steps (seed {seed})", f"loss vs wall-clock ({link})"), 7, legend_both=True)
 
 
+def bits_per_parameter(config: dict) -> float:
+    """Bits on the wire per parameter per sync of a run's wire format (scales and indices included)."""
+    from lookahead_dist._quant import scale_overhead
+    from lookahead_dist._sparse import bits_per_parameter as sparse_bits
+
+    wire = config["comm_dtype"]
+    if config.get("topk_fraction"):
+        return sparse_bits(config["topk_fraction"], int(wire[3:]))
+    if wire in ("fp32", "bf16"):
+        return 32.0 if wire == "fp32" else 16.0
+    bits = int(wire[3:])
+    return bits * (1 + scale_overhead(bits, config.get("quant_block_size", 512)))
+
+
+def plot_bits_vs_loss(results: list[dict], path: Path) -> None:
+    """Validation loss (relative to blocking fp32, per seed, then the mean) against bits per
+    parameter per sync: blocking rows (F=1) and eager rows, one marker per wire format."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    base = {r["config"]["seed"]: r["val_loss"] for r in results if r["key"] == "blocking"}
+    series: dict[str, dict[str, list[tuple[float, float]]]] = {}
+    for r in results:
+        c = r["config"]
+        if c["seed"] not in base or c["fragment_sync_delay"]:
+            continue
+        kind = ("naive delayed" if c.get("eager_update") == "naive" else "eager" if c.get("eager_update")
+                else "blocking")
+        series.setdefault(kind, {}).setdefault(r["key"], []).append(
+            (bits_per_parameter(c), r["val_loss"] / base[c["seed"]] - 1.0))
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for kind, marker in (("blocking", "o"), ("eager", "s"), ("naive delayed", "x")):
+        pts = sorted((statistics.mean(b for b, _ in v), statistics.mean(g for _, g in v), min(g for _, g in v),
+                      max(g for _, g in v), k) for k, v in series.get(kind, {}).items())
+        if not pts:
+            continue
+        xs = [p[0] for p in pts]
+        ys = [100 * p[1] for p in pts]
+        err = [[100 * (p[1] - p[2]) for p in pts], [100 * (p[3] - p[1]) for p in pts]]
+        ax.errorbar(xs, ys, yerr=err, fmt=marker + ("-" if kind == "blocking" else ""), capsize=3, label=kind)
+        for x, y, p in zip(xs, ys, pts):
+            ax.annotate(p[4].replace("blocking", "fp32").replace("block-", "").replace("sparse-int2-", "top ").replace("pct", "%")
+                        .replace("eager-", "").replace("naive-", "").replace("sparse-", "top2% "),
+                        (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.axhline(2.0, color="grey", ls="--", lw=0.8)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("bits per parameter per sync (scales and indices included)")
+    ax.set_ylabel("val loss vs blocking fp32 (%)")
+    ax.set_title("wire format vs loss (mean of seeds, bars: min-max)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def streaming_table(results: list[dict]) -> str:
     """One line per row: val loss per seed, the gap to the blocking row of the same seed, the mean gap
     over seeds against the target."""
@@ -327,7 +396,9 @@ def main_streaming(args: argparse.Namespace) -> int:
         groups.setdefault(r["config"]["steps"], []).append(r)
     plotted = next(iter(groups.values()))
     if args.write:
-        plot_streaming(plotted, png, rate)
+        plot_streaming([r for r in plotted if r["key"] in _PLOTTED_CURVES.get(args.suite, {r["key"]})], png, rate)
+        if args.suite == "slow-links":
+            plot_bits_vs_loss(plotted, IMG / "bits_vs_loss.png")
     sections = [f"#### {steps} steps\n\n{streaming_table(rs)}\n\n{_streaming_verdicts(rs, table_rows)}"
                 for steps, rs in groups.items()]
     notes = []
@@ -375,7 +446,10 @@ def main_streaming(args: argparse.Namespace) -> int:
         notes.append(f"`{run['command']}` ({link}); load average (1/5/15 min) before {load(run['load_before'])}, "
                      f"after {load(run['load_after'])}; its rows:\n\n"
                      + "\n".join(f"    {r['command']}" for r in run["results"] if r["key"] in known))
-    body = (f"![streaming convergence](img/{png.name})\n\n" + "\n\n".join(sections) + "\n\n"
+    bits_plot = ("![bits per parameter vs loss](img/bits_vs_loss.png)\n\n(validation loss against bits per "
+                 "parameter per sync, from the same runs: blocking rows at F=1 and the eager rows)\n\n"
+                 if args.suite == "slow-links" else "")
+    body = (f"![streaming convergence](img/{png.name})\n\n" + bits_plot + "\n\n".join(sections) + "\n\n"
             + "\n\n".join(notes))
     print(body)
     if args.write:

@@ -19,7 +19,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks._common import ROOT, cluster_unavailable, median_range, shuffled
+from benchmarks._common import (
+    ROOT,
+    cluster_unavailable,
+    equalise_allocator,
+    median_range,
+    shuffled,
+)
 
 MODES = ("zero-all", "nodes")
 
@@ -99,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         if (status := cluster_unavailable("deepspeed_nodes")) is not None:
             return status
+        equalise_allocator()  # every row under one malloc setting (benchmarks/_common.py)
         results = []
         for rate in args.rates.split(","):
             results.append(run_rate(rate, args))

@@ -34,7 +34,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchmarks._common import ROOT, cluster_unavailable, error_line, trainer_exe
+from benchmarks._common import (
+    ROOT,
+    cluster_unavailable,
+    equalise_allocator,
+    error_line,
+    trainer_exe,
+)
 
 
 @dataclass(frozen=True)
@@ -196,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         if (status := cluster_unavailable("scaling")) is not None:
             return status
+        equalise_allocator()  # every row under one malloc setting (benchmarks/_common.py)
         specs = _rows(args.host_steps, args.local_steps)
         if args.rows:
             keys = args.rows.split(",")

@@ -34,7 +34,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchmarks._common import ROOT, cluster_unavailable, error_line, median_range, shuffled, trainer_exe
+from benchmarks._common import ROOT, cluster_unavailable, error_line, median_range, shuffled, trainer_exe, equalise_allocator
 
 K = 16
 DEFAULT_MODEL = "--layers 2 --d-model 256 --heads 4 --seq-len 64"
@@ -242,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         if (status := cluster_unavailable("scaling_measured")) is not None:
             return status
+        equalise_allocator()  # every row under one malloc setting (benchmarks/_common.py)
         shapes, port = [], 30100
         for rate in args.rates.split(","):
             for n, r in shapes_wanted:

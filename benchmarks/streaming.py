@@ -45,6 +45,7 @@ from pathlib import Path
 from benchmarks._common import (
     ROOT,
     cluster_unavailable,
+    equalise_allocator,
     error_line,
     median_range,
     shuffled,
@@ -293,6 +294,64 @@ def fractions(link: dict) -> dict[str, list[float]]:
     return {k: [r["samples_per_s"] / c for r in rs if "error" not in r] for k, rs in _by_row(link).items()}
 
 
+def _rate_bits(rate: str) -> float:
+    units = {"kbit": 1e3, "mbit": 1e6, "gbit": 1e9}
+    for u, m in units.items():
+        if rate.lower().endswith(u):
+            return float(rate[: -len(u)]) * m
+    raise ValueError(f"link rate {rate!r}: expected e.g. 200mbit or 1gbit")
+
+
+#: The rows of the utilisation-vs-bandwidth plot: per family, the best of its keys on each link.
+BANDWIDTH_FAMILIES = {
+    "DDP": ("ddp",),
+    "blocking fp32": ("block-fp32",),
+    "streaming (best F, wire)": tuple(f"s{f}-{dt}" for f in FRAGMENTS for dt in DTYPES),
+    "eager (best wire)": ("eager-fp32", "eager-int4", "eager-int2", "eager-sparse2"),
+    "top-2% int2, blocking": ("sparse2",),
+    "torch PostLocalSGD": ("torch-plsgd",),
+    "accelerate LocalSGD": ("accel-lsgd",),
+    "torchft DiLoCo (best F)": tuple(f"ft-f{f}" for f in FRAGMENTS),
+}
+
+
+def plot_bandwidth(links: list[dict], path: Path) -> None:
+    """Fraction of the ceiling against the link rate: per family of rows, its best median on each
+    link (bars: that row's min-max). Links run with other models are marked in the legend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.6))
+    for fam, keys in BANDWIDTH_FAMILIES.items():
+        pts = []
+        for l in links:
+            fr = fractions(l)
+            best = max((k for k in keys if fr.get(k)), key=lambda k: statistics.median(fr[k]), default=None)
+            if best is not None:
+                v = fr[best]
+                pts.append((_rate_bits(l["rate"]), statistics.median(v), min(v), max(v)))
+        if not pts:
+            continue
+        pts.sort()
+        xs, ys = [p[0] / 1e6 for p in pts], [p[1] for p in pts]
+        ax.errorbar(xs, ys, yerr=[[p[1] - p[2] for p in pts], [p[3] - p[1] for p in pts]], marker="o", capsize=3,
+                    label=fam, alpha=0.85)
+    for x in (0.9, 0.95):
+        ax.axhline(x, color="grey", lw=0.8, ls="--")
+    ax.set_xscale("log")
+    ax.set_xlabel("link rate (Mbit/s), 2 nodes x 1 rank")
+    ax.set_ylabel("fraction of the no-communication ceiling")
+    ax.set_ylim(0, 1.15)
+    ax.set_title("utilisation vs bandwidth (median of 3 runs; bars: min-max)")
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    path.parent.mkdir(exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def table(link: dict) -> str:
     c = _ceiling(link)
     paired = any("paired_ceiling_sps" in r for r in link["results"])
@@ -442,6 +501,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--from-json", default=None, help="only format results saved with --json-out")
     p.add_argument("--write", action="store_true", help="write the section into docs/benchmarks.md")
     p.add_argument("--plot", action="store_true", help="write docs/img/streaming_throughput.png")
+    p.add_argument("--plot-bandwidth", default=None, metavar="JSON,JSON",
+                   help="only draw docs/img/utilisation_vs_bandwidth.png from these --json-out files (all their links)")
     p.add_argument("--echo", action="store_true")
     p.add_argument("--section", default="Streaming local SGD throughput on the simulated cluster (real trainer)",
                    help="title of the docs/benchmarks.md section --write replaces")
@@ -457,11 +518,16 @@ def main(argv: list[str] | None = None) -> int:
     args.base_rates = args.base_rates.split(",")
     args.tau = {int(a.split(":")[0][2:]): int(a.split(":")[1]) for a in args.tau.split(",")} if args.tau else {}
 
+    if args.plot_bandwidth:
+        links = [l for f in args.plot_bandwidth.split(",") for l in json.loads(Path(f).read_text())]
+        plot_bandwidth(links, ROOT / "docs" / "img" / "utilisation_vs_bandwidth.png")
+        return 0
     if args.from_json:
         links = json.loads(Path(args.from_json).read_text())
     else:
         if (status := cluster_unavailable("streaming")) is not None:
             return status
+        equalise_allocator()  # every row under one malloc setting (benchmarks/_common.py)
         base_src = base_tree(args.base_commit) if args.base_commit else None
         links = []
         for rate in args.rates.split(","):

@@ -177,7 +177,154 @@ def quant(args: argparse.Namespace) -> None:
         print(f"| {name} | {b:.4f} | {b / 4:.4f} | {med['q']:.2f} | {med['dq']:.2f} | {med['qdq']:.2f} | {fb} |")
 
 
-MODES = {"cycle": cycle, "sync-step": sync_step, "quant": quant}
+# -- the sync against its memory-traffic floor ---------------------------------------------------
+FLOOR_FORMATS = ("fp32", "int8", "int4", "int2", "top2%-int2")
+
+
+def _floor_options(fmt: str) -> dict[str, object]:
+    if fmt == "fp32":
+        return {}
+    if fmt.startswith("top"):
+        frac, wire = fmt[3:].split("%-")
+        return {"comm_dtype": wire, "topk_fraction": float(frac) / 100}
+    return {"comm_dtype": fmt}
+
+
+def floor_bytes(fmt: str, numel: int, n: int) -> dict[str, float]:
+    """The bytes one sync of ``numel`` fp32 elements must read and write on one of ``n`` ranks, if
+    every buffer were touched once per pass the algorithm needs (Note [Quantised sync] and Note
+    [Sparse outer gradients] name the passes):
+
+    - launch: read the fast and slow weights (and, with error feedback, read and write the residual),
+      write what is sent;
+    - the wire: what this rank sends and receives (each crosses memory once here);
+    - the owner's stage of a quantised reduce: read the N received chunks of its 1/N, read and write
+      its owner residual, write the requantised chunk;
+    - apply: read the mean (the codes, or the dense fp32 mean), read and write the slow weights,
+      write the fast weights.
+    The outer step here is plain Lookahead (no outer momentum)."""
+    p = float(numel)
+    if fmt == "fp32":
+        wire = 2 * 2 * (n - 1) / n * 4 * p  # ring all-reduce: sent + received
+        return {"launch": 12 * p, "wire": wire, "owner": 0.0, "apply": 16 * p}
+    if fmt.startswith("top"):
+        from lookahead_dist._sparse import sparse_nbytes
+
+        frac, wire_dtype = fmt[3:].split("%-")
+        payload = sparse_nbytes(numel, fraction=float(frac) / 100, bits=int(wire_dtype[3:]))
+        # launch: fast, slow, residual read, residual written, payload written; all-gather: (n-1)
+        # payloads in, ours out; apply: n payloads read, the dense mean written and read, slow r/w, fast w
+        return {"launch": 16 * p + payload, "wire": n * payload, "owner": 0.0,
+                "apply": n * payload + 8 * p + 8 * p + 4 * p}
+    from lookahead_dist._quant import quantized_nbytes
+
+    codes = quantized_nbytes(numel, bits=int(fmt[3:]))
+    wire = 2 * 2 * (n - 1) / n * codes  # all-to-all of chunks, then all-gather of owned chunks
+    owner = codes + 8 * p / n + codes / n
+    return {"launch": 16 * p + codes, "wire": wire, "owner": owner, "apply": codes + 12 * p}
+
+
+def _copy_bandwidth(numel: int, reps: int = 7) -> float:
+    """Bytes per second of one thread's ``copy_`` (read + write), the median of ``reps``."""
+    a, b = torch.randn(numel), torch.empty(numel)
+    b.copy_(a)
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        b.copy_(a)
+        times.append(time.perf_counter() - t)
+    return 2 * 4 * numel / statistics.median(times)
+
+
+def _floor_worker(rank: int, world: int, port: int, args: argparse.Namespace, out: dict) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    from lookahead_dist import LocalSGDOptions, Lookahead
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    k = 4  # F = 1, tau = 1: count k launches, count 1 of the next cycle applies
+    per = args.floor_numel // args.floor_tensors
+    rows: dict[str, dict[str, list[float]]] = {}
+    order = [f for _ in range(args.rounds) for f in args.formats]
+    import random
+
+    random.Random(0).shuffle(order)
+    for fmt in order:
+        params = [torch.nn.Parameter(torch.randn(per, generator=torch.Generator().manual_seed(i)))
+                  for i in range(args.floor_tensors)]
+        for p in params:
+            p.grad = torch.randn_like(p) * 1e-3
+        opt = Lookahead(torch.optim.SGD(params, lr=1e-3, foreach=True), k=k, alpha=0.5,
+                        local_sgd=LocalSGDOptions(fragment_sync_delay=0 if args.blocking else 1,
+                                                  **_floor_options(fmt)))
+        marks: list[tuple[int, float, float, float]] = []  # (count, wall start, wall end, cpu)
+        for i in range(1, k * args.cycles + 1):
+            dist.barrier()
+            c0, t0 = time.process_time(), time.perf_counter()
+            opt.step()
+            t1 = time.perf_counter()
+            time.sleep(args.gap)  # the transfer and the worker thread finish here
+            marks.append(((i - 1) % k + 1, t0, t1, time.process_time() - c0))
+        warm = 2 * k
+        quiet_wall = statistics.median(t1 - t0 for n, t0, t1, _ in marks[warm:] if n in (2, 3))
+        quiet_cpu = statistics.median(c for n, _, _, c in marks[warm:] if n in (2, 3))
+        r = rows.setdefault(fmt, {"launch": [], "apply": [], "cpu": []})
+        for j in range(warm, len(marks) - 1):
+            if marks[j][0] == k and (args.blocking or marks[j + 1][0] == 1):
+                r["launch"].append(marks[j][2] - marks[j][1] - quiet_wall)
+                if not args.blocking:
+                    r["apply"].append(marks[j + 1][2] - marks[j + 1][1] - quiet_wall)
+                    r["cpu"].append(marks[j][3] + marks[j + 1][3] - 2 * quiet_cpu)
+                else:
+                    r["cpu"].append(marks[j][3] - quiet_cpu)
+        del opt, params
+    if rank == 0:
+        out.update(rows)
+    dist.destroy_process_group()
+
+
+def floor(args: argparse.Namespace) -> None:
+    """The sync's CPU time per fragment against its memory-traffic floor (2 ranks, one process each)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    bw = _copy_bandwidth(args.floor_numel)
+    mgr = mp.Manager()
+    out = mgr.dict()
+    mp.spawn(_floor_worker, args=(2, port, args, out), nprocs=2)
+    rows = dict(out)
+    mb = args.floor_numel * 4 / 1e6
+    print(f"fragment of {args.floor_numel} fp32 elements ({mb:.0f} MB) in {args.floor_tensors} tensors, 2 ranks "
+          f"on loopback, 1 thread each, F=1 tau={0 if args.blocking else 1}; copy bandwidth {bw / 1e9:.2f} GB/s "
+          f"(one thread); medians of {args.rounds} shuffled rounds x {args.cycles - 2} syncs")
+    print()
+    print("| format | launch ms (caller) | apply ms (caller) | CPU ms, all threads | floor MB | floor ms | CPU / floor |")
+    print("|---|---|---|---|---|---|---|")
+    result = {}
+    for fmt in args.formats:
+        r = rows[fmt]
+        fb = floor_bytes(fmt, args.floor_numel, 2)
+        total = sum(fb.values())
+        fl = total / bw
+        cpu = statistics.median(r["cpu"])
+        spread = (min(r["cpu"]), max(r["cpu"]))
+        ap = f"{1e3 * statistics.median(r['apply']):.1f}" if r["apply"] else "-"
+        print(f"| {fmt} | {1e3 * statistics.median(r['launch']):.1f} | {ap} | {1e3 * cpu:.1f} "
+              f"[{1e3 * spread[0]:.1f}-{1e3 * spread[1]:.1f}] | {total / 1e6:.0f} | {1e3 * fl:.1f} | {cpu / fl:.2f} |")
+        result[fmt] = {"cpu_s": r["cpu"], "launch_s": r["launch"], "apply_s": r["apply"], "floor_bytes": fb,
+                       "bandwidth": bw, "ratio": cpu / fl}
+    print("RESULT " + json.dumps(result))
+
+
+MODES = {"cycle": cycle, "sync-step": sync_step, "quant": quant, "floor": floor}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -188,11 +335,17 @@ def main(argv: list[str] | None = None) -> None:
     g.add_argument("--num-fragments", type=int, default=1)
     g.add_argument("--delay", type=int, default=0, help="fragment_sync_delay (tau)")
     g.add_argument("--comm-dtype", default=None, choices=(None, "bf16", "int8", "int4"))
-    g.add_argument("--cycles", type=int, default=12)
+    g.add_argument("--cycles", type=int, default=12, help="(also --mode floor)")
+    g = ap.add_argument_group("--mode floor")
+    g.add_argument("--formats", nargs="+", default=list(FLOOR_FORMATS), choices=FLOOR_FORMATS)
+    g.add_argument("--floor-numel", type=int, default=6 * 2**20, help="elements of the synced fragment")
+    g.add_argument("--floor-tensors", type=int, default=6)
+    g.add_argument("--gap", type=float, default=0.08, help="seconds of sleep after each step")
+    g.add_argument("--blocking", action="store_true", help="tau = 0 (the wait inside the step)")
     g = ap.add_argument_group("--mode quant")
     g.add_argument("--numel", type=int, default=4 * 2**20, help="elements of the fp32 buffer")
     g.add_argument("--blocks", type=int, nargs="+", default=[256, 512, 1024], help="block sizes")
-    g.add_argument("--rounds", type=int, default=5)
+    g.add_argument("--rounds", type=int, default=5, help="(also --mode floor)")
     g.add_argument("--reps", type=int, default=3, help="calls per timing")
     g.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     args = ap.parse_args(argv)

@@ -147,6 +147,7 @@ import torch
 import torch.distributed as dist
 
 from lookahead_dist import _backend, _comm
+from lookahead_dist._buffers import POOL
 from lookahead_dist._comm import CommStats
 
 __all__ = [
@@ -223,8 +224,9 @@ class Quantized:
 
 # -- the block kernels (2-D: one row per block) ------------------------------------------------
 def _quantize_blocks(x: torch.Tensor, qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``x`` fp32 ``(blocks, B)`` -> integer codes as fp32 ``(blocks, B)`` and fp32 scales ``(blocks,)``."""
-    buf = x.abs()
+    """``x`` fp32 ``(blocks, B)`` -> integer codes as fp32 ``(blocks, B)`` (a pooled buffer: Note
+    [Buffer reuse] in _buffers.py) and fp32 scales ``(blocks,)``."""
+    buf = torch.abs(x, out=POOL.take(x.numel(), torch.float32, x.device).view_as(x))
     absmax = buf.amax(dim=1)  # NaN if the block holds a NaN, inf if it holds an inf
     finite = torch.isfinite(absmax)
     scale = absmax / qmax
@@ -242,34 +244,45 @@ def _quantize_blocks(x: torch.Tensor, qmax: int) -> tuple[torch.Tensor, torch.Te
 def _pack(q: torch.Tensor, bits: int) -> torch.Tensor:
     """Integer-valued fp32 codes -> int8 codes (bits=8) or offset-binary nibble pairs (bits=4) or
     offset-binary 2-bit quadruples (bits=2); the element count must be a multiple of ``8 / bits``."""
-    codes = q.to(torch.int8).reshape(-1)
+    codes = POOL.take(q.numel(), torch.int8, q.device)
+    codes.copy_(q.reshape(-1))
     if bits == 8:
         return codes
     if bits == 4:
         u = codes.add_(8).view(torch.uint8).view(-1, 2)  # [1, 15]; the byte ops are 4x cheaper than fp32 ones
-        return u[:, 0] | (u[:, 1] << 4)
-    u = codes.add_(2).view(torch.uint8).view(-1, 4)  # [1, 3]
-    return u[:, 0] | (u[:, 1] << 2) | (u[:, 2] << 4) | (u[:, 3] << 6)
+        packed = u[:, 0] | (u[:, 1] << 4)
+    else:
+        u = codes.add_(2).view(torch.uint8).view(-1, 4)  # [1, 3]
+        packed = u[:, 0] | (u[:, 1] << 2) | (u[:, 2] << 4) | (u[:, 3] << 6)
+    POOL.give(codes)
+    return packed
 
 
 def _unpack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Inverse of :func:`_pack` on the last dimension: fp32 integer values, ``8 / bits`` x longer."""
     if bits == 8:
-        return codes.view(torch.int8).to(torch.float32)
+        return _to_fp32(codes.view(torch.int8))
     codes = codes.view(torch.uint8)
     if bits == 4:
         nibbles = torch.stack((codes & 15, codes >> 4), dim=-1).flatten(-2)  # uint8, interleaved
-        return nibbles.view(torch.int8).sub_(8).to(torch.float32)
+        return _to_fp32(nibbles.view(torch.int8).sub_(8))
     pairs = torch.stack((codes & 3, (codes >> 2) & 3, (codes >> 4) & 3, codes >> 6), dim=-1).flatten(-2)
-    return pairs.view(torch.int8).sub_(2).to(torch.float32)
+    return _to_fp32(pairs.view(torch.int8).sub_(2))
+
+
+def _to_fp32(codes: torch.Tensor) -> torch.Tensor:
+    """int8 -> fp32 into a pooled buffer (``copy_`` into an existing buffer: half the time of ``.to``)."""
+    out = POOL.take(codes.numel(), torch.float32, codes.device).view(codes.shape)
+    return out.copy_(codes)
 
 
 def _padded_fp32(x: torch.Tensor, numel: int, residual: torch.Tensor | None = None) -> torch.Tensor:
     """``x`` (+ ``residual``) as fp32, zero-padded to ``numel`` elements (a fresh tensor)."""
     n = x.numel()
+    out = POOL.take(numel, torch.float32, x.device)
     if residual is not None and n == numel:
-        return torch.add(x.reshape(-1), residual.view(-1), out=torch.empty(n, device=x.device))
-    out = torch.zeros(numel, dtype=torch.float32, device=x.device)
+        return torch.add(x.reshape(-1), residual.view(-1), out=out)
+    out[n:].zero_()
     out[:n] = x.reshape(-1)
     if residual is not None:
         out[:n] += residual.view(-1)
@@ -294,7 +307,9 @@ def quantize(x: torch.Tensor, *, bits: int, block_size: int = DEFAULT_BLOCK_SIZE
     blocks = -(-n // block_size)
     xf = _padded_fp32(x, blocks * block_size) if n % block_size or x.dtype != torch.float32 else x.reshape(-1)
     q, scales = _quantize_blocks(xf.view(blocks, block_size), qmax)
-    return Quantized(_pack(q, bits), scales, n, bits, block_size)
+    codes = _pack(q, bits)
+    POOL.give(q, xf if xf is not x else None)
+    return Quantized(codes, scales, n, bits, block_size)
 
 
 def dequantize(q: Quantized, *, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -325,6 +340,7 @@ def quantize_with_feedback(x: torch.Tensor, residual: torch.Tensor, *, bits: int
     codes = _pack(q, bits)
     sent = q.mul_(scales.unsqueeze(1)).view(-1)[:n]  # == dequantize of the result
     torch.sub(y[:n], sent, out=residual.view(-1))
+    POOL.give(y, q)
     return Quantized(codes, scales, n, bits, block_size)
 
 
@@ -375,9 +391,11 @@ def _plan(numel: int, n: int, bits: int, block_size: int) -> _Plan:
 
 def _to_segments(q: torch.Tensor, scales: torch.Tensor, rows: int, plan: _Plan) -> torch.Tensor:
     """Pack the fp32 codes and the scales of ``rows`` chunks into a ``(rows, seg_bytes)`` uint8 buffer."""
-    buf = torch.empty(rows, plan.seg_bytes, dtype=torch.uint8, device=q.device)
-    buf[:, : plan.code_bytes] = _pack(q, plan.bits).view(torch.uint8).view(rows, plan.code_bytes)
+    buf = POOL.take(rows * plan.seg_bytes, torch.uint8, q.device).view(rows, plan.seg_bytes)
+    codes = _pack(q, plan.bits)
+    buf[:, : plan.code_bytes] = codes.view(torch.uint8).view(rows, plan.code_bytes)
     buf[:, plan.code_bytes:] = scales.view(torch.uint8).view(rows, plan.scale_bytes)
+    POOL.give(codes)
     return buf
 
 
@@ -397,16 +415,19 @@ def _stage_send(flat: torch.Tensor, plan: _Plan, residual: torch.Tensor | None) 
     if residual is not None:
         sent = q.mul_(scales.unsqueeze(1)).view(-1)[: plan.numel]  # q is packed: reuse its memory
         torch.sub(y[: plan.numel], sent, out=residual.view(-1))
+    POOL.give(y, q)
     return send
 
 
 def _stage_reduce(send: torch.Tensor, plan: _Plan, group, average: bool, owner_residual: torch.Tensor | None,
                   out: torch.Tensor | None, label: str) -> torch.Tensor:
     """Stages 2-5 of Note [Quantised all-reduce]. Bytes were counted at launch (stats=None here)."""
-    recv = torch.empty_like(send)
+    recv = POOL.take(send.numel(), torch.uint8, send.device).view_as(send)
     _comm.all_to_all(recv.view(-1), send.view(-1), group, None, label)
-    parts = _from_segments(recv, plan)  # (N, C): every rank's chunk r
-    acc = parts[0].clone()
+    POOL.give(send)
+    parts = _from_segments(recv, plan)  # (N, C): every rank's chunk r (a pooled buffer of ours)
+    POOL.give(recv)
+    acc = parts[0]
     for s in range(1, plan.n):  # fixed rank order: the same sum on every rank and in a reference
         acc += parts[s]
     if average:
@@ -417,12 +438,16 @@ def _stage_reduce(send: torch.Tensor, plan: _Plan, group, average: bool, owner_r
     mine = _to_segments(q, scales, 1, plan)
     if owner_residual is not None:
         torch.sub(acc, q.mul_(scales.unsqueeze(1)).view(-1), out=owner_residual.view(-1))
-    gathered = torch.empty(plan.n, plan.seg_bytes, dtype=torch.uint8, device=send.device)
+    POOL.give(q, parts)
+    gathered = POOL.take(plan.n * plan.seg_bytes, torch.uint8, send.device).view(plan.n, plan.seg_bytes)
     _comm.all_gather(gathered.view(-1), mine.view(-1), group, None, label)
+    POOL.give(mine)
     vals = _from_segments(gathered, plan).view(-1)[: plan.numel]
+    POOL.give(gathered)
     if out is None:
         return vals
     out.copy_(vals)
+    POOL.give(vals)
     return out
 
 

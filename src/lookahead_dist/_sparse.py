@@ -86,6 +86,7 @@ import torch
 import torch.distributed as dist
 
 from lookahead_dist import _comm, _quant
+from lookahead_dist._buffers import POOL
 from lookahead_dist._comm import CommStats
 
 __all__ = [
@@ -196,7 +197,7 @@ def encode(x: torch.Tensor, fmt: SparseFormat, residual: torch.Tensor | None = N
     if residual is not None:
         _quant._check_residual(residual, n, "residual")
     qmax = _quant._QMAX[fmt.bits]
-    y = _quant._padded_fp32(x, fmt.padded, residual)  # a fresh tensor
+    y = _quant._padded_fp32(x, fmt.padded, residual)  # a pooled buffer of ours (Note [Buffer reuse])
     rows = y.view(fmt.rows, INDEX_BLOCK)
     idx = rows.abs().topk(fmt.k, dim=1, sorted=False).indices.sort(dim=1).values
     vals = rows.gather(1, idx)  # (rows, k)
@@ -205,11 +206,13 @@ def encode(x: torch.Tensor, fmt: SparseFormat, residual: torch.Tensor | None = N
     a, b = fmt.scale_bytes, fmt.scale_bytes + fmt.index_bytes
     payload[:a] = scales.view(torch.uint8)
     payload[a:b] = idx.to(torch.uint8).view(-1)
-    payload[b:] = _quant._pack(q, fmt.bits).view(torch.uint8)
+    codes = _quant._pack(q, fmt.bits)
+    payload[b:] = codes.view(torch.uint8)
     if residual is not None:
         sent = q.mul_(scales.unsqueeze(1)).view(fmt.rows, fmt.k)
         rows.scatter_(1, idx, vals.sub_(sent))  # y = (x + e) - sent
         residual.view(-1).copy_(y[:n])
+    POOL.give(y, q, codes)
     return payload
 
 
@@ -221,6 +224,7 @@ def _accumulate(acc: torch.Tensor, poison: torch.Tensor, payload: torch.Tensor, 
     idx = payload[a:b].view(fmt.rows, fmt.k).long()
     vals = _quant._unpack(payload[b:], fmt.bits).view(fmt.groups, fmt.per_group).mul_(scales.unsqueeze(1))
     acc.view(fmt.rows, INDEX_BLOCK).scatter_add_(1, idx, vals.view(fmt.rows, fmt.k))
+    POOL.give(vals)
     poison.add_(scales.mul_(0.0))  # 0, or NaN for a non-finite scale block
 
 
@@ -245,7 +249,7 @@ def _exchange(payload: torch.Tensor, fmt: SparseFormat, n: int, group, average: 
     """All-gather the payloads, decode and add them in rank order in fp32 (bytes counted at launch)."""
     gathered = torch.empty(n, fmt.nbytes, dtype=torch.uint8, device=payload.device)
     _comm.all_gather(gathered.view(-1), payload, group, None, label)
-    acc = torch.zeros(fmt.padded, dtype=torch.float32, device=payload.device)
+    acc = POOL.zeros(fmt.padded, torch.float32, payload.device)
     poison = torch.zeros(fmt.groups, dtype=torch.float32, device=payload.device)
     for r in range(n):  # fixed rank order: the same sum on every rank and in a reference
         _accumulate(acc, poison, gathered[r], fmt)
@@ -255,6 +259,7 @@ def _exchange(payload: torch.Tensor, fmt: SparseFormat, n: int, group, average: 
     if out is None:
         return vals
     out.copy_(vals)
+    POOL.give(acc)
     return out
 
 

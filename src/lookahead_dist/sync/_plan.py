@@ -86,6 +86,7 @@ class Launched:
     owner_res: torch.Tensor | None = None
     full: torch.Tensor | None = None     # sharded: the full stage (all ranks' chunks), reused by the gather
     group: Any = None                # the process group of ``work`` (its backend traits decide the wait)
+    pooled: list[torch.Tensor | None] = field(default_factory=list)  # given back to POOL once applied
 
 
 UNDECIDED: Any = object()

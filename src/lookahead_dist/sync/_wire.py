@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .. import _comm, _sync
+from .._buffers import POOL
 from . import streaming
 from ._plan import Launched, Plan, Reduced
 
@@ -73,13 +74,15 @@ class FlatWire(Wire):
 
     def launch(self, host: SyncHost, plan: Plan) -> Launched:
         lay = plan.layout
-        stage = torch.empty(lay.numel, dtype=plan.stage_dtype, device=plan.device)
+        stage = POOL.take(lay.numel, plan.stage_dtype, plan.device)  # Note [Buffer reuse]
         views = list(stage.split(lay.segment_sizes))
         torch._foreach_copy_(views, plan.fast)
         torch._foreach_sub_(views, plan.slow)  # progress theta_i - phi
         if plan.quant is not None:
             return self.s._launch_quant(host, plan, stage, views)
-        return self._send(plan, stage, views)
+        item = self._send(plan, stage, views)
+        item.pooled = [stage]
+        return item
 
     def reduced(self, item: Launched, buf: torch.Tensor) -> Reduced:
         # buf is the views end to end: one probe of the whole buffer

@@ -126,6 +126,7 @@ import torch
 import torch.distributed as dist
 
 from .. import _backend, _comm, _sync
+from .._buffers import POOL
 from .._comm import CommStats, flat_view
 from .._keys import (
     EF_OWNER_KEY,
@@ -161,6 +162,13 @@ __all__ = [
     "LocalSGDOptions",
     "make_local_sgd",
 ]
+
+
+def _zero_pads(layout: Any, buf: torch.Tensor) -> torch.Tensor:
+    """``buf`` with the padding of ``layout`` zeroed (the chunks are about to be written whole)."""
+    for pad in layout.pad_views(buf):
+        pad.zero_()
+    return buf
 
 
 def make_local_sgd(local_sgd: bool | LocalSGDOptions, process_group: Any = None) -> LocalSGD:
@@ -457,10 +465,14 @@ class LocalSGD(ReplicaSync, PlanBuilder, OuterOptimizerProxy, EagerOuter, SyncSt
             inflight: deque = deque()
             for plan in unit.fragments[f]:
                 if len(inflight) == 2:  # double buffering: pack bucket j+2 only after j is applied
-                    self._apply(host, self._reduce(host, inflight.popleft(), describe), alpha, describe, ok, bad)
+                    item = inflight.popleft()
+                    self._apply(host, self._reduce(host, item, describe), alpha, describe, ok, bad)
+                    POOL.give(*item.pooled)
                 inflight.append(self._launch(host, plan, describe))
             while inflight:
-                self._apply(host, self._reduce(host, inflight.popleft(), describe), alpha, describe, ok, bad)
+                item = inflight.popleft()
+                self._apply(host, self._reduce(host, item, describe), alpha, describe, ok, bad)
+                POOL.give(*item.pooled)
             self._after(host, unit, ok, bad, alpha, describe)
 
     def _fragment_start(self, host: SyncHost, unit: Unit, f: int, describe: str) -> None:
@@ -490,6 +502,8 @@ class LocalSGD(ReplicaSync, PlanBuilder, OuterOptimizerProxy, EagerOuter, SyncSt
             if rec.parked:
                 for p in red.plan.params:
                     host.state_entry(p)[INFLIGHT_DUE_KEY] = 0
+        for item in rec.launched:  # applied: the buffers are free again (Note [Buffer reuse])
+            POOL.give(*item.pooled)
         self._after(host, unit, ok, bad, alpha, rec.describe)
 
     def _after(self, host: SyncHost, unit: Unit, ok: list[torch.Tensor], bad: list, alpha: float,
@@ -589,7 +603,7 @@ class LocalSGD(ReplicaSync, PlanBuilder, OuterOptimizerProxy, EagerOuter, SyncSt
         from .. import _quant
 
         ql = plan.quant
-        qstage = torch.zeros(ql.numel, dtype=torch.float32, device=plan.device)
+        qstage = _zero_pads(ql, POOL.take(ql.numel, torch.float32, plan.device))  # Note [Buffer reuse]
         torch._foreach_copy_(ql.chunk_views(qstage), ql.split_each(views))
         if poison is not None:  # every block, so that every owner sees it
             qstage.mul_(poison)
@@ -597,11 +611,11 @@ class LocalSGD(ReplicaSync, PlanBuilder, OuterOptimizerProxy, EagerOuter, SyncSt
         sparse = self.options.topk_fraction is not None
         if self._ef:
             entries = [host.state_entry(p) for p in plan.params]
-            residual = torch.zeros(ql.numel, dtype=torch.float32, device=plan.device)
+            residual = _zero_pads(ql, POOL.take(ql.numel, torch.float32, plan.device))
             res_views = ql.split_each([cut(e[EF_RESIDUAL_KEY], sl) for e, sl in zip(entries, plan.sl)])
             torch._foreach_copy_(ql.chunk_views(residual), res_views)
             if not sparse:  # the sparse exchange does not requantise: its owner residual stays zero
-                owner = torch.zeros(ql.segment, dtype=torch.float32, device=plan.device)
+                owner = POOL.zeros(ql.segment, torch.float32, plan.device)
                 torch._foreach_copy_(ql.own_views(owner, self.quant_rank),
                                      [cut(e[EF_OWNER_KEY], sl) for e, sl in zip(entries, plan.osl)])
         if sparse:  # Note [Sparse outer gradients] in _sparse.py: encoded here, all-gathered
@@ -617,7 +631,9 @@ class LocalSGD(ReplicaSync, PlanBuilder, OuterOptimizerProxy, EagerOuter, SyncSt
                 label="params")
         if residual is not None:  # updated at launch (the send is quantised on this thread)
             torch._foreach_copy_(res_views, ql.chunk_views(residual))
-        return Launched(plan, work, buf, buf, views, qstage=qstage, owner_res=owner, group=self._qgroup)
+            POOL.give(residual)
+        return Launched(plan, work, buf, buf, views, qstage=qstage, owner_res=owner, group=self._qgroup,
+                        pooled=[buf, qstage, owner])
 
     def _reduce(self, host: SyncHost, item: Launched, describe: str) -> Reduced:
         """Wait for one bucket's collective; the averaged pseudo-gradient ``d = phi - mean theta``."""
