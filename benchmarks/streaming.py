@@ -106,6 +106,19 @@ def rows(taus: dict[tuple[int, str], int]) -> list[Spec]:
                     fragments=EAGER_F, wire="int2 top-2%", group="eager"))
     out.append(Spec("sparse2", "blocking, top-2% at int2", (*ls, "--comm-dtype", "int2", "--topk-fraction", "0.02"),
                     wire="int2 top-2%", group="blocking"))
+    # Issue 16's control rows: each streaming row's bytes on the same schedule, as a bare async
+    # all-reduce beside a Lookahead that never syncs (`--mode traffic-only`): the link and gloo's
+    # threads without the sync's own CPU work. A streaming row's gap to its control is that work.
+    for f in FRAGMENTS:
+        for dt in DTYPES:
+            tau = taus[(f, dt)]
+            extra = () if dt == "fp32" else ("--comm-dtype", dt)
+            out.append(Spec(f"t{f}-{dt}", f"traffic only as streaming F={f} tau={tau}, {dt}",
+                            ("--mode", "traffic-only", "--k", str(K), "--num-fragments", str(f),
+                             "--fragment-sync-delay", str(tau), *extra), fragments=f, wire=dt, tau=tau, group="control"))
+    out.append(Spec("t-sparse2", "traffic only as blocking top-2% int2",
+                    ("--mode", "traffic-only", "--k", str(K), "--comm-dtype", "int2", "--topk-fraction", "0.02"),
+                    wire="int2 top-2%", group="control"))
     return out
 
 
@@ -269,7 +282,21 @@ def _best_ceiling(link: dict) -> float:
 
 ORDER = ["ddp", "block-fp32", "block-fp32-base", "block-bf16", "sparse2", *[f"s{f}-{dt}" for f in FRAGMENTS for dt in DTYPES],
          "eager-fp32", "eager-int4", "eager-int2", "eager-sparse2",
-         "torch-plsgd", "accel-lsgd", *[f"ft-f{f}" for f in FRAGMENTS]]
+         "torch-plsgd", "accel-lsgd", *[f"ft-f{f}" for f in FRAGMENTS],
+         *[f"t{f}-{dt}" for f in FRAGMENTS for dt in DTYPES], "t-sparse2"]
+
+
+def control_gaps(link: dict) -> list[str]:
+    """Each row beside its traffic-only control (issue 16: within 3 points): the medians' difference
+    in points of the ceiling."""
+    fr = fractions(link)
+    out = []
+    for key, ctrl in [(f"s{f}-{dt}", f"t{f}-{dt}") for f in FRAGMENTS for dt in DTYPES] + [("sparse2", "t-sparse2")]:
+        if fr.get(key) and fr.get(ctrl):
+            gap = 100 * (statistics.median(fr[key]) - statistics.median(fr[ctrl]))
+            out.append(f"- {key} {statistics.median(fr[key]):.2f} vs its control {ctrl} "
+                       f"{statistics.median(fr[ctrl]):.2f}: {gap:+.0f} points ({'within' if gap >= -3 else '**not within**'} 3)")
+    return out
 
 
 def _by_row(link: dict) -> dict[str, list[dict]]:
@@ -474,7 +501,9 @@ def report(links: list[dict], args: argparse.Namespace) -> str:
                      f"Ceiling step time {l['t_step'] * 1000:.0f} ms.\n\n" + table(l) +
                      "\n\nAll-reduce of one fragment alone on the link (probe, "
                      f"{len(next(iter(l['probe']['times'].values())))} runs, median [min-max]), in inner steps of the "
-                     "ceiling run:\n\n" + probe_table(l))
+                     "ceiling run:\n\n" + probe_table(l)
+                     + ("\n\nAgainst the traffic-only controls (the same bytes, none of the sync's CPU work):\n\n"
+                        + "\n".join(gaps) if (gaps := control_gaps(l)) else ""))
     return "\n\n".join(parts) + "\n\nTargets of the issue:\n\n" + "\n".join(targets(links))
 
 

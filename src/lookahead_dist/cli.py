@@ -26,7 +26,14 @@ from typing import Any
 
 # The names of the modes have one home, the demo's config module (it imports only torch); the
 # demo's heavier modules are imported once there is something to run.
-from .demo.config import BASELINE_MODES, COMM_DTYPES, MODES, OPTIMIZERS, STREAMING_MODES
+from .demo.config import (
+    BASELINE_MODES,
+    COMM_DTYPES,
+    MODES,
+    OPTIMIZERS,
+    STREAMING_MODES,
+    WIRE_MODES,
+)
 
 __all__ = ["main", "build_parser", "DEFAULT_RUNS"]
 
@@ -218,7 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "post-local-sgd / accelerate-local-sgd: torch's PostLocalSGDOptimizer / accelerate's "
                        "LocalSGD around AdamW, for comparison; torchft-diloco: torchft's DiLoCo around AdamW "
                        "(outer SGD lr=--alpha, same --k and fragment flags; each rank a replica group; needs a "
-                       "lighthouse at $TORCHFT_LIGHTHOUSE) (default: ddp)")
+                       "lighthouse at $TORCHFT_LIGHTHOUSE); traffic-only: a never-syncing Lookahead beside a bare "
+                       "async all-reduce of a fragment's wire bytes every k/F steps (a benchmark control) "
+                       "(default: ddp)")
     opt = train.add_mutually_exclusive_group()
     opt.add_argument("--optimizer", choices=OPTIMIZERS, default=None,
                      help="adamw, or lookahead = Lookahead(AdamW) (default: lookahead; adamw for the "
@@ -506,15 +515,15 @@ def _configs(args: argparse.Namespace, specs: Sequence[tuple[str, str]]) -> list
 _LOCAL_SGD_FLAGS = (("--outer-momentum", "outer_momentum", 0.0, STREAMING_MODES),
                     ("--nesterov", "nesterov", False, STREAMING_MODES),
                     ("--local-sgd-sharded", "sharded", False, ("local-sgd",)),
-                    ("--comm-dtype", "comm_dtype", "fp32", ("local-sgd",)),
-                    ("--quant-block-size", "quant_block_size", 512, ("local-sgd",)),
+                    ("--comm-dtype", "comm_dtype", "fp32", WIRE_MODES),
+                    ("--quant-block-size", "quant_block_size", 512, WIRE_MODES),
                     ("--error-feedback", "error_feedback", True, ("local-sgd",)),
                     ("--hierarchical", "hierarchical", False, ("local-sgd",)),
                     ("--num-fragments", "num_fragments", 1, STREAMING_MODES),
                     ("--fragment-sync-delay", "fragment_sync_delay", 0, STREAMING_MODES),
                     ("--fragment-update-alpha", "fragment_update_alpha", 0.0, STREAMING_MODES),
                     ("--eager-update", "eager_update", False, ("local-sgd",)),
-                    ("--topk-fraction", "topk_fraction", None, ("local-sgd",)))
+                    ("--topk-fraction", "topk_fraction", None, WIRE_MODES))
 
 
 def _check_local_sgd_flags(args: argparse.Namespace, specs: Sequence[tuple[str, str]]) -> None:
@@ -542,6 +551,9 @@ def _local_sgd_options(args: argparse.Namespace, mode: str) -> dict[str, Any]:
         opts.update(sharded=args.sharded, comm_dtype=args.comm_dtype, hierarchical=args.hierarchical,
                     quant_block_size=args.quant_block_size, error_feedback=args.error_feedback,
                     eager_update=args.eager_update, topk_fraction=args.topk_fraction)
+    elif mode == "traffic-only":
+        opts.update(comm_dtype=args.comm_dtype, quant_block_size=args.quant_block_size,
+                    topk_fraction=args.topk_fraction)
     return opts
 
 

@@ -112,3 +112,16 @@ def test_bytes_counted_on_other_threads(tmp_path, monkeypatch):
     finally:
         lighthouse.shutdown()
     assert ft["comm_bytes_by_op"] == {"all_reduce": pytest.approx(P / 4)}
+
+
+@pytest.mark.timeout(300)
+def test_traffic_only_puts_local_sgds_bytes_on_the_wire(tmp_path):
+    # The streaming benchmark's control row: the same bytes per step as the local-SGD row it stands
+    # beside (int8 streaming F=2 tau=1, and top-2% int2), with Lookahead never syncing.
+    small = ["--steps", "16", "--k", "8", "--quick", "--nproc", "2", "--no-progress", "--json"]
+    for wire in (["--num-fragments", "2", "--fragment-sync-delay", "1", "--comm-dtype", "int8"],
+                 ["--comm-dtype", "int2", "--topk-fraction", "0.02"]):
+        real = json.loads(_run(["train", "--mode", "local-sgd", *wire, *small], tmp_path).stdout)["runs"][0]
+        ctrl = json.loads(_run(["train", "--mode", "traffic-only", *wire, *small], tmp_path).stdout)["runs"][0]
+        assert ctrl["comm_bytes_per_step"] == pytest.approx(real["comm_bytes_per_step"], rel=0.01), wire
+        assert set(ctrl["comm_bytes_by_op"]) == {"all_reduce"}

@@ -9,18 +9,21 @@ from typing import Any
 from ..sync.options import COMM_DTYPES as _COMM_DTYPE_TABLE
 from .model import ModelConfig
 
-__all__ = ["BASELINE_MODES", "COMM_DTYPES", "MODES", "OPTIMIZERS", "RunConfig", "STREAMING_MODES"]
+__all__ = ["BASELINE_MODES", "COMM_DTYPES", "MODES", "OPTIMIZERS", "STREAMING_MODES", "WIRE_MODES", "RunConfig"]
 
 # The one home of these names: the command line (lookahead_dist.cli) and the mode builders use them.
 OPTIMIZERS = ("adamw", "lookahead")
 #: Every training set-up (see :mod:`.modes`).
-MODES = ("ddp", "zero2", "fsdp2", "local-sgd", "post-local-sgd", "accelerate-local-sgd", "torchft-diloco")
+MODES = ("ddp", "zero2", "fsdp2", "local-sgd", "post-local-sgd", "accelerate-local-sgd", "torchft-diloco",
+         "traffic-only")
 #: Baselines from other libraries (plain AdamW, periodic averaging every k steps; benchmarks only).
 BASELINE_MODES = ("post-local-sgd", "accelerate-local-sgd", "torchft-diloco")
 #: ``comm_dtype`` names: those of the one table in :mod:`lookahead_dist.sync.options`.
 COMM_DTYPES = tuple(_COMM_DTYPE_TABLE)
 #: Modes with a fragment schedule (``num_fragments``, ``fragment_sync_delay``, ``fragment_update_alpha``).
-STREAMING_MODES = ("local-sgd", "torchft-diloco")
+STREAMING_MODES = ("local-sgd", "torchft-diloco", "traffic-only")
+#: Modes that take a wire format (``comm_dtype``, ``topk_fraction``).
+WIRE_MODES = ("local-sgd", "traffic-only")
 
 
 def _positive_int(name: str, value: Any) -> None:
@@ -103,9 +106,9 @@ class RunConfig:
             raise ValueError(f"unknown mode {self.mode!r}; choose one of {', '.join(MODES)}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
-        if self.mode == "local-sgd" and self.optimizer != "lookahead":
+        if self.mode in ("local-sgd", "traffic-only") and self.optimizer != "lookahead":
             raise ValueError(
-                f"mode 'local-sgd' is Lookahead's local-SGD mode and needs optimizer 'lookahead', got {self.optimizer!r}"
+                f"mode {self.mode!r} runs Lookahead's local-SGD mode and needs optimizer 'lookahead', got {self.optimizer!r}"
             )
         if self.mode in BASELINE_MODES and self.optimizer != "adamw":
             raise ValueError(
@@ -124,11 +127,13 @@ class RunConfig:
             raise ValueError(
                 f"outer_momentum and nesterov are options of modes {', '.join(STREAMING_MODES)}, not of {self.mode!r}"
             )
-        if self.mode != "local-sgd" and (self.sharded or self.comm_dtype != "fp32" or self.hierarchical):
+        if self.mode not in WIRE_MODES and self.comm_dtype != "fp32" or self.mode != "local-sgd" and (
+                self.sharded or self.hierarchical):
             hint = (" (torchft's DiLoCo quantises with Triton kernels only, so on the wire it is fp32 here)"
                     if self.mode == "torchft-diloco" and self.comm_dtype != "fp32" else "")
             raise ValueError(
-                f"sharded, comm_dtype and hierarchical are options of mode 'local-sgd', not of {self.mode!r}{hint}"
+                f"sharded and hierarchical are options of mode 'local-sgd', comm_dtype of modes "
+                f"{', '.join(WIRE_MODES)}; not of {self.mode!r}{hint}"
             )
         self._check_streaming()
         for name in ("k", "steps", "batch_size", "nproc", "eval_batches"):
@@ -175,9 +180,11 @@ class RunConfig:
         if self.comm_dtype not in ("int8", "int4", "int2") and (self.quant_block_size != 512 or not self.error_feedback):
             raise ValueError(f"quant_block_size and error_feedback apply to comm_dtype int8/int4/int2, not to "
                              f"{self.comm_dtype!r}")
+        if self.topk_fraction is not None and self.mode not in WIRE_MODES:
+            raise ValueError(f"topk_fraction is an option of modes {', '.join(WIRE_MODES)}, not of {self.mode!r}")
+        if self.eager_update is not False and self.mode != "local-sgd":
+            raise ValueError(f"eager_update is an option of mode 'local-sgd', not of {self.mode!r}")
         if self.eager_update is not False or self.topk_fraction is not None:
-            if self.mode != "local-sgd":
-                raise ValueError(f"eager_update and topk_fraction are options of mode 'local-sgd', not of {self.mode!r}")
             from ..sync.options import COMM_DTYPES as _TABLE, LocalSGDOptions
 
             # The library's own checks (the combinations it refuses), before any process starts.

@@ -19,6 +19,10 @@ torchft-diloco  baseline: torchft's ``DiLoCo`` (AdamW inner, outer SGD with lr =
            model cut into F fragments, streaming with the same k, F and tau as local-sgd); each
            rank is a replica group with its own ``Manager`` (gloo), lighthouse at
            ``$TORCHFT_LIGHTHOUSE``
+traffic-only  benchmark control: ``Lookahead(AdamW, local_sgd=True)`` that never syncs, beside a
+           bare asynchronous all-reduce of a fragment's wire bytes every k / F steps, waited
+           for tau steps later: local SGD's traffic without its CPU work (no packing,
+           quantisation or outer step); see ``_traffic_only``
 =========  ==============================================================================
 
 Every mode sees the same global batches (see :mod:`.data`), so ddp, zero2 and fsdp2 with the
@@ -325,9 +329,67 @@ def _torchft_diloco(model: nn.Module, run: Any, device: torch.device) -> Runner:
     return Runner(step=_plain_step(model, inner, run.grad_clip), logits=model, optimizer=inner, train=model.train)
 
 
+def wire_bytes_per_fragment(numel: int, comm_dtype: str, n: int, *, topk_fraction: float | None = None,
+                            block: int = 512) -> tuple[int, torch.dtype]:
+    """(elements, dtype) of the bare all-reduce that puts one fragment's wire bytes on the link
+    per rank, as local SGD sends them: a dense all-reduce of the fragment in fp32/bf16; the
+    quantised reduce's all-to-all plus all-gather of N segments (a uint8 all-reduce of N segments
+    moves the same 2 (N-1) segments per rank in a ring); the sparse all-gather of N payloads
+    ((N-1) payloads per rank, as a uint8 all-reduce of N/2 payloads)."""
+    if comm_dtype in ("fp32", "bf16", "fp16"):
+        return numel, {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[comm_dtype]
+    from .. import _quant, _sparse
+
+    bits = int(comm_dtype[3:])
+    if topk_fraction is not None:
+        return max(1, n * _sparse.sparse_nbytes(numel, fraction=topk_fraction, bits=bits) // 2), torch.uint8
+    chunk = _quant.reduce_chunk_numel(numel, n, block_size=block)
+    seg = chunk * bits // 8 + chunk // block * 4
+    return n * seg, torch.uint8
+
+
+def _traffic_only(model: nn.Module, run: Any, device: torch.device) -> Runner:
+    """The traffic-only control of the streaming benchmark (issue 16): what local SGD's bytes cost on
+    the link and in gloo's threads when none of the sync's own CPU work runs. Lookahead keeps its
+    local-SGD step (k so large that it never syncs); every k / F steps a bare asynchronous all-reduce
+    of one fragment's wire bytes (:func:`wire_bytes_per_fragment`) starts on its own group and is
+    waited for tau steps later (at once when tau = 0)."""
+    opt = _optimizer(model.parameters(), run, local_sgd=LocalSGDOptions(module=model))
+    for group in opt.param_groups:
+        group["lookahead_k"] = 10**9  # Lookahead's own step, never a sync
+    group_ = dist.new_group(list(range(dist.get_world_size())))  # collective: the same point on every rank
+    numel = sum(p.numel() for p in model.parameters()) // run.num_fragments
+    elems, dtype = wire_bytes_per_fragment(numel, run.comm_dtype, dist.get_world_size(),
+                                           topk_fraction=run.topk_fraction, block=run.quant_block_size)
+    payload = torch.zeros(elems, dtype=dtype, device=device)
+    stride, tau = run.k // run.num_fragments, run.fragment_sync_delay
+    pending: list[tuple[int, Any]] = []  # (due count, work)
+    count = [0]
+    base = _plain_step(model, opt, run.grad_clip)
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        loss = base(x, y)
+        count[0] += 1
+        while pending and pending[0][0] <= count[0]:
+            pending.pop(0)[1].wait()
+        if count[0] % stride == 0:
+            work = dist.all_reduce(payload, group=group_, async_op=True)
+            if tau == 0:
+                work.wait()
+            else:
+                pending.append((count[0] + tau, work))
+        return loss
+
+    def finish() -> None:
+        while pending:
+            pending.pop(0)[1].wait()
+
+    return Runner(step=step, logits=model, optimizer=opt, train=model.train, finish=finish)
+
+
 _BUILDERS = {"ddp": _ddp, "zero2": _zero2, "fsdp2": _fsdp2, "local-sgd": _local_sgd,
              "post-local-sgd": _post_local_sgd, "accelerate-local-sgd": _accelerate_local_sgd,
-             "torchft-diloco": _torchft_diloco}
+             "torchft-diloco": _torchft_diloco, "traffic-only": _traffic_only}
 
 
 def build_runner(model: nn.Module, run: Any, device: torch.device) -> Runner:
