@@ -128,6 +128,22 @@ def _time(fn: Callable[[], object], reps: int) -> float:
     return (time.perf_counter() - t) / reps
 
 
+_QMAX_BY_BITS = {8: 127, 4: 7, 2: 1}
+
+
+def _fused_feedback(x: torch.Tensor, residual: torch.Tensor, qmax: int, block: int) -> tuple[torch.Tensor, ...]:
+    """``quantize_with_feedback``'s arithmetic written for one fused kernel (``--compiled``): codes
+    (int8, unpacked), scales and the new residual. Not the library's code path: a measure of what
+    fusion saves."""
+    y = (x + residual).view(-1, block)
+    absmax = y.abs().amax(dim=1, keepdim=True)
+    scale = absmax / qmax
+    usable = torch.isfinite(scale) & (scale > 0)
+    q = torch.where(usable, y / torch.where(usable, scale, 1.0), 0.0).round().clamp(-qmax, qmax)
+    new_residual = (y - q * scale).view(-1)
+    return q.to(torch.int8).view(-1), torch.where(torch.isfinite(absmax), scale, torch.nan).view(-1), new_residual
+
+
 def quant(args: argparse.Namespace) -> None:
     """Quantise/dequantise time per MB and bytes per element (one process)."""
     from lookahead_dist._quant import (
@@ -159,7 +175,23 @@ def quant(args: argparse.Namespace) -> None:
             r["qdq"].append(_time(lambda kw=kw: dequantize(quantize(x, **kw)), args.reps))
             r["fb"].append(_time(lambda e=e, kw=kw: quantize_with_feedback(x, e, **kw), args.reps))
 
+    if args.compiled:  # what fusion would give: the same arithmetic as one torch.compile'd kernel
+        t0 = time.perf_counter()
+        fused = torch.compile(_fused_feedback, dynamic=False)
+        for bits, block in configs:
+            fused(x, torch.zeros_like(x), _QMAX_BY_BITS[bits], block)
+        compile_s = time.perf_counter() - t0
+        for _ in range(args.rounds):
+            for bits, block in configs:
+                r = rows.setdefault(f"int{bits} B={block} compiled", {"q": [], "dq": [], "qdq": [], "fb": []})
+                e = torch.zeros_like(x)
+                for key in ("q", "dq", "qdq"):
+                    r[key].append(float("nan"))
+                r["fb"].append(_time(lambda e=e, b=bits, B=block: fused(x, e, _QMAX_BY_BITS[b], B), args.reps))
+        print(f"torch.compile of the feedback kernel (all configurations): {compile_s:.1f} s")
+
     def bytes_per_elem(name: str) -> float:
+        name = name.removesuffix(" compiled")
         if name == "bf16 cast":
             return 2.0
         bits, block = name[3], int(name.split("B=")[1])
@@ -348,6 +380,8 @@ def main(argv: list[str] | None = None) -> None:
     g.add_argument("--rounds", type=int, default=5, help="(also --mode floor)")
     g.add_argument("--reps", type=int, default=3, help="calls per timing")
     g.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    g.add_argument("--compiled", action="store_true",
+                   help="also the feedback quantisation as one torch.compile'd kernel (compiles first)")
     args = ap.parse_args(argv)
     if args.mode != "quant":
         torch.set_num_threads(1)
