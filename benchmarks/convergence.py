@@ -56,7 +56,7 @@ RUNS = [  # label, RunConfig overrides
 
 # --suite streaming: (key, label, trainer flags, target: allowed relative val-loss excess over blocking
 # seed 0, or None). `{F}` is --num-fragments.
-_LSGD = ("--mode", "local-sgd", "--k", "16", "--alpha", "0.5")
+_LSGD = ("--mode", "local-sgd", "--k", "{K}", "--alpha", "0.5")
 STREAMING_ROWS = [
     ("ddp", "DDP + AdamW", ("--mode", "ddp", "--no-lookahead"), None),
     ("blocking", "blocking local SGD, fp32", _LSGD, None),
@@ -170,7 +170,7 @@ def table(results: list[dict]) -> str:
 
 
 def run_streaming(rows: list[tuple], *, steps: int, batch: int, fragments: int, seeds: list[int],
-                  rate: str | None, timeout: float = 1800.0) -> list[dict]:
+                  rate: str | None, timeout: float = 1800.0, k: int = 16) -> list[dict]:
     """One trainer job per row, two ranks: on the simulated cluster at ``rate``, or spawned here."""
     out_dir = Path(tempfile.mkdtemp(prefix="lkd-convergence-"))
     # The trainer's corpus is `pydoc` (the first task here).
@@ -186,7 +186,7 @@ def run_streaming(rows: list[tuple], *, steps: int, batch: int, fragments: int, 
     try:
         jobs = [(seed, row) for seed in seeds for row in rows]
         for i, (seed, (key, label, flags, target)) in enumerate(jobs):
-            flags = tuple(a.replace("{F}", str(fragments)) for a in flags)
+            flags = tuple(a.replace("{F}", str(fragments)).replace("{K}", str(k)) for a in flags)
             label = label.replace("{F}", str(fragments))
             path = out_dir / f"{key}-seed{seed}.json"
             args = ("train", *flags, *common, "--seed", str(seed), *(() if cluster else ("--nproc", "2")))
@@ -384,7 +384,7 @@ def main_streaming(args: argparse.Namespace) -> int:
         seeds = [int(x) for x in args.seeds.split(",")]
         load_before = os.getloadavg()
         results = run_streaming(rows, steps=args.steps, batch=args.batch_size, fragments=args.num_fragments,
-                                seeds=seeds, rate=rate)
+                                seeds=seeds, rate=rate, k=args.k)
         command = "python -m benchmarks.convergence " + " ".join(sys.argv[1:] if args.argv is None else args.argv)
         runs = [{"results": results, "rate": rate, "load_before": load_before, "load_after": os.getloadavg(),
                  "command": command}]
@@ -479,7 +479,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rate", default="200mbit",
                    help="--suite streaming: link rate of the simulated cluster (root), or 'none' to spawn the "
                    "ranks here (default: 200mbit)")
-    p.add_argument("--num-fragments", type=int, default=2, help="--suite streaming: F (a divisor of 16; default: 2)")
+    p.add_argument("--num-fragments", type=int, default=2, help="--suite streaming: F (a divisor of k; default: 2)")
+    p.add_argument("--k", type=int, default=16, help="--suite streaming/slow-links: Lookahead's k (default: 16)")
     p.add_argument("--seeds", default="0", help="--suite streaming: comma-separated seeds, each row per seed "
                    "(default: 0)")
     p.add_argument("--from-json", default=None,

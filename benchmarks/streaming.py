@@ -1,7 +1,7 @@
 """Streaming local SGD vs blocking local SGD, DDP and the peers' local SGD, on the simulated cluster.
 
 The throughput half of issue 9's benchmarks: the real trainer (``lookahead-dist train``) on 2
-nodes of ``tools/netcluster.py`` (one rank each, gloo on CPU), k = 16, per link rate:
+nodes of ``tools/netcluster.py`` (one rank each, gloo on CPU), k = 16 (``--k``), per link rate:
 
 1. the **no-communication ceiling** (local SGD with k larger than the run), ``--reps`` times;
 2. a **probe** of one fragment's all-reduce alone on the link (``benchmarks/workers/allreduce_probe.py``)
@@ -508,10 +508,12 @@ def report(links: list[dict], args: argparse.Namespace) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    global K
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rates", default="1gbit,200mbit")
     p.add_argument("--rows", default=None, help="comma-separated row keys (default: all)")
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--k", type=int, default=K, help=f"Lookahead's k of every row (default {K})")
     p.add_argument("--steps", type=int, default=128)
     p.add_argument("--per-rank-batch", type=int, default=2)
     p.add_argument("--model", default=DEFAULT_MODEL, help="model flags of lookahead-dist train")
@@ -536,6 +538,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--section", default="Streaming local SGD throughput on the simulated cluster (real trainer)",
                    help="title of the docs/benchmarks.md section --write replaces")
     args = p.parse_args(argv)
+    K = args.k  # read by rows() and the tau choice
     sys.path.insert(0, str(ROOT))
     all_keys = [s.key for s in rows({(f, dt): 1 for f in FRAGMENTS for dt in DTYPES})]
     args.rows = args.rows.split(",") if args.rows else [k for k in all_keys if k != "block-fp32-base" or args.base_commit]
@@ -574,7 +577,7 @@ def main(argv: list[str] | None = None) -> int:
         note = (f"\n\nModel: byte-level transformer LM of `lookahead-dist` ({first['params'] / 1e6:.2f}M parameters, "
                 f"`{args.model}`), {args.per_rank_batch} sequences per rank per step, {args.steps} steps per run, "
                 "AdamW lr 3e-3 inside Lookahead(alpha=0.5) for the local-SGD rows, plain AdamW for DDP and the peers "
-                "(torchft DiLoCo: outer SGD lr=0.5, momentum 0 = the same slow step). k = 16. 2 nodes x 1 rank, "
+                f"(torchft DiLoCo: outer SGD lr=0.5, momentum 0 = the same slow step). k = {K}. 2 nodes x 1 rank, "
                 f"gloo on CPU, tbf-shaped links without added latency. Each row: {args.reps} runs in shuffled order; "
                 f"median [min-max]; 'of ceiling' = samples/s / median of the {2 * args.ceiling_reps} ceiling runs "
                 "of that link (half before, half after the rows). "
