@@ -305,10 +305,11 @@ def quantize(x: torch.Tensor, *, bits: int, block_size: int = DEFAULT_BLOCK_SIZE
     _check_float(x)
     n = x.numel()
     blocks = -(-n // block_size)
-    xf = _padded_fp32(x, blocks * block_size) if n % block_size or x.dtype != torch.float32 else x.reshape(-1)
+    padded = n % block_size or x.dtype != torch.float32
+    xf = _padded_fp32(x, blocks * block_size) if padded else x.reshape(-1)
     q, scales = _quantize_blocks(xf.view(blocks, block_size), qmax)
     codes = _pack(q, bits)
-    POOL.give(q, xf if xf is not x else None)
+    POOL.give(q, xf if padded else None)  # never the caller's x (it may be a pooled dequantize output)
     return Quantized(codes, scales, n, bits, block_size)
 
 

@@ -72,6 +72,19 @@ def test_a_buffer_never_given_back_is_freed_as_usual():
     assert pool.free_bytes() == 0
 
 
+def test_a_dequantized_tensor_handed_back_to_quantize_stays_the_callers():
+    """dequantize() returns a pooled buffer the caller owns: quantising it must not give it back."""
+    from lookahead_dist._quant import dequantize, quantize
+
+    x = torch.randn(2 * BIG)
+    y = dequantize(quantize(x, bits=8))
+    kept = y.clone()
+    quantize(y, bits=8)  # y is a whole number of blocks in fp32: used in place, not padded
+    for _ in range(3):  # later round trips take buffers from the pool
+        dequantize(quantize(torch.randn(2 * BIG), bits=8)).fill_(7.0)
+    assert torch.equal(y, kept)
+
+
 def test_a_local_sgd_sync_reuses_its_buffers(monkeypatch):
     """One rank (world of 1, gloo): after the first sync, every later int8 sync takes its stage,
     quantised stage and segments from the pool, so the pool stops growing."""
