@@ -6,10 +6,11 @@ A local-SGD sync needs flat temporaries as large as the fragment it sends: the p
 the fp32 stage of a quantised reduce, its residual staging, the quantised segments, the received
 chunks. Allocated afresh at every sync on a CPU, each one is a new ``mmap`` from glibc (buffers
 above its dynamic threshold, 32 MiB at most, or heap memory trimmed back to the kernel once freed),
-so the first write to every 4 KiB page faults: measured on this project's 2-core host, a 25 MB
-``torch.empty(...).fill_(0)`` takes 7.7 ms where writing an existing buffer takes 1.7 ms, and the
-allocations were half the CPU time of an int8 sync (``benchmarks/sync_cost.py --mode floor``:
-160 ms per fragment of 6.3M elements with fresh buffers, 86 ms with glibc's thresholds raised).
+so the first write to every 4 KiB page faults. On this project's 2-core host that was a large
+part of a quantised sync's CPU time: ``python -m benchmarks.sync_cost --mode floor --rounds 3
+--cycles 8`` gave 139 ms (int8), 199 ms (int4) and 173 ms (int2) per fragment of 6.3M elements
+with fresh buffers, 118, 135 and 128 ms with this pool (docs/benchmarks.md, "The local-SGD sync
+against its memory-traffic floor").
 
 :data:`POOL` keeps the large CPU temporaries a sync gives back and hands them out again at the
 next sync: a request takes the smallest free buffer that holds it and wastes at most half of it,
@@ -53,7 +54,7 @@ class BufferPool:
     def take(self, numel: int, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
         """An uninitialised 1-D tensor of ``numel`` elements (a view of a pooled buffer, or new)."""
         device = torch.device(device)
-        if device.type != "cpu" or numel * torch.empty(0, dtype=dtype).element_size() < MIN_BYTES:
+        if device.type != "cpu" or numel * dtype.itemsize < MIN_BYTES:
             return torch.empty(numel, dtype=dtype, device=device)
         key = (dtype, device)
         with self._lock:
