@@ -70,7 +70,8 @@ def is_lookahead_key(key: object) -> bool:
 
 # -- eager outer updates (Note [Eager outer updates] in sync/_outer.py) ------------------------------
 #: Per-parameter state (``eager_update=True``/``"naive"``): this rank's start point of the current
-#: inner phase, :math:`x_i` (shaped like the slow weight; differs per rank under the eager rule).
+#: inner phase, :math:`x_i` (shaped like the slow weight, or like the parameter when sharded;
+#: differs per rank under the eager rule).
 EAGER_START_KEY = "lookahead_eager_start"
 #: Per-parameter int: bit f set while the result of fragment f's collective is parked in
 #: ``lookahead_inflight`` (written by ``flush()``, cleared when the result is applied).

@@ -134,7 +134,28 @@ CASES = {  # name: (options, simulation)
         dict(num_fragments=2, rule="eager", lr=ALPHA,
              outer=lambda ps: torch.optim.SGD(ps, lr=ALPHA, momentum=0.9, nesterov=True))),
     "eager_f1_lookahead": (dict(eager_update=True), dict(num_fragments=1, rule="eager")),
+    # Sharded slow weights: the outer gradient is reduce-scattered, each rank steps its own chunk.
+    "sharded_eager_f1_nesterov": (dict(eager_update=True, sharded=True, outer_optimizer=nesterov),
+                                  dict(num_fragments=1, rule="eager", outer=nesterov, lr=0.7)),
+    "sharded_naive_f2_nesterov": (dict(eager_update="naive", sharded=True, num_fragments=2,
+                                       outer_optimizer=nesterov),
+                                  dict(num_fragments=2, rule="naive", outer=nesterov, lr=0.7)),
+    "sharded_eager_f2_builtin_momentum": (
+        dict(eager_update=True, sharded=True, num_fragments=2, outer_momentum=0.9, nesterov=True),
+        dict(num_fragments=2, rule="eager", lr=ALPHA,
+             outer=lambda ps: torch.optim.SGD(ps, lr=ALPHA, momentum=0.9, nesterov=True))),
 }
+SHARDED = sorted(c for c in CASES if c.startswith("sharded_"))
+
+
+def own_chunks(full: np.ndarray, rank: int, n: int = 2) -> np.ndarray:
+    """Rank ``rank``'s chunk (``tensor_split(n)``) of every parameter of ``make_model`` in ``full``,
+    concatenated: what a sharded Lookahead keeps as ``lookahead_slow``."""
+    out, o = [], 0
+    for p in make_model(0).parameters():
+        out.append(torch.from_numpy(full[o:o + p.numel()]).tensor_split(n)[rank].numpy())
+        o += p.numel()
+    return np.concatenate(out)
 
 
 def _runs(rank: int) -> dict:
@@ -158,6 +179,8 @@ def _runs(rank: int) -> dict:
 
 CKPT_CASES = {
     "f2_nesterov": dict(eager_update=True, num_fragments=2, outer_optimizer=nesterov),
+    "sharded_f2_nesterov": dict(eager_update=True, sharded=True, num_fragments=2, outer_optimizer=nesterov),
+    "sharded_f1_naive_momentum": dict(eager_update="naive", sharded=True, outer_momentum=0.9),
     "f1_int8_ef_momentum": dict(eager_update=True, comm_dtype="int8", quant_block_size=8, outer_momentum=0.9),
     "f1_naive": dict(eager_update="naive", outer_momentum=0.5),
 }
@@ -195,11 +218,12 @@ def _checkpoint_in_flight(rank: int) -> dict:
     return out
 
 
-def _sync_now(rank: int) -> dict:
+def _sync_now(rank: int, sharded: bool = False) -> dict:
     """``sync_now()`` with collectives in flight: every rank ends on the same weights."""
     model = make_model(rank)
     opt = Lookahead(sgd(model.parameters()), k=K, alpha=ALPHA,
-                    local_sgd=LocalSGDOptions(eager_update=True, num_fragments=2, outer_momentum=0.9))
+                    local_sgd=LocalSGDOptions(eager_update=True, num_fragments=2, outer_momentum=0.9,
+                                              sharded=sharded))
     train(model, opt, rank, 0, 6)
     opt.sync_now()
     after = flat(model.parameters())
@@ -207,7 +231,7 @@ def _sync_now(rank: int) -> dict:
     return {"after": after, "slow": slow_state(opt), "in_flight": opt.local_sgd.in_flight()}
 
 
-def _nonfinite(rank: int) -> dict:
+def _nonfinite(rank: int, sharded: bool = False) -> dict:
     """A NaN in rank 1's fast weights before step 6 (F=1, k=4): its outer gradient launched at step 7
     is non-finite, so the average applied at step 11 is skipped by both ranks, which restart from
     the same slow weights and drop the collective launched at step 11."""
@@ -215,7 +239,7 @@ def _nonfinite(rank: int) -> dict:
 
     model = make_model(rank)
     opt = Lookahead(sgd(model.parameters()), k=K, alpha=ALPHA,
-                    local_sgd=LocalSGDOptions(eager_update=True, outer_optimizer=nesterov))
+                    local_sgd=LocalSGDOptions(eager_update=True, outer_optimizer=nesterov, sharded=sharded))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         train(model, opt, rank, 0, 6)
@@ -232,8 +256,9 @@ def _nonfinite(rank: int) -> dict:
 
 def _body(rank: int, world_size: int) -> dict:
     torch.use_deterministic_algorithms(True)
-    return {"runs": _runs(rank), "checkpoint": _checkpoint_in_flight(rank), "sync_now": _sync_now(rank),
-            "nonfinite": _nonfinite(rank)}
+    return {"runs": _runs(rank), "checkpoint": _checkpoint_in_flight(rank),
+            "sync_now": {"flat": _sync_now(rank), "sharded": _sync_now(rank, sharded=True)},
+            "nonfinite": {"flat": _nonfinite(rank), "sharded": _nonfinite(rank, sharded=True)}}
 
 
 @pytest.fixture(scope="module")
@@ -250,15 +275,29 @@ def test_eager_and_naive_match_simulation_of_two_workers(two_ranks, case):
     for rank, res in enumerate(two_ranks):
         v = res["runs"][case]
         np.testing.assert_allclose(v["fast"], fast[rank], rtol=0, atol=2e-6, err_msg=case)
-        np.testing.assert_allclose(v["slow"], slow, rtol=0, atol=2e-6, err_msg=case)
+        want = own_chunks(slow, rank) if case in SHARDED else slow
+        assert v["slow"].shape == want.shape, case
+        np.testing.assert_allclose(v["slow"], want, rtol=0, atol=2e-6, err_msg=case)
     # The ranks really trained apart since their last sync (the comparison is not vacuous).
     assert np.abs(two_ranks[0]["runs"][case]["fast"] - two_ranks[1]["runs"][case]["fast"]).max() > 1e-3
 
 
-@pytest.mark.parametrize("case", sorted(CASES) + ["eager_f2_int8"])
+@pytest.mark.parametrize("case", sorted(set(CASES) - set(SHARDED)) + ["eager_f2_int8"])
 def test_global_slow_weights_are_bit_identical_across_ranks(two_ranks, case):
     a, b = (res["runs"][case]["slow"] for res in two_ranks)
     assert np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("case,flat_case", [("sharded_eager_f1_nesterov", "eager_f1_nesterov"),
+                                            ("sharded_naive_f2_nesterov", "naive_f2_nesterov"),
+                                            ("sharded_eager_f2_builtin_momentum", "eager_f2_builtin_momentum")])
+def test_sharded_eager_equals_flat_eager_bit_for_bit(two_ranks, case, flat_case):
+    # The same sums (2 ranks: a reduce-scatter adds the same two values as the all-reduce) and the
+    # same elementwise outer step on each chunk: the sharded run is the flat run, bit for bit.
+    for rank, res in enumerate(two_ranks):
+        sh, fl = res["runs"][case], res["runs"][flat_case]
+        assert np.array_equal(sh["fast"], fl["fast"]), case
+        assert np.array_equal(sh["slow"], own_chunks(fl["slow"], rank)), case
 
 
 def test_each_fragment_stays_in_flight_until_its_next_sync(two_ranks):
@@ -288,16 +327,32 @@ def test_checkpoint_with_a_collective_in_flight_resumes_exactly(two_ranks, case)
         assert v["continued_equal"] and v["fast_equal"] and v["slow_equal"] and v["state_equal"], v
 
 
-def test_sync_now_applies_what_is_in_flight_and_aligns_the_ranks(two_ranks):
-    a, b = (res["sync_now"] for res in two_ranks)
+@pytest.mark.parametrize("mode", ["flat", "sharded"])
+def test_sync_now_applies_what_is_in_flight_and_aligns_the_ranks(two_ranks, mode):
+    a, b = (res["sync_now"][mode] for res in two_ranks)
     assert np.array_equal(a["after"], b["after"])
-    assert np.array_equal(a["slow"], b["slow"])
+    if mode == "flat":
+        assert np.array_equal(a["slow"], b["slow"])
+    else:  # each rank's chunk of the weights the flat run ends on (the blocking sharded sync
+        # averages weights, the flat one progress: equal up to rounding)
+        flat_ = two_ranks[0]["sync_now"]["flat"]
+        np.testing.assert_allclose(a["after"], flat_["after"], rtol=0, atol=1e-6)
+        for rank, res in enumerate(two_ranks):
+            np.testing.assert_allclose(res["sync_now"]["sharded"]["slow"], own_chunks(flat_["slow"], rank),
+                                       rtol=0, atol=1e-6)
 
 
-def test_nan_on_one_rank_is_skipped_alike_and_the_ranks_recover(two_ranks):
-    a, b = (res["nonfinite"] for res in two_ranks)
+@pytest.mark.parametrize("mode", ["flat", "sharded"])
+def test_nan_on_one_rank_is_skipped_alike_and_the_ranks_recover(two_ranks, mode):
+    a, b = (res["nonfinite"][mode] for res in two_ranks)
     assert a["skipped"] == b["skipped"] == 1
     assert np.array_equal(a["after"], b["after"]) and np.isfinite(a["after"]).all()  # both restart from phi
     assert a["in_flight"] == b["in_flight"] == []  # the collective launched with the NaN was dropped
-    assert np.array_equal(a["slow"], b["slow"]) and np.isfinite(a["slow"]).all()
+    if mode == "flat":
+        assert np.array_equal(a["slow"], b["slow"]) and np.isfinite(a["slow"]).all()
+    else:  # each rank's chunk of the flat run's slow weights, and its fast weights: the same skip
+        for rank, res in enumerate(two_ranks):
+            flat_ = res["nonfinite"]["flat"]
+            assert np.array_equal(res["nonfinite"]["sharded"]["slow"], own_chunks(flat_["slow"], rank))
+            assert np.array_equal(res["nonfinite"]["sharded"]["fast"], flat_["fast"])
     assert np.isfinite(a["fast"]).all() and np.isfinite(b["fast"]).all()

@@ -146,6 +146,8 @@ def test_eager_and_sparse_flags_reach_the_config():
     assert (c.eager_update, c.topk_fraction) == ("naive", None)
     (c,) = _configs(["train", "--mode", "local-sgd", "--device", "cpu"])
     assert (c.eager_update, c.topk_fraction) == (False, None)
+    (c,) = _configs(["train", "--mode", "local-sgd", "--eager-update", "--local-sgd-sharded", "--device", "cpu"])
+    assert (c.eager_update, c.sharded) == (True, True)
 
 
 @pytest.mark.parametrize("argv, needle", [
@@ -154,7 +156,7 @@ def test_eager_and_sparse_flags_reach_the_config():
     (["--mode", "local-sgd", "--topk-fraction", "0"], "(0, 1]"),
     (["--mode", "local-sgd", "--topk-fraction", "0.02"], "comm_dtype='int8', 'int4' or 'int2'"),
     (["--mode", "local-sgd", "--k", "4", "--eager-update", "--fragment-sync-delay", "1"], "fragment_sync_delay=1"),
-    (["--mode", "local-sgd", "--eager-update", "--local-sgd-sharded"], "sharded"),
+    (["--mode", "local-sgd", "--eager-update", "--local-sgd-sharded", "--hierarchical"], "hierarchical"),
 ])
 def test_bad_eager_and_sparse_flags_exit_2(argv, needle, capsys):
     with pytest.raises(SystemExit) as e:

@@ -86,6 +86,7 @@ MODES: dict[str, Callable[[], Any]] = {
     "sharded": lambda: LocalSGDOptions(sharded=True),
     "int8": lambda: LocalSGDOptions(comm_dtype="int8"),
     "eager": lambda: LocalSGDOptions(eager_update=True, num_fragments=2),
+    "eager-sharded": lambda: LocalSGDOptions(eager_update=True, sharded=True, num_fragments=2),
     "sparse": lambda: LocalSGDOptions(comm_dtype="int2", topk_fraction=0.02),
 }
 

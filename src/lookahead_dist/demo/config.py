@@ -184,6 +184,10 @@ class RunConfig:
             raise ValueError(f"topk_fraction is an option of modes {', '.join(WIRE_MODES)}, not of {self.mode!r}")
         if self.eager_update is not False and self.mode != "local-sgd":
             raise ValueError(f"eager_update is an option of mode 'local-sgd', not of {self.mode!r}")
+        if self.eager_update is not False and self.sharded and self.hierarchical:
+            raise ValueError(
+                f"eager_update={self.eager_update!r} with sharded slow weights runs across one process group, "
+                "not in the hierarchical mode; drop --hierarchical or --local-sgd-sharded")
         if self.eager_update is not False or self.topk_fraction is not None:
             from ..sync.options import COMM_DTYPES as _TABLE, LocalSGDOptions
 

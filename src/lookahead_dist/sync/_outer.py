@@ -71,7 +71,7 @@ from . import streaming
 from ._plan import Reduced, cut, shaped_like
 
 if TYPE_CHECKING:
-    from ._plan import Plan, Unit
+    from ._plan import Launched, Plan, Unit
     from .base import SyncHost
 
 __all__ = ["EAGER_INFLIGHT_KEY", "EAGER_START_KEY", "EagerOuter", "OuterOptimizerProxy", "outer_step_"]
@@ -242,9 +242,17 @@ class EagerOuter:
     ``lookahead_eager_inflight`` (Note [Checkpoints in flight] in local_sgd.py): a resumed run
     applies it at the same sync, bit-identical to not stopping. ``sync_now()`` applies what is in
     flight to :math:`\phi`, then runs a blocking sync of every fragment against :math:`\phi`;
-    every rank restarts from the same weights. Not supported: ``sharded=True`` (the reduce-scatter
-    sends weights, not outer gradients), ``fragment_sync_delay > 0`` and ``fragment_update_alpha > 0``
-    (the delay is one outer step and the restart point is :math:`x_i`), a torchft ``manager``.
+    every rank restarts from the same weights.
+
+    Sharded (``sharded=True``, one process group): rank r owns chunk r of :math:`\phi` and the
+    outer state. The ranks reduce-scatter their progress :math:`	heta_i(t) - x_i(t-1)` (the
+    blocking sharded sync sends weights, but the owner of a chunk cannot know the other ranks'
+    start points), so :math:`D(t)` arrives as each owner's chunk; at the next sync the owner steps
+    its chunk, and the new chunks are all-gathered (blocking) to build the restart point. The
+    start point :math:`x_i` stays whole on every rank (``lookahead_eager_start`` is shaped like the
+    parameter; ``Plan.fsl`` indexes it). Not supported: the hierarchical sharded mode,
+    ``fragment_sync_delay > 0`` and ``fragment_update_alpha > 0`` (the delay is one outer step and
+    the restart point is :math:`x_i`), a torchft ``manager``.
     A non-finite :math:`D` (every rank sees the same) skips its outer step, drops the unit's
     collectives in flight and restarts the whole unit from :math:`\phi` on every rank (Note
     [Non-finite syncs in local SGD]). Under the eager rule a rank whose own outer gradient holds
@@ -252,19 +260,67 @@ class EagerOuter:
     fragment's next sync, which every rank skips alike.
     """
 
-    def _eager_entry(self, slow: torch.Tensor) -> dict[str, Any]:
-        return {INFLIGHT_KEY: torch.zeros_like(slow), EAGER_INFLIGHT_KEY: 0, EAGER_START_KEY: slow.clone()}
+    def _eager_start0(self, p: torch.Tensor, slow: torch.Tensor) -> torch.Tensor:
+        r"""The first start point :math:`x_i(0) = \phi(0)`: the slow weight, or, sharded, the whole
+        parameter (the start is per rank and whole: the eager term is this rank's own)."""
+        if not self.sharded:
+            return slow.clone()
+        return local_tensor(p).detach().to(dtype=slow.dtype, copy=True)
+
+    def _eager_entry(self, p: torch.Tensor, slow: torch.Tensor) -> dict[str, Any]:
+        return {INFLIGHT_KEY: torch.zeros_like(slow), EAGER_INFLIGHT_KEY: 0,
+                EAGER_START_KEY: self._eager_start0(p, slow)}
 
     def _eager_restore(self, p: torch.Tensor, saved: dict[str, Any], dtype: torch.dtype, name: str,
                        slow: torch.Tensor) -> dict[str, Any]:
         out: dict[str, Any] = {EAGER_INFLIGHT_KEY: int(saved.get(EAGER_INFLIGHT_KEY, 0))}
-        for key, default in ((INFLIGHT_KEY, torch.zeros_like(slow)), (EAGER_START_KEY, slow)):
-            out[key] = (self._restore_tensor(p, saved[key], dtype, name, key) if key in saved
-                        else default.clone())
+        out[INFLIGHT_KEY] = (self._restore_tensor(p, saved[INFLIGHT_KEY], dtype, name, INFLIGHT_KEY)
+                             if INFLIGHT_KEY in saved else torch.zeros_like(slow))
+        start = saved.get(EAGER_START_KEY)
+        if start is None:
+            out[EAGER_START_KEY] = self._eager_start0(p, slow)
+        elif not self.sharded:
+            out[EAGER_START_KEY] = self._restore_tensor(p, start, dtype, name, EAGER_START_KEY)
+        else:  # shaped like the parameter, not like the owned chunk
+            want = local_tensor(p).shape
+            if not isinstance(start, torch.Tensor) or start.shape != want or not start.is_floating_point():
+                got = (f"{tuple(start.shape)} {start.dtype}" if isinstance(start, torch.Tensor)
+                       else type(start).__name__)
+                raise ValueError(
+                    f"Lookahead checkpoint: {name} `{EAGER_START_KEY}` is {got} where the sharded eager "
+                    f"rule keeps a floating-point start point shaped like the parameter, {tuple(want)}; "
+                    "was it saved from another model or without sharding?")
+            out[EAGER_START_KEY] = start.to(device=slow.device, dtype=dtype, copy=True)
         return out
 
     def _start_views(self, host: SyncHost, plan: Plan) -> list[torch.Tensor]:
-        return [cut(host.state_entry(p)[EAGER_START_KEY], sl) for p, sl in zip(plan.params, plan.sl)]
+        """This rank's start points :math:`x_i`, aligned with ``plan.fast`` (whole, also sharded)."""
+        return [cut(host.state_entry(p)[EAGER_START_KEY], sl)
+                for p, sl in zip(plan.params, plan.fsl if self.sharded else plan.sl)]
+
+    def _eager_launch(self, host: SyncHost, plan: Plan, describe: str) -> Launched:
+        r"""Launch the outer gradient :math:`\Delta_i(t)` of one bucket, measured from the start points."""
+        start = self._start_views(host, plan)
+        if self.sharded:
+            return self.wire.launch_progress(host, plan, start)
+        return self._launch(host, dataclasses.replace(plan, slow=start), describe)
+
+    def _eager_restart(self, host: SyncHost, plan: Plan, scale: float, describe: str) -> None:
+        r""":math:`x_i(t) = \phi(t) - s\,\Delta_i(t)` (``s = scale``; 0: naive), then fast <- x_i(t).
+        Sharded, :math:`\phi(t)` is first all-gathered from the owned chunks (blocking)."""
+        start = self._start_views(host, plan)
+        if self.sharded:
+            phi = self.wire.gather_slow(plan, describe)
+            start_c, fast_c = plan.layout.split_each(start), plan.fast_chunks
+        else:
+            phi, start_c, fast_c = plan.slow, start, plan.fast
+        if scale:
+            own = torch._foreach_sub(start_c, fast_c)  # Delta_i(t) = x_i(t-1) - theta_i(t)
+            torch._foreach_copy_(start_c, phi)
+            torch._foreach_add_(start_c, own, alpha=-scale)  # x_i(t) = phi(t) - eta/N Delta_i(t)
+        else:
+            torch._foreach_copy_(start_c, phi)
+        torch._foreach_copy_(plan.fast, start)
 
     def _eager_scale(self, plan: Plan, alpha: float) -> float:
         """:math:`\\eta / N` (eager) or 0 (naive)."""
@@ -297,8 +353,7 @@ class EagerOuter:
             # Waited for before the new launch (launched k steps ago, it is done by now): the
             # quantised reduce hands back the owner's error-feedback residual the new send reads.
             old.reduced = [self._reduce(host, item, old.describe) for item in old.launched]
-        launched = [self._launch(host, dataclasses.replace(plan, slow=self._start_views(host, plan)), describe)
-                    for plan in unit.fragments[f]]
+        launched = [self._eager_launch(host, plan, describe) for plan in unit.fragments[f]]
         per[f] = streaming.InFlight(fragment=f, due_in=k, launched=launched, describe=describe,
                                     works=[item.work for item in launched])
         bad = self._eager_commit(host, unit, f, old, alpha)
@@ -307,15 +362,7 @@ class EagerOuter:
             return
         ok: list[torch.Tensor] = []
         for plan in unit.fragments[f]:
-            start = self._start_views(host, plan)
-            scale = self._eager_scale(plan, alpha) if plan.params else 0.0
-            if scale:
-                own = torch._foreach_sub(start, plan.fast)  # Delta_i(t) = x_i(t-1) - theta_i(t)
-                torch._foreach_copy_(start, plan.slow)
-                torch._foreach_add_(start, own, alpha=-scale)  # x_i(t) = phi(t) - eta/N Delta_i(t)
-            else:
-                torch._foreach_copy_(start, plan.slow)
-            torch._foreach_copy_(plan.fast, start)
+            self._eager_restart(host, plan, self._eager_scale(plan, alpha) if plan.params else 0.0, describe)
             ok += plan.report
         if ok:
             host.on_synced(ok, alpha)
@@ -360,8 +407,7 @@ class EagerOuter:
             del per[f]
         for plans in unit.fragments:
             for plan in plans:
-                self.wire.reset(plan, bad[0][1])
-                torch._foreach_copy_(self._start_views(host, plan), plan.slow)
+                self._eager_restart(host, plan, 0.0, bad[0][1])  # fast <- x_i <- phi
                 for p in plan.params:
                     e = host.state_entry(p)
                     e[EAGER_INFLIGHT_KEY] = 0
@@ -380,10 +426,14 @@ class EagerOuter:
         if bad:
             self._eager_nonfinite(host, unit, bad)
             return
-        self._sync_now(host, unit, range(len(unit.fragments)), alpha, self._describe(host, unit, None, None, None))
+        describe = self._describe(host, unit, None, None, None)
+        self._sync_now(host, unit, range(len(unit.fragments)), alpha, describe)
         for plans in unit.fragments:
             for plan in plans:
-                torch._foreach_copy_(self._start_views(host, plan), plan.slow)
+                if self.sharded:  # the sync left fast = phi (in the parameters' dtype) on every rank
+                    self._eager_restart(host, plan, 0.0, describe)
+                else:
+                    torch._foreach_copy_(self._start_views(host, plan), plan.slow)
 
     def _eager_flush(self, host: SyncHost) -> None:
         """Park the result of every collective in flight (Note [Checkpoints in flight] in local_sgd.py)."""

@@ -59,6 +59,10 @@ class Plan:
     # (None: all of it), and of ``lookahead_ef_owner``.
     sl: list[slice | None] = field(default_factory=list)
     osl: list[slice | None] = field(default_factory=list)
+    # Per entry, its range in the parameter's own flat elements (None: all of it); equals ``sl``
+    # unless sharded, where ``sl`` indexes the owned chunk. For state shaped like the parameter
+    # (the sharded eager start point, Note [Eager outer updates] in _outer.py).
+    fsl: list[slice | None] = field(default_factory=list)
     report: list[torch.Tensor] = field(default_factory=list)  # handed to host.on_synced once this bucket is applied
 
 
@@ -87,6 +91,7 @@ class Launched:
     full: torch.Tensor | None = None     # sharded: the full stage (all ranks' chunks), reused by the gather
     group: Any = None                # the process group of ``work`` (its backend traits decide the wait)
     pooled: list[torch.Tensor | None] = field(default_factory=list)  # given back to POOL once applied
+    progress: bool = False           # sharded: ``buf`` holds a sum of progress, not of fast weights
 
 
 UNDECIDED: Any = object()
@@ -216,7 +221,7 @@ class PlanBuilder:
                     parts = fv.tensor_split(n)
                     chunks.append(_comm.chunk_sizes(fv.numel(), n))
                     qchunks.append(_comm.chunk_sizes(sv.numel(), self.quant_size))
-                    leaves = [(fv, parts, sv, mv, None, None)]
+                    leaves = [(fv, parts, sv, mv, None, None, None)]
                 else:
                     leaves = []
                     for lo, hi, rr, u, v, q, ou, ov in self._leaves(fv.numel(), a, b):
@@ -232,8 +237,9 @@ class PlanBuilder:
                             qc[q] = v - u
                         qchunks.append(qc)
                         osl = slice(ou, ov) if q is not None and own and q == self.quant_rank else slice(0, 0)
-                        leaves.append((piece, parts, sv[sl], mv[sl] if mv is not None else None, sl, osl))
-                for piece, parts, s_view, m_view, sl, osl in leaves:
+                        leaves.append((piece, parts, sv[sl], mv[sl] if mv is not None else None, sl, osl,
+                                       slice(lo, hi)))
+                for piece, parts, s_view, m_view, sl, osl, fsl in leaves:
                     plan.fast.append(piece)
                     for k in range(n):
                         per_rank[k].append(parts[k])
@@ -246,6 +252,7 @@ class PlanBuilder:
                     plan.names.append(names[i])
                     plan.sl.append(sl)
                     plan.osl.append(osl)
+                    plan.fsl.append(fsl)
             plan.fast_chunks = [t for k in range(n) for t in per_rank[k]]
             plan.layout = BlockLayout(chunks, n)
             if self.quant_bits is not None:

@@ -112,6 +112,20 @@ class _GatheringWire(Wire):
     def reset(self, plan: Plan, describe: str) -> None:
         self._gather(plan, None, None, describe, merge=False)
 
+    def gather_slow(self, plan: Plan, describe: str) -> list[torch.Tensor]:
+        """The full slow weights of the bucket in their own dtype, as ``plan.layout.chunk_views``
+        (aligned with ``plan.fast_chunks``): one blocking all-gather of the owned chunks. Every
+        rank of the shard group calls it together (the sharded eager restart point)."""
+        s, lay = self.s, plan.layout
+        seg = torch.empty(lay.segment, dtype=plan.stage_dtype, device=plan.device)
+        torch._foreach_copy_(lay.own_views(seg, s.shard_rank), plan.slow)
+        if lay.pads[s.shard_rank]:
+            seg[lay.segment - lay.pads[s.shard_rank]:].zero_()
+        full = torch.empty(lay.numel, dtype=plan.stage_dtype, device=plan.device)
+        work = _comm.all_gather(full, seg, s.shard_group, s.stats, "params", async_op=True)
+        streaming.wait_work(work, s.timeout, describe, s._traits(s.shard_group, plan.device))
+        return lay.chunk_views(full)
+
     def _gather(self, plan: Plan, seg: torch.Tensor | None, full: torch.Tensor | None, describe: str,
                 merge: bool = True) -> None:
         """fast <- slow on every rank of the shard group: all-gather the owned chunks, then merge."""
@@ -149,10 +163,30 @@ class ShardedWire(_GatheringWire):
         work = _comm.reduce_scatter(seg, stage, s._frag_group, s.stats, "params")
         return Launched(plan, work, seg, seg, [], full=stage, group=s._frag_group)
 
+    def launch_progress(self, host: SyncHost, plan: Plan, start: list[torch.Tensor]) -> Launched:
+        """Reduce-scatter the progress ``fast - start`` (``start``: full per-rank start points aligned
+        with ``plan.fast``), for the eager rule (Note [Eager outer updates] in _outer.py): its
+        outer gradient is measured from each rank's own start, which the owner of a chunk cannot
+        know, so the ranks send progress instead of weights."""
+        s, lay = self.s, plan.layout
+        poison = self._poison(plan)
+        stage = torch.empty(lay.numel, dtype=plan.stage_dtype, device=plan.device)
+        views = lay.chunk_views(stage)
+        torch._foreach_copy_(views, plan.fast_chunks)
+        torch._foreach_sub_(views, lay.split_each(start))
+        for pad in lay.pad_views(stage):
+            pad.zero_()
+        if poison is not None:
+            stage.mul_(poison)
+        seg = torch.empty(lay.segment, dtype=plan.stage_dtype, device=plan.device)
+        work = _comm.reduce_scatter(seg, stage, s._frag_group, s.stats, "params")
+        return Launched(plan, work, seg, seg, [], full=stage, group=s._frag_group, progress=True)
+
     def reduced(self, item: Launched, buf: torch.Tensor) -> Reduced:
         plan = item.plan
         d = plan.layout.own_views(buf, self.s.shard_rank)
-        torch._foreach_add_(d, plan.slow)  # d = phi - mean_i theta_i, on the owned chunk
+        if not item.progress:
+            torch._foreach_add_(d, plan.slow)  # d = phi - mean_i theta_i, on the owned chunk
         return Reduced(plan, d, seg=buf, full=item.full, probe=[buf])
 
 

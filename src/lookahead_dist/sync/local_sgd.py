@@ -318,7 +318,7 @@ class LocalSGD(ReplicaSync, PlanBuilder, OuterOptimizerProxy, EagerOuter, SyncSt
             entry[EF_OWNER_KEY] = torch.zeros(self._owner_numel(slow.numel()), dtype=torch.float32,
                                               device=slow.device)
         if self.eager_rule is not None:
-            entry.update(self._eager_entry(slow))
+            entry.update(self._eager_entry(p, slow))
         if self.options.outer_optimizer is not None:
             entry.update(self._outer_placeholders(slow))
             entry[OUTER_STEPS_KEY] = 0

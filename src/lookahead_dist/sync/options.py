@@ -95,8 +95,10 @@ class LocalSGDOptions:
             (a delay of one whole outer step) with the eager rule of Kale, Douillard & Donchev
             (2025, arXiv 2502.12996); ``"naive"``: the same delay with the naive delayed rule (for
             comparison); ``False`` (default): off (Note [Eager outer updates] in sync/_outer.py).
-            Not with ``sharded=True``, ``fragment_sync_delay > 0``, ``fragment_update_alpha > 0``
-            or a ``manager``.
+            With ``sharded=True`` (one process group, no ``intra_group``) the outer gradient is
+            reduce-scattered, each rank steps its own chunk, and the new slow weights are
+            all-gathered at the sync. Not with the hierarchical mode, ``fragment_sync_delay > 0``,
+            ``fragment_update_alpha > 0`` or a ``manager``.
     """
 
     process_group: dist.ProcessGroup | None = None
@@ -255,14 +257,18 @@ class LocalSGDOptions:
             raise ValueError(f"LocalSGDOptions `eager_update` must be True, False or 'naive', got {e!r}")
         if e is False:
             return
-        for name, bad in (("sharded", self.sharded), ("fragment_sync_delay", self.fragment_sync_delay),
+        for name, bad in (("fragment_sync_delay", self.fragment_sync_delay),
                           ("fragment_update_alpha", self.fragment_update_alpha)):
             if bad:
                 raise ValueError(
                     f"LocalSGDOptions `eager_update={e!r}` cannot be combined with `{name}={bad!r}`: the eager "
                     "and naive delayed rules apply each collective one whole outer step later and restart the "
-                    "fragment from the global slow weights (sharded slow weights are not supported); "
-                    f"leave `{name}` at its default")
+                    f"fragment from the global slow weights; leave `{name}` at its default")
+        if self.sharded and self.intra_group is not None:
+            raise ValueError(
+                f"LocalSGDOptions `eager_update={e!r}` with `sharded=True` is supported across one process "
+                "group (each rank owns a chunk of the slow weights), not in the hierarchical mode "
+                "(`intra_group` given); drop `intra_group` or set sharded=False")
 
     @property
     def eager_rule(self) -> str | None:
