@@ -81,6 +81,7 @@ SLOW_LINK_ROWS = [
     ("stream-int4", "streaming F={F} tau=1, int4 (the best before)",
      (*_LSGD, "--num-fragments", "{F}", "--fragment-sync-delay", "1", "--comm-dtype", "int4"), 0.02),
     ("eager-fp32", "eager F={F}, fp32", _EAGER, 0.02),
+    ("eager-int8", "eager F={F}, int8", (*_EAGER, "--comm-dtype", "int8"), 0.02),
     ("eager-int4", "eager F={F}, int4", (*_EAGER, "--comm-dtype", "int4"), 0.02),
     ("eager-int2", "eager F={F}, int2", (*_EAGER, "--comm-dtype", "int2"), 0.02),
     ("naive-int4", "naive delayed F={F}, int4", (*_LSGD, "--num-fragments", "{F}", "--eager-update", "naive",
@@ -89,6 +90,8 @@ SLOW_LINK_ROWS = [
      0.02),
     ("eager-sparse-int2-2pct", "eager F={F}, top-2% at 2 bits", (*_EAGER, "--comm-dtype", "int2",
                                                                  "--topk-fraction", "0.02"), 0.02),
+    ("eager-sparse-int2-3pct", "eager F={F}, top-3% at 2 bits", (*_EAGER, "--comm-dtype", "int2",
+                                                                 "--topk-fraction", "0.03"), 0.02),
     # the wire formats alone (blocking, F=1), for the bits-per-parameter vs loss plot
     ("block-bf16", "blocking, bf16", (*_LSGD, "--comm-dtype", "bf16"), None),
     ("block-int8", "blocking, int8", (*_LSGD, "--comm-dtype", "int8"), None),

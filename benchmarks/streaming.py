@@ -98,12 +98,15 @@ def rows(taus: dict[tuple[int, str], int]) -> list[Spec]:
     # Issue 16, for 10-100 Mbit/s links: each sync's collective lands at the next sync (a whole
     # inner phase of overlap; tau = 0 by construction), dense or top-2% sparse at 2 bits.
     eager = (*ls, "--num-fragments", str(EAGER_F), "--eager-update")
-    for dt in ("fp32", "int4", "int2"):
+    for dt in ("fp32", "int8", "int4", "int2"):
         out.append(Spec(f"eager-{dt}", f"eager F={EAGER_F}, {dt}", (*eager, *(() if dt == "fp32" else ("--comm-dtype", dt))),
                         fragments=EAGER_F, wire=dt, group="eager"))
     out.append(Spec("eager-sparse2", f"eager F={EAGER_F}, top-2% at int2", (*eager, "--comm-dtype", "int2",
                                                                            "--topk-fraction", "0.02"),
                     fragments=EAGER_F, wire="int2 top-2%", group="eager"))
+    out.append(Spec("eager-sparse3", f"eager F={EAGER_F}, top-3% at int2", (*eager, "--comm-dtype", "int2",
+                                                                           "--topk-fraction", "0.03"),
+                    fragments=EAGER_F, wire="int2 top-3%", group="eager"))
     out.append(Spec("sparse2", "blocking, top-2% at int2", (*ls, "--comm-dtype", "int2", "--topk-fraction", "0.02"),
                     wire="int2 top-2%", group="blocking"))
     # Issue 16's control rows: each streaming row's bytes on the same schedule, as a bare async
@@ -281,7 +284,7 @@ def _best_ceiling(link: dict) -> float:
 
 
 ORDER = ["ddp", "block-fp32", "block-fp32-base", "block-bf16", "sparse2", *[f"s{f}-{dt}" for f in FRAGMENTS for dt in DTYPES],
-         "eager-fp32", "eager-int4", "eager-int2", "eager-sparse2",
+         "eager-fp32", "eager-int8", "eager-int4", "eager-int2", "eager-sparse2", "eager-sparse3",
          "torch-plsgd", "accel-lsgd", *[f"ft-f{f}" for f in FRAGMENTS],
          *[f"t{f}-{dt}" for f in FRAGMENTS for dt in DTYPES], "t-sparse2"]
 
@@ -334,7 +337,7 @@ BANDWIDTH_FAMILIES = {
     "DDP": ("ddp",),
     "blocking fp32": ("block-fp32",),
     "streaming (best F, wire)": tuple(f"s{f}-{dt}" for f in FRAGMENTS for dt in DTYPES),
-    "eager (best wire)": ("eager-fp32", "eager-int4", "eager-int2", "eager-sparse2"),
+    "eager (best wire)": ("eager-fp32", "eager-int8", "eager-int4", "eager-int2", "eager-sparse2", "eager-sparse3"),
     "top-2% int2, blocking": ("sparse2",),
     "torch PostLocalSGD": ("torch-plsgd",),
     "accelerate LocalSGD": ("accel-lsgd",),
@@ -447,7 +450,8 @@ def targets(links: list[dict]) -> list[str]:
         if l is None:
             continue
         fr = fractions(l)
-        for key in ("s4-int4", "eager-fp32", "eager-int4", "eager-int2", "eager-sparse2", "sparse2"):
+        for key in ("s4-int4", "eager-fp32", "eager-int8", "eager-int4", "eager-int2", "eager-sparse2", "eager-sparse3",
+                    "sparse2"):
             if fr.get(key):
                 med = statistics.median(fr[key])
                 out.append(f"- {key} at {rate} (target >= {goal:.0%} with a loss within 2% of blocking fp32): "

@@ -28,6 +28,12 @@ median of ``--rounds`` rounds is printed::
 
     python -m benchmarks.sync_cost --mode quant                 # 4M elements (16 MB), 1 thread
     python -m benchmarks.sync_cost --mode quant --numel 16777216 --threads 2
+
+``--mode topk`` (one process): the sparse launch's top-k selection (Note [Top-k selection] in
+``lookahead_dist/_sparse.py``) against one ``torch.topk`` over every 256-entry row, and the whole
+``encode`` of a top-k fraction, per k, ``--rounds`` interleaved rounds (median [min-max])::
+
+    python -m benchmarks.sync_cost --mode topk --numel 6291456 --rounds 5
 """
 
 from __future__ import annotations
@@ -356,7 +362,34 @@ def floor(args: argparse.Namespace) -> None:
     print("RESULT " + json.dumps(result))
 
 
-MODES = {"cycle": cycle, "sync-step": sync_step, "quant": quant, "floor": floor}
+def topk(args: argparse.Namespace) -> None:
+    """The two-level top-k selection against one ``torch.topk`` per row, and ``encode`` (ms)."""
+    from lookahead_dist import _sparse
+
+    torch.set_num_threads(args.threads)
+    x = torch.randn(args.numel, generator=torch.Generator().manual_seed(0))
+    mag = x.view(-1, _sparse.INDEX_BLOCK).abs()
+    rows: dict[str, list[float]] = {}
+    for _ in range(args.rounds):
+        for k in args.topk_k:
+            frac = k / _sparse.INDEX_BLOCK
+            fmt = _sparse.sparse_format(args.numel, fraction=frac, bits=2)
+            res = torch.zeros(args.numel)
+            cases = {f"k={k} torch.topk per row": lambda k=k: mag.topk(k, dim=1, sorted=False).indices.sort(dim=1),
+                     f"k={k} _select (two-level)": lambda k=k: _sparse._select(mag, k),
+                     f"k={k} encode, int2 + feedback": lambda fmt=fmt, res=res: _sparse.encode(x, fmt, res)}
+            for name, fn in cases.items():
+                rows.setdefault(name, []).append(_time(fn, args.reps))
+    print(f"numel={args.numel}, threads={args.threads}, torch {torch.__version__}, {args.rounds} rounds x "
+          f"{args.reps} calls")
+    print("| case | ms, median [min-max] |")
+    print("|---|---|")
+    for name, ts in rows.items():
+        print(f"| {name} | {1e3 * statistics.median(ts):.1f} [{1e3 * min(ts):.1f}-{1e3 * max(ts):.1f}] |")
+    print("RESULT " + json.dumps({name: ts for name, ts in rows.items()}))
+
+
+MODES = {"cycle": cycle, "sync-step": sync_step, "quant": quant, "floor": floor, "topk": topk}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -380,6 +413,7 @@ def main(argv: list[str] | None = None) -> None:
     g.add_argument("--rounds", type=int, default=5, help="(also --mode floor)")
     g.add_argument("--reps", type=int, default=3, help="calls per timing")
     g.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    g.add_argument("--topk-k", type=int, nargs="+", default=[3, 5, 8, 13], help="--mode topk: k per 256")
     g.add_argument("--compiled", action="store_true",
                    help="also the feedback quantisation as one torch.compile'd kernel (compiles first)")
     args = ap.parse_args(argv)

@@ -11,8 +11,8 @@ zero-padded to a multiple of the *scale block* ``G`` (:data:`DEFAULT_SCALE_BLOCK
 of 1024) and cut into *index blocks* of :data:`INDEX_BLOCK` = 256 consecutive elements::
 
     k       = clamp(round(topk_fraction * 256), 1, 256)     the same k in every index block
-    I_b     = the k positions of largest |x_i| in index block b (ties: torch.topk's choice),
-              sorted ascending
+    I_b     = the k positions of largest |x_i| in index block b (ties at the k-th place: any of
+              the tied positions, chosen deterministically), sorted ascending
     scale_g = max |x_i| over the selected entries of scale block g  /  qmax      (fp32)
     q_i     = round_half_to_even(x_i / scale_g) in [-qmax, qmax]  for i in I_b  (the grid of _quant:
               qmax = 127 / 7 / 1 for 8 / 4 / 2 bits; int2 is ternary {-s, 0, +s})
@@ -69,6 +69,19 @@ group's worker thread (the encoding and the residual update are done before the 
 on NCCL every stage is enqueued from the caller's thread on a side stream (Note [Asynchronous
 quantised all-reduce] in _quant.py).
 
+Note [Top-k selection]
+----------------------
+``torch.topk`` over every 256-entry row was most of the sparse launch on a CPU (70 ms of 97 for
+6.3M entries at k = 5, one thread: ``python -m benchmarks.sync_cost --mode topk``): its CPU kernel
+partially sorts rows for ``k <= 4`` but runs an ``nth_element`` over all 256 entries above that.
+:func:`_select` narrows first: the row's 256 entries form 64 groups of 4 (group j holds entries
+j, j + 64, j + 128, j + 192, so the group maxima are one vectorised ``amax`` over a middle
+dimension), the k groups with the largest maxima are kept, and the top k of their 4k entries are
+the row's top k. Exact: an entry outside the kept groups is at most its group's maximum, which is
+at most each of the k kept maxima, so the kept groups hold k entries at least as large. NaN ranks
+first at both levels (``amax`` propagates it). Only the choice among entries tied at the k-th
+place can differ from one ``topk`` over the row.
+
 Note [Sparse error feedback]
 ----------------------------
 With a residual ``e`` the sender encodes ``y = x + e`` and keeps everything that was not sent:
@@ -105,6 +118,7 @@ __all__ = [
 
 INDEX_BLOCK = 256
 """Elements per top-k selection: an index is one byte."""
+_GROUP = 4  # entries per group of the two-level selection (Note [Top-k selection])
 DEFAULT_SCALE_BLOCK = 2048
 """Elements per fp32 scale of the selected values: 32 / 2048 = 0.016 bits per parameter."""
 _SCALE_BYTES = 4
@@ -183,6 +197,20 @@ def bits_per_parameter(fraction: float, bits: int, scale_block: int = DEFAULT_SC
 
 
 # -- encode / decode ---------------------------------------------------------------------------
+def _select(mag: torch.Tensor, k: int) -> torch.Tensor:
+    """Positions (int64, ``(rows, k)``, ascending per row) of the k largest entries of each row of
+    ``mag`` (``(rows, 256)`` magnitudes); see Note [Top-k selection]."""
+    rows = mag.shape[0]
+    width = INDEX_BLOCK // _GROUP
+    if k * 64 <= INDEX_BLOCK or k * _GROUP * 2 > INDEX_BLOCK:  # topk's partial sort; or nothing to narrow
+        return mag.topk(k, dim=1, sorted=False).indices.sort(dim=1).values
+    groups = mag.view(rows, _GROUP, width).amax(dim=1)  # (rows, 64): group j = entries j + 64 m
+    cols = groups.topk(k, dim=1, sorted=False).indices
+    cand = (cols.unsqueeze(1) + width * torch.arange(_GROUP, device=mag.device).unsqueeze(1)).view(rows, -1)
+    pick = mag.gather(1, cand).topk(k, dim=1, sorted=False).indices
+    return cand.gather(1, pick).sort(dim=1).values
+
+
 def encode(x: torch.Tensor, fmt: SparseFormat, residual: torch.Tensor | None = None) -> torch.Tensor:
     """One rank's payload (``uint8``, ``fmt.nbytes``) for the elements of ``x`` (+ ``residual``).
 
@@ -199,7 +227,9 @@ def encode(x: torch.Tensor, fmt: SparseFormat, residual: torch.Tensor | None = N
     qmax = _quant._QMAX[fmt.bits]
     y = _quant._padded_fp32(x, fmt.padded, residual)  # a pooled buffer of ours (Note [Buffer reuse])
     rows = y.view(fmt.rows, INDEX_BLOCK)
-    idx = rows.abs().topk(fmt.k, dim=1, sorted=False).indices.sort(dim=1).values
+    mag = torch.abs(rows, out=POOL.take(y.numel(), torch.float32, y.device).view_as(rows))
+    idx = _select(mag, fmt.k)
+    POOL.give(mag)
     vals = rows.gather(1, idx)  # (rows, k)
     q, scales = _quant._quantize_blocks(vals.view(fmt.groups, fmt.per_group), qmax)
     payload = torch.empty(fmt.nbytes, dtype=torch.uint8, device=x.device)

@@ -221,3 +221,25 @@ def test_options_refuse_sharded_topk():
     o.sharded, o.manager = False, object()
     with pytest.raises(ValueError, match=r"`topk_fraction=0.02` is not supported with `manager=<object"):
         o._check_sparse()
+
+
+@pytest.mark.parametrize("k", [1, 3, 4, 5, 8, 13, 16, 17, 31, 32, 33, 64, 200, 256])
+def test_two_level_selection_keeps_the_k_largest_of_every_row(k):
+    # Note [Top-k selection]: the positions are those of one topk over the row (distinct
+    # magnitudes); with ties, NaN and inf, every kept entry is >= every dropped one.
+    from lookahead_dist._sparse import _select
+
+    mag = distinct(64 * INDEX_BLOCK, seed=k).abs().view(64, INDEX_BLOCK)
+    want = mag.topk(k, dim=1).indices.sort(dim=1).values
+    assert torch.equal(_select(mag, k), want)
+    g = torch.Generator().manual_seed(k)
+    tied = torch.randint(0, 6, (64, INDEX_BLOCK), generator=g).float()
+    tied[3, 17] = math.inf
+    tied[5, 200] = math.nan
+    idx = _select(tied, k)
+    assert idx.shape == (64, k) and bool((idx.diff(dim=1) > 0).all())  # k distinct positions, ascending
+    kept = torch.zeros_like(tied, dtype=torch.bool).scatter_(1, idx, True)
+    low = torch.where(kept, tied, math.inf).nan_to_num(nan=math.inf).amin(dim=1)
+    high = torch.where(kept, -math.inf, tied).amax(dim=1)
+    assert bool((low >= high).all())
+    assert bool(kept[3, 17]) and bool(kept[5, 200])  # inf and NaN rank first
