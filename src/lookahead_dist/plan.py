@@ -82,8 +82,8 @@ With ``t`` the inner step's time without communication:
   where the last term is the DDP all-reduce *inside* a node (hierarchical, ``R > 1``). With
   ``R > 1`` the fragment's transfer is the hierarchical-sharded sync: each local rank carries
   ``1 / R`` of the fragment across nodes (all ``R`` through the node's link, so each at
-  :math:`\beta / R`), then the node all-gathers the fragment's fp32 weights. Eager updates and
-  top-k are refused with sharded slow weights, so with ``R > 1`` they run the *flat* hierarchical
+  :math:`\beta / R`), then the node all-gathers the fragment's fp32 weights (eager updates too).
+  Top-k is refused with sharded slow weights, so with ``R > 1`` it runs the *flat* hierarchical
   sync: every local rank carries the whole fragment across nodes (``R`` times the node's bytes of
   the sharded sync), with no all-gather in the node.
 
@@ -428,9 +428,9 @@ def _fragment_sync(option: Option, workload: Workload, cluster: Cluster) -> Cost
     """One fragment's average across nodes (+ the node's all-gather when ``R > 1`` and sharded)."""
     r, n = cluster.ranks_per_node, cluster.nodes
     numel = -(-workload.params // option.num_fragments)
-    # hierarchical-sharded: local rank r carries chunk r across nodes; eager and top-k refuse
-    # sharded slow weights, so there every local rank carries the whole fragment (flat hierarchical)
-    sharded = r > 1 and not option.eager_update and option.topk_fraction is None
+    # hierarchical-sharded: local rank r carries chunk r across nodes; top-k refuses sharded slow
+    # weights, so there every local rank carries the whole fragment (flat hierarchical)
+    sharded = r > 1 and option.topk_fraction is None
     per_rank = -(-numel // r) if sharded else numel
     link = _shared(cluster)
     bits = _BITS[option.comm_dtype]
@@ -686,14 +686,14 @@ def config_blocks(prediction: Prediction, cluster: Cluster, *, alpha: float = 0.
     :class:`~lookahead_dist.LocalSGDOptions` and ``lookahead-dist train`` flags.
 
     With ``R > 1`` ranks per node: hierarchical, sharded (``sharded=True``,
-    ``--local-sgd-sharded``) unless the option is eager or top-k, which the library runs flat."""
+    ``--local-sgd-sharded``) unless the option is top-k, which the library runs flat."""
     import json
 
     o = prediction.option
     if o.mode != "local_sgd":
         raise ValueError(f"config_blocks needs a local-SGD option, got {o}")
     hier = cluster.ranks_per_node > 1
-    sharded = hier and not o.eager_update and o.topk_fraction is None
+    sharded = hier and o.topk_fraction is None
     local = {"across": "nodes", "ranks_per_node": cluster.ranks_per_node, "comm_dtype": o.comm_dtype,
              "num_fragments": o.num_fragments, "fragment_sync_delay": o.fragment_sync_delay}
     dtype = {"fp32": "None", "bf16": "torch.bfloat16", "int8": '"int8"', "int4": '"int4"',

@@ -122,6 +122,9 @@ DS_RUNS = {
 }
 DS_INT8 = {"int8_f1": dict(num_fragments=1, comm_dtype="int8"),
            "int8_f2": dict(num_fragments=2, comm_dtype="int8")}
+# Issue 16 from a DeepSpeed config: eager outer updates, fp32 and top-2% at int2 (ZeRO-2).
+DS_EAGER = {"eager_f1": dict(num_fragments=1, eager_update=True),
+            "eager_sparse_f1": dict(num_fragments=1, eager_update=True, comm_dtype="int2", topk_fraction=0.02)}
 
 
 def _ds_config(zero: dict[str, Any], local_sgd: dict[str, Any]) -> dict[str, Any]:
@@ -164,7 +167,29 @@ def _ds_case(zero: dict[str, Any], local_sgd: dict[str, Any], rank: int) -> dict
         out["weights"].append(_ds_weights(engine))
     # ZeRO-3 empties its param groups between steps: read the partitions from the state
     out["partitions"] = [int(v["lookahead_slow"].numel()) for v in la.state.values() if "lookahead_slow" in v]
+    out["slow"] = torch.cat([v["lookahead_slow"].reshape(-1) for v in la.state.values()
+                             if "lookahead_slow" in v]).tolist()
+    out["quant_numel"] = [plan.quant.numel for unit in la.local_sgd._units.values() for fr in unit.fragments
+                          for plan in fr if plan.quant is not None]
     return out
+
+
+def _torch_eager(rank: int) -> list[list[float]]:
+    """The plain-torch twin of ``zero2/eager_f1``: Lookahead(AdamW) with the eager rule on the same
+    model and batches (F=1: elementwise, so ZeRO's flat partition and the per-tensor layout agree)."""
+    from lookahead_dist import LocalSGDOptions, Lookahead
+
+    model = _ds_model(seed=rank)
+    opt = Lookahead(torch.optim.AdamW(model.parameters(), lr=DS_LR, weight_decay=0.0), k=DS_K, alpha=DS_ALPHA,
+                    local_sgd=LocalSGDOptions(eager_update=True))
+    weights = []
+    for step in range(DS_STEPS):
+        x, y = _ds_batch(step, rank)
+        opt.zero_grad()
+        F.mse_loss(model(x), y).backward()
+        opt.step()
+        weights.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]).tolist())
+    return weights
 
 
 def _ds_all(rank: int, world: int) -> dict[str, Any]:
@@ -180,6 +205,9 @@ def _ds_all(rank: int, world: int) -> dict[str, Any]:
             out[f"{stage}/{name}"] = _ds_case(zero, ls, rank)
     for name, ls in DS_INT8.items():
         out[f"zero2/{name}"] = _ds_case(DS_STAGES["zero2"], ls, rank)
+    for name, ls in DS_EAGER.items():
+        out[f"zero2/{name}"] = _ds_case(DS_STAGES["zero2"], ls, rank)
+    out["torch/eager_f1"] = _torch_eager(rank)
     return out
 
 
@@ -266,6 +294,30 @@ def test_deepspeed_int8_bytes_per_sync_are_one_half(ds_runs):
         per_block = BLOCK + 4  # int8 codes plus one fp32 scale
         for s in syncs:
             assert abs(s - base / 2) <= per_block, (syncs, base)
+
+
+def test_deepspeed_eager_equals_the_plain_torch_eager_run(ds_runs):
+    # A "lookahead.local_sgd" block with eager_update=true on ZeRO-2 runs the eager rule of the
+    # library: step by step the same weights as Lookahead(AdamW, eager_update=True) in plain torch.
+    for rank, res in enumerate(ds_runs):
+        got, want = res["zero2/eager_f1"]["weights"], res["torch/eager_f1"]
+        for t in range(DS_STEPS):
+            err = np.abs(np.asarray(got[t]) - np.asarray(want[t])).max()
+            assert err < 1e-5, f"rank {rank} step {t + 1}: max |w - torch eager| = {err:.3g}"
+        # and it is not the blocking run: the second sync (step 8) applies the delayed average
+        assert np.abs(np.asarray(got[-1]) - np.asarray(res["zero2/f1"]["weights"][-1])).max() > 1e-4
+
+
+def test_deepspeed_eager_sparse_sends_its_formula_and_keeps_the_replicas_together(ds_runs):
+    from lookahead_dist._sparse import sparse_nbytes
+
+    for res in ds_runs:
+        run = res["zero2/eager_sparse_f1"]
+        payload = sum(sparse_nbytes(n, fraction=0.02, bits=2) for n in run["quant_numel"])
+        # an all-gather of 2 payloads: each rank sends its own once (ring), at the k-th steps only
+        assert run["stats_per_step"] == [0, 0, 0, payload] * (DS_STEPS // DS_K), run["stats_per_step"]
+        assert 8 * payload / sum(run["partitions"]) < 0.5  # bits per parameter (tiny model: padding)
+    assert ds_runs[0]["zero2/eager_sparse_f1"]["slow"] == ds_runs[1]["zero2/eager_sparse_f1"]["slow"]
 
 
 @pytest.mark.timeout(600)

@@ -356,3 +356,54 @@ def test_nan_on_one_rank_is_skipped_alike_and_the_ranks_recover(two_ranks, mode)
             assert np.array_equal(res["nonfinite"]["sharded"]["slow"], own_chunks(flat_["slow"], rank))
             assert np.array_equal(res["nonfinite"]["sharded"]["fast"], flat_["fast"])
     assert np.isfinite(a["fast"]).all() and np.isfinite(b["fast"]).all()
+
+
+# -- hierarchical sharded: 4 ranks, 2 groups (the replicas) of 2 -----------------------------------------
+HIER_CASES = {  # name: (options, simulation of the 2 replicas)
+    "eager_f1_momentum": (dict(eager_update=True, outer_momentum=0.9, nesterov=True),
+                          dict(num_fragments=1, rule="eager", lr=ALPHA,
+                               outer=lambda ps: torch.optim.SGD(ps, lr=ALPHA, momentum=0.9, nesterov=True))),
+    "naive_f2_nesterov": (dict(eager_update="naive", num_fragments=2, outer_optimizer=nesterov),
+                          dict(num_fragments=2, rule="naive", outer=nesterov, lr=0.7)),
+    "eager_f2_nesterov": (dict(eager_update=True, num_fragments=2, outer_optimizer=nesterov),
+                          dict(num_fragments=2, rule="eager", outer=nesterov, lr=0.7)),
+}
+
+
+def _hier_body(rank: int, world_size: int) -> dict:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    torch.use_deterministic_algorithms(True)
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("inter", "intra"))
+    replica = rank // 2  # both ranks of a group train on the replica's data: identical replicas
+    out = {}
+    for name, (opts, _) in HIER_CASES.items():
+        model = make_model(rank)
+        options = LocalSGDOptions.from_mesh(mesh, across="inter", within="intra", sharded=True, **opts)
+        opt = Lookahead(sgd(model.parameters()), k=K, alpha=ALPHA, local_sgd=options)
+        assert opt.local_sgd.mode == "hier_sharded"
+        train(model, opt, replica, 0, STEPS)
+        stats = opt.local_sgd.stats
+        out[name] = {"fast": flat(model.parameters()), "slow": slow_state(opt),
+                     "across": stats.total("payload", label="params", op="all_reduce")}
+    return out
+
+
+@pytest.fixture(scope="module")
+def four_ranks():
+    return run_ranks(_hier_body, world_size=4, timeout=200)
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("case", sorted(HIER_CASES))
+def test_hierarchical_sharded_eager_matches_simulation_of_two_replicas(four_ranks, case):
+    _, sim = HIER_CASES[case]
+    fast, slow = simulate_eager(STEPS, K, **sim)
+    params = sum(p.numel() for p in make_model(0).parameters())
+    for rank, res in enumerate(four_ranks):
+        v = res[case]
+        np.testing.assert_allclose(v["fast"], fast[rank // 2], rtol=0, atol=2e-6, err_msg=case)
+        np.testing.assert_allclose(v["slow"], own_chunks(slow, rank % 2), rtol=0, atol=2e-6, err_msg=case)
+        # each local rank carries its chunk across the groups: about half the parameters per sync
+        syncs = (STEPS // (K // sim["num_fragments"]))
+        assert v["across"] <= 4 * (params // 2 + 8) * syncs, (case, v["across"])

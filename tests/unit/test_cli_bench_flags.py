@@ -156,7 +156,6 @@ def test_eager_and_sparse_flags_reach_the_config():
     (["--mode", "local-sgd", "--topk-fraction", "0"], "(0, 1]"),
     (["--mode", "local-sgd", "--topk-fraction", "0.02"], "comm_dtype='int8', 'int4' or 'int2'"),
     (["--mode", "local-sgd", "--k", "4", "--eager-update", "--fragment-sync-delay", "1"], "fragment_sync_delay=1"),
-    (["--mode", "local-sgd", "--eager-update", "--local-sgd-sharded", "--hierarchical"], "hierarchical"),
 ])
 def test_bad_eager_and_sparse_flags_exit_2(argv, needle, capsys):
     with pytest.raises(SystemExit) as e:

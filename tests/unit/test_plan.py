@@ -199,12 +199,19 @@ def test_eager_window_hand_computed():
     assert e84s.exposed_seconds == pytest.approx(4 / 8 * (2.0 - 2 * 0.3))
     # = the link's throughput bound: F fragments' transfers per k steps minus k steps of compute
     assert e84s.exposed_seconds * 8 == pytest.approx(8.0 - 8 * 0.3)
-    # eager with R > 1 runs flat (not sharded): every local rank carries the whole fragment
+    # eager with R > 1 runs hierarchical-sharded, as the blocking sync does: each of the 4 local ranks
+    # carries 1/4 of the fragment (1 MB at 10/4 MB/s = 0.4 s), then the node all-gathers 4 MB
     hier = P.Cluster(nodes=2, ranks_per_node=4, link=P.Link(10 * MB, 0.0), intra_link=P.Link(1000 * MB, 0.0))
     w1 = P.Workload(params=1_000_000, step_time=0.01, ddp_overlap=0.0)
     e = P.predict(P.Option("local_sgd", 8, eager_update=True), w1, hier)
-    assert e.sync_seconds == pytest.approx(4 * MB / 2.5e6)  # 4 MB at 10/4 MB/s, no all-gather in the node
-    assert e.node_bytes_per_step == pytest.approx(4 * 4 * MB / 8)
+    blocking = P.predict(P.Option("local_sgd", 8), w1, hier)
+    assert e.sync_seconds == pytest.approx(blocking.sync_seconds) and e.sync_seconds > 0.4
+    assert e.node_bytes_per_step == pytest.approx(4 * MB / 8)
+    # top-k still runs flat with R > 1: every local rank carries its whole (sparse) fragment
+    t = P.predict(P.Option("local_sgd", 8, 1, 0, "int2", eager_update=True, topk_fraction=0.02), w1, hier)
+    flat1 = P.predict(P.Option("local_sgd", 8, 1, 0, "int2", eager_update=True, topk_fraction=0.02), w1,
+                      P.Cluster(nodes=2, ranks_per_node=1, link=P.Link(10 * MB, 0.0)))
+    assert t.node_bytes_per_step == pytest.approx(4 * flat1.node_bytes_per_step)
 
 
 def test_hierarchical_local_sgd_hand_computed():
@@ -418,7 +425,7 @@ def _check_blocks(blocks: dict[str, str], ranks_per_node: int, expect) -> None:
     from lookahead_dist.sync.options import COMM_DTYPES
 
     eager, topk = expect.eager_update, expect.topk_fraction
-    sharded = ranks_per_node > 1 and not eager and topk is None  # eager/top-k refuse sharded slow weights
+    sharded = ranks_per_node > 1 and topk is None  # top-k refuses sharded slow weights
     # DeepSpeed: the block parser accepts it and it carries the option
     block = json.loads(blocks["deepspeed"])["lookahead"]
     local = block["local_sgd"]

@@ -184,17 +184,15 @@ class RunConfig:
             raise ValueError(f"topk_fraction is an option of modes {', '.join(WIRE_MODES)}, not of {self.mode!r}")
         if self.eager_update is not False and self.mode != "local-sgd":
             raise ValueError(f"eager_update is an option of mode 'local-sgd', not of {self.mode!r}")
-        if self.eager_update is not False and self.sharded and self.hierarchical:
-            raise ValueError(
-                f"eager_update={self.eager_update!r} with sharded slow weights runs across one process group, "
-                "not in the hierarchical mode; drop --hierarchical or --local-sgd-sharded")
         if self.eager_update is not False or self.topk_fraction is not None:
             from ..sync.options import COMM_DTYPES as _TABLE, LocalSGDOptions
 
             # The library's own checks (the combinations it refuses), before any process starts.
             LocalSGDOptions(eager_update=self.eager_update, topk_fraction=self.topk_fraction,
                             comm_dtype=_TABLE[self.comm_dtype] if self.comm_dtype != "fp32" else None,
-                            sharded=self.sharded, num_fragments=self.num_fragments,
+                            # hierarchical sharding (an intra group, made at run time) sends progress,
+                            # so comm_dtype is allowed there: checked as flat here
+                            sharded=self.sharded and not self.hierarchical, num_fragments=self.num_fragments,
                             fragment_sync_delay=self.fragment_sync_delay,
                             fragment_update_alpha=self.fragment_update_alpha,
                             quant_block_size=self.quant_block_size, init="none")

@@ -245,14 +245,17 @@ class EagerOuter:
     every rank restarts from the same weights.
 
     Sharded (``sharded=True``, one process group): rank r owns chunk r of :math:`\phi` and the
-    outer state. The ranks reduce-scatter their progress :math:`	heta_i(t) - x_i(t-1)` (the
+    outer state. The ranks reduce-scatter their progress :math:`\theta_i(t) - x_i(t-1)` (the
     blocking sharded sync sends weights, but the owner of a chunk cannot know the other ranks'
     start points), so :math:`D(t)` arrives as each owner's chunk; at the next sync the owner steps
     its chunk, and the new chunks are all-gathered (blocking) to build the restart point. The
     start point :math:`x_i` stays whole on every rank (``lookahead_eager_start`` is shaped like the
-    parameter; ``Plan.fsl`` indexes it). Not supported: the hierarchical sharded mode,
-    ``fragment_sync_delay > 0`` and ``fragment_update_alpha > 0`` (the delay is one outer step and
-    the restart point is :math:`x_i`), a torchft ``manager``.
+    parameter; ``Plan.fsl`` indexes it). Hierarchical sharded (``intra_group``): i counts the
+    replicas (the groups, identical inside), local rank r carries chunk r of its replica's progress
+    across the groups (``comm_dtype`` applies), steps chunk r, and the group all-gathers the new
+    chunks at the restart. Not supported: ``fragment_sync_delay > 0`` and
+    ``fragment_update_alpha > 0`` (the delay is one outer step and the restart point is
+    :math:`x_i`), a torchft ``manager``.
     A non-finite :math:`D` (every rank sees the same) skips its outer step, drops the unit's
     collectives in flight and restarts the whole unit from :math:`\phi` on every rank (Note
     [Non-finite syncs in local SGD]). Under the eager rule a rank whose own outer gradient holds
@@ -301,8 +304,12 @@ class EagerOuter:
     def _eager_launch(self, host: SyncHost, plan: Plan, describe: str) -> Launched:
         r"""Launch the outer gradient :math:`\Delta_i(t)` of one bucket, measured from the start points."""
         start = self._start_views(host, plan)
-        if self.sharded:
+        if self.sharded and self.intra is None:
             return self.wire.launch_progress(host, plan, start)
+        if self.sharded:  # hierarchical: this rank carries chunk r of the progress across the groups
+            m = len(plan.fast)
+            own = plan.layout.split_each(start)[self.shard_rank * m:(self.shard_rank + 1) * m]
+            return self._launch(host, dataclasses.replace(plan, slow=own), describe)
         return self._launch(host, dataclasses.replace(plan, slow=start), describe)
 
     def _eager_restart(self, host: SyncHost, plan: Plan, scale: float, describe: str) -> None:

@@ -95,9 +95,9 @@ class LocalSGDOptions:
             (a delay of one whole outer step) with the eager rule of Kale, Douillard & Donchev
             (2025, arXiv 2502.12996); ``"naive"``: the same delay with the naive delayed rule (for
             comparison); ``False`` (default): off (Note [Eager outer updates] in sync/_outer.py).
-            With ``sharded=True`` (one process group, no ``intra_group``) the outer gradient is
-            reduce-scattered, each rank steps its own chunk, and the new slow weights are
-            all-gathered at the sync. Not with the hierarchical mode, ``fragment_sync_delay > 0``,
+            With ``sharded=True`` the outer gradient (progress) is reduce-scattered (hierarchical:
+            chunk r all-reduced across the groups), each rank steps its own chunk, and the new slow
+            weights are all-gathered at the sync. Not with ``fragment_sync_delay > 0``,
             ``fragment_update_alpha > 0`` or a ``manager``.
     """
 
@@ -264,11 +264,6 @@ class LocalSGDOptions:
                     f"LocalSGDOptions `eager_update={e!r}` cannot be combined with `{name}={bad!r}`: the eager "
                     "and naive delayed rules apply each collective one whole outer step later and restart the "
                     f"fragment from the global slow weights; leave `{name}` at its default")
-        if self.sharded and self.intra_group is not None:
-            raise ValueError(
-                f"LocalSGDOptions `eager_update={e!r}` with `sharded=True` is supported across one process "
-                "group (each rank owns a chunk of the slow weights), not in the hierarchical mode "
-                "(`intra_group` given); drop `intra_group` or set sharded=False")
 
     @property
     def eager_rule(self) -> str | None:
