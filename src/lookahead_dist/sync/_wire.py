@@ -116,33 +116,32 @@ class _GatheringWire(Wire):
         """The full slow weights of the bucket in their own dtype, as ``plan.layout.chunk_views``
         (aligned with ``plan.fast_chunks``): one blocking all-gather of the owned chunks. Every
         rank of the shard group calls it together (the sharded eager restart point)."""
-        s, lay = self.s, plan.layout
-        seg = torch.empty(lay.segment, dtype=plan.stage_dtype, device=plan.device)
-        torch._foreach_copy_(lay.own_views(seg, s.shard_rank), plan.slow)
-        if lay.pads[s.shard_rank]:
-            seg[lay.segment - lay.pads[s.shard_rank]:].zero_()
-        full = torch.empty(lay.numel, dtype=plan.stage_dtype, device=plan.device)
-        work = _comm.all_gather(full, seg, s.shard_group, s.stats, "params", async_op=True)
-        streaming.wait_work(work, s.timeout, describe, s._traits(s.shard_group, plan.device))
-        return lay.chunk_views(full)
+        return plan.layout.chunk_views(self._all_gather(plan, plan.stage_dtype, None, None, describe))
 
     def _gather(self, plan: Plan, seg: torch.Tensor | None, full: torch.Tensor | None, describe: str,
                 merge: bool = True) -> None:
         """fast <- slow on every rank of the shard group: all-gather the owned chunks, then merge."""
+        full = self._all_gather(plan, plan.fast_dtype, seg, full, describe)  # in the parameters' dtype
+        self.s._merge(plan.fast_chunks, plan.layout.chunk_views(full), None if merge else 0.0)
+
+    def _all_gather(self, plan: Plan, dtype: torch.dtype, seg: torch.Tensor | None, full: torch.Tensor | None,
+                    describe: str) -> torch.Tensor:
+        """The owned slow chunks of every rank, all-gathered in ``dtype`` (into ``seg``/``full`` when
+        they have it)."""
         s = self.s
         lay = plan.layout
-        if seg is None or seg.dtype != plan.fast_dtype:  # gather in the parameters' dtype
-            seg = torch.empty(lay.segment, dtype=plan.fast_dtype, device=plan.device)
+        if seg is None or seg.dtype != dtype:
+            seg = torch.empty(lay.segment, dtype=dtype, device=plan.device)
             full = None
-        if full is None or full.dtype != plan.fast_dtype:
-            full = torch.empty(lay.numel, dtype=plan.fast_dtype, device=plan.device)
+        if full is None or full.dtype != dtype:
+            full = torch.empty(lay.numel, dtype=dtype, device=plan.device)
         own = lay.own_views(seg, s.shard_rank)
         torch._foreach_copy_(own, plan.slow)
         if lay.pads[s.shard_rank]:
             seg[lay.segment - lay.pads[s.shard_rank]:].zero_()
         work = _comm.all_gather(full, seg, s.shard_group, s.stats, "params", async_op=True)
         streaming.wait_work(work, s.timeout, describe, s._traits(s.shard_group, plan.device))
-        s._merge(plan.fast_chunks, lay.chunk_views(full), None if merge else 0.0)
+        return full
 
 
 class ShardedWire(_GatheringWire):
@@ -151,36 +150,31 @@ class ShardedWire(_GatheringWire):
     name = "sharded"
 
     def launch(self, host: SyncHost, plan: Plan) -> Launched:
-        s, lay = self.s, plan.layout
-        poison = self._poison(plan)
-        stage = torch.empty(lay.numel, dtype=plan.stage_dtype, device=plan.device)
-        torch._foreach_copy_(lay.chunk_views(stage), plan.fast_chunks)
-        for pad in lay.pad_views(stage):
-            pad.zero_()
-        if poison is not None:
-            stage.mul_(poison)
-        seg = torch.empty(lay.segment, dtype=plan.stage_dtype, device=plan.device)
-        work = _comm.reduce_scatter(seg, stage, s._frag_group, s.stats, "params")
-        return Launched(plan, work, seg, seg, [], full=stage, group=s._frag_group)
+        return self._reduce_scatter(plan, None)
 
     def launch_progress(self, host: SyncHost, plan: Plan, start: list[torch.Tensor]) -> Launched:
         """Reduce-scatter the progress ``fast - start`` (``start``: full per-rank start points aligned
         with ``plan.fast``), for the eager rule (Note [Eager outer updates] in _outer.py): its
         outer gradient is measured from each rank's own start, which the owner of a chunk cannot
         know, so the ranks send progress instead of weights."""
+        return self._reduce_scatter(plan, start)
+
+    def _reduce_scatter(self, plan: Plan, start: list[torch.Tensor] | None) -> Launched:
+        """Reduce-scatter the fast weights (``start`` None) or the progress ``fast - start``."""
         s, lay = self.s, plan.layout
         poison = self._poison(plan)
         stage = torch.empty(lay.numel, dtype=plan.stage_dtype, device=plan.device)
         views = lay.chunk_views(stage)
         torch._foreach_copy_(views, plan.fast_chunks)
-        torch._foreach_sub_(views, lay.split_each(start))
+        if start is not None:
+            torch._foreach_sub_(views, lay.split_each(start))
         for pad in lay.pad_views(stage):
             pad.zero_()
         if poison is not None:
             stage.mul_(poison)
         seg = torch.empty(lay.segment, dtype=plan.stage_dtype, device=plan.device)
         work = _comm.reduce_scatter(seg, stage, s._frag_group, s.stats, "params")
-        return Launched(plan, work, seg, seg, [], full=stage, group=s._frag_group, progress=True)
+        return Launched(plan, work, seg, seg, [], full=stage, group=s._frag_group, progress=start is not None)
 
     def reduced(self, item: Launched, buf: torch.Tensor) -> Reduced:
         plan = item.plan
