@@ -391,6 +391,17 @@ def _hier_body(rank: int, world_size: int) -> dict:
         out[name] = {"fast": flat(model.parameters()), "slow": slow_state(opt),
                      "across": stats.total("payload", label="params", op="all_reduce"),
                      "quantised": stats.total("payload", label="params", op="all_to_all")}
+    # FSDP2 (HSDP) inside each group: each rank runs the eager rule on its own DTensor shard with
+    # the same shard of the other group (flat), or keeps half of that shard's slow weights (sharded).
+    from torch.distributed.fsdp import fully_shard
+
+    for name, extra in (("fsdp_flat", {}), ("fsdp_sharded", {"sharded": True})):
+        model = fully_shard(make_model(replica), mesh=mesh["intra"])  # equal inside a group: the same seed
+        opts = {**HIER_CASES["eager_f2_nesterov"][0], **extra}
+        opt = Lookahead(sgd(model.parameters()), k=K, alpha=ALPHA,
+                        local_sgd=LocalSGDOptions.from_mesh(mesh, across="inter", **opts))
+        train(model, opt, replica, 0, STEPS)
+        out[name] = {"fast": torch.cat([p.full_tensor().detach().reshape(-1) for p in model.parameters()]).numpy()}
     return out
 
 
@@ -432,3 +443,10 @@ def test_hierarchical_sharded_eager_int8_is_closer_to_fp32_than_int2(four_ranks)
     for r in four_ranks:
         err = {w: np.abs(r[f"eager_f2_{w}"]["slow"] - r["eager_f2_nesterov"]["slow"]).mean() for w in ("int8", "int2")}
         assert err["int8"] < err["int2"] / 4, err
+
+
+@pytest.mark.parametrize("case", ["fsdp_flat", "fsdp_sharded"])
+def test_fsdp2_inside_the_groups_eager_matches_simulation(four_ranks, case):
+    fast, _ = simulate_eager(STEPS, K, **HIER_CASES["eager_f2_nesterov"][1])
+    for rank, res in enumerate(four_ranks):
+        np.testing.assert_allclose(res[case]["fast"], fast[rank // 2], rtol=0, atol=2e-6, err_msg=case)
