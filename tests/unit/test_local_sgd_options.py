@@ -421,8 +421,6 @@ def test_plans_are_built_once_when_each_step_hands_a_new_list(one_rank_group, mo
     [
         (dict(eager_update="yes"), "`eager_update` must be True, False or 'naive', got 'yes'"),
         (dict(eager_update=1), "`eager_update` must be True, False or 'naive', got 1"),
-        (dict(eager_update=True, sharded=True, intra_group=object()),
-         "`eager_update=True` with `sharded=True` is supported across one process group"),
         (dict(eager_update="naive", fragment_sync_delay=1),
          "`eager_update='naive'` cannot be combined with `fragment_sync_delay=1`"),
         (dict(eager_update=True, fragment_update_alpha=0.5),
