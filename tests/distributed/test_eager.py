@@ -169,11 +169,16 @@ def _runs(rank: int) -> dict:
     # Compression: int8 with error feedback on the wire of the eager rule.
     for name, opts in {"eager_f2_int8": dict(eager_update=True, num_fragments=2, comm_dtype="int8",
                                              quant_block_size=8, outer_optimizer=nesterov),
-                       "eager_f2_fp32": dict(eager_update=True, num_fragments=2, outer_optimizer=nesterov)}.items():
+                       "eager_f2_fp32": dict(eager_update=True, num_fragments=2, outer_optimizer=nesterov),
+                       "eager_f2_bf16": dict(eager_update=True, num_fragments=2, outer_optimizer=nesterov,
+                                             comm_dtype=torch.bfloat16),
+                       "sharded_eager_f2_bf16": dict(eager_update=True, num_fragments=2, outer_optimizer=nesterov,
+                                                     comm_dtype=torch.bfloat16, sharded=True)}.items():
         model = make_model(rank)
         opt = Lookahead(sgd(model.parameters()), k=K, alpha=ALPHA, local_sgd=LocalSGDOptions(**opts))
         train(model, opt, rank, 0, STEPS)
-        out[name] = {"fast": flat(model.parameters()), "slow": slow_state(opt)}
+        out[name] = {"fast": flat(model.parameters()), "slow": slow_state(opt),
+                     "sent": opt.local_sgd.stats.total("payload", label="params")}
     return out
 
 
@@ -450,3 +455,14 @@ def test_fsdp2_inside_the_groups_eager_matches_simulation(four_ranks, case):
     fast, _ = simulate_eager(STEPS, K, **HIER_CASES["eager_f2_nesterov"][1])
     for rank, res in enumerate(four_ranks):
         np.testing.assert_allclose(res[case]["fast"], fast[rank // 2], rtol=0, atol=2e-6, err_msg=case)
+
+
+def test_sharded_eager_with_a_bf16_wire_is_the_flat_bf16_run(two_ranks):
+    # Eager + sharded reduce-scatters progress, so comm_dtype=bf16 applies as on the flat wire: the
+    # same bf16 sums of the same two values, bit for bit, and half the fp32 bytes for the scatter.
+    for rank, res in enumerate(two_ranks):
+        sh, fl, fp32 = (res["runs"][k] for k in ("sharded_eager_f2_bf16", "eager_f2_bf16", "eager_f2_fp32"))
+        assert np.array_equal(sh["fast"], fl["fast"])
+        assert np.array_equal(sh["slow"], own_chunks(fl["slow"], rank))
+        assert np.abs(fl["slow"] - fp32["slow"]).max() > 0  # it really went through bf16
+        assert fl["sent"] * 2 == fp32["sent"]

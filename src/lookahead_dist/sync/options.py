@@ -57,7 +57,8 @@ class LocalSGDOptions:
         sharded: keep 1/N of the slow weights and outer momenta per rank (Note [What goes on the wire]).
         comm_dtype: dtype of the pseudo-gradient on the wire (``torch.bfloat16``/``float16``), or
             ``"int8"``/``"int4"``/``"int2"``: blockwise absmax-quantised, summed in fp32 (Note [Quantised sync]);
-            None sends the slow weights' dtype. Not with ``sharded=True`` unless ``intra_group`` is set.
+            None sends the slow weights' dtype. Not with ``sharded=True`` unless ``intra_group`` is set
+            (or, a float dtype, with ``eager_update``: it sends progress).
         module: the trained module (or its DDP wrapper): its buffers are averaged at each sync,
             and a DDP wrapper is watched for per-step gradient all-reduces.
         buffers: explicit buffers to average instead of ``module``'s.
@@ -95,9 +96,10 @@ class LocalSGDOptions:
             (a delay of one whole outer step) with the eager rule of Kale, Douillard & Donchev
             (2025, arXiv 2502.12996); ``"naive"``: the same delay with the naive delayed rule (for
             comparison); ``False`` (default): off (Note [Eager outer updates] in sync/_outer.py).
-            With ``sharded=True`` the outer gradient (progress) is reduce-scattered (hierarchical:
-            chunk r all-reduced across the groups), each rank steps its own chunk, and the new slow
-            weights are all-gathered at the sync. Not with ``fragment_sync_delay > 0``,
+            With ``sharded=True`` the outer gradient (progress) is reduce-scattered, in fp32 or a
+            float ``comm_dtype`` (hierarchical: chunk r all-reduced across the groups, any
+            ``comm_dtype``), each rank steps its own chunk, and the new slow weights are
+            all-gathered at the sync. Not with ``fragment_sync_delay > 0``,
             ``fragment_update_alpha > 0`` or a ``manager``.
     """
 
@@ -144,11 +146,19 @@ class LocalSGDOptions:
                 f"LocalSGDOptions `comm_dtype` must be None, one of {_COMM_DTYPES} or 'int8'/'int4'/'int2', got "
                 f"{self.comm_dtype!r}")
         if self.sharded and self.intra_group is None and self.comm_dtype not in (None, torch.float32):
-            raise ValueError(
-                f"LocalSGDOptions `comm_dtype={self.comm_dtype}` needs the full slow weights on each rank to "
-                "send progress; with `sharded=True` the fast weights themselves are reduce-scattered. Use "
-                "sharded=False, or an intra_group (hierarchical sharding sends progress)"
-            )
+            eager = self.eager_update is True or self.eager_update == "naive"
+            if not eager:
+                raise ValueError(
+                    f"LocalSGDOptions `comm_dtype={self.comm_dtype}` needs the full slow weights on each rank to "
+                    "send progress; with `sharded=True` the fast weights themselves are reduce-scattered. Use "
+                    "sharded=False, or an intra_group (hierarchical sharding sends progress)"
+                )
+            if isinstance(self.comm_dtype, str):  # eager + sharded reduce-scatters progress: a float wire only
+                raise ValueError(
+                    f"LocalSGDOptions `comm_dtype={self.comm_dtype!r}` with `eager_update` and `sharded=True`: the "
+                    "outer gradients are reduce-scattered, which takes a float wire (None or torch.bfloat16/"
+                    "float16), not a quantised one; use an intra_group (hierarchical sharding quantises chunk "
+                    "r across the groups) or sharded=False")
         self._check_streaming()
         self._check_sparse()
         if self.init not in ("broadcast", "check", "none"):
