@@ -71,9 +71,10 @@ quantised all-reduce] in _quant.py).
 
 Note [Top-k selection]
 ----------------------
-``torch.topk`` over every 256-entry row was most of the sparse launch on a CPU (70 ms of 97 for
-6.3M entries at k = 5, one thread: ``python -m benchmarks.sync_cost --mode topk``): its CPU kernel
-partially sorts rows for ``k <= 4`` but runs an ``nth_element`` over all 256 entries above that.
+``torch.topk`` over every 256-entry row was most of the sparse launch on a CPU (66 ms for 6.3M
+entries at k = 5, one thread, against 35 ms for the selection below and 49 ms for the whole
+encode now: ``python -m benchmarks.sync_cost --mode topk``): its CPU kernel partially sorts rows
+for ``k <= 4`` but runs an ``nth_element`` over all 256 entries above that.
 :func:`_select` narrows first: the row's 256 entries form 64 groups of 4 (group j holds entries
 j, j + 64, j + 128, j + 192, so the group maxima are one vectorised ``amax`` over a middle
 dimension), the k groups with the largest maxima are kept, and the top k of their 4k entries are
