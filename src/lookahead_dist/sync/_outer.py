@@ -283,18 +283,9 @@ class EagerOuter:
         start = saved.get(EAGER_START_KEY)
         if start is None:
             out[EAGER_START_KEY] = self._eager_start0(p, slow)
-        elif not self.sharded:
-            out[EAGER_START_KEY] = self._restore_tensor(p, start, dtype, name, EAGER_START_KEY)
-        else:  # shaped like the parameter, not like the owned chunk
-            want = local_tensor(p).shape
-            if not isinstance(start, torch.Tensor) or start.shape != want or not start.is_floating_point():
-                got = (f"{tuple(start.shape)} {start.dtype}" if isinstance(start, torch.Tensor)
-                       else type(start).__name__)
-                raise ValueError(
-                    f"Lookahead checkpoint: {name} `{EAGER_START_KEY}` is {got} where the sharded eager "
-                    f"rule keeps a floating-point start point shaped like the parameter, {tuple(want)}; "
-                    "was it saved from another model or without sharding?")
-            out[EAGER_START_KEY] = start.to(device=slow.device, dtype=dtype, copy=True)
+        else:  # sharded: shaped like the parameter, not like the owned chunk
+            shape = local_tensor(p).shape if self.sharded else None
+            out[EAGER_START_KEY] = self._restore_tensor(p, start, dtype, name, EAGER_START_KEY, shape=shape)
         return out
 
     def _start_views(self, host: SyncHost, plan: Plan) -> list[torch.Tensor]:

@@ -173,13 +173,10 @@ class ShardedWire(_GatheringWire):
         if poison is not None:
             stage.mul_(poison)
         seg = torch.empty(lay.segment, dtype=plan.stage_dtype, device=plan.device)
-        if start is None:
-            work = _comm.reduce_scatter(seg, stage, s._frag_group, s.stats, "params")
-            return Launched(plan, work, seg, seg, [], full=stage, group=s._frag_group)
-        wire = s._wire(stage)  # progress: comm_dtype (bf16) applies, as on the flat wire
+        wire = stage if start is None else s._wire(stage)  # progress: comm_dtype (bf16) applies, as flat
         got = seg if wire is stage else torch.empty(lay.segment, dtype=wire.dtype, device=plan.device)
         work = _comm.reduce_scatter(got, wire, s._frag_group, s.stats, "params")
-        return Launched(plan, work, seg, got, [], full=stage, group=s._frag_group, progress=True)
+        return Launched(plan, work, seg, got, [], full=stage, group=s._frag_group, progress=start is not None)
 
     def reduced(self, item: Launched, buf: torch.Tensor) -> Reduced:
         plan = item.plan

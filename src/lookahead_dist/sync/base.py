@@ -166,10 +166,12 @@ class SyncStrategy:
         """Shape of ``p``'s slow weight under this strategy (``p``'s own, global for a DTensor)."""
         return p.shape
 
-    def _restore_tensor(self, p: torch.Tensor, value: Any, dtype: torch.dtype, name: str, key: str) -> torch.Tensor:
+    def _restore_tensor(self, p: torch.Tensor, value: Any, dtype: torch.dtype, name: str, key: str,
+                        shape: torch.Size | None = None) -> torch.Tensor:
+        """``value`` checked (a floating tensor of ``shape``, default the slow weight's) and copied."""
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"Lookahead checkpoint: {name} `{key}` must be a tensor, got {type(value).__name__}")
-        want = self.expected_shape(p)
+        want = self.expected_shape(p) if shape is None else shape
         if value.shape != want:
             raise ValueError(
                 f"Lookahead checkpoint: {name} `{key}` has shape {tuple(value.shape)} where the parameter needs "
