@@ -216,10 +216,13 @@ def quant(args: argparse.Namespace) -> None:
 
 
 # -- the sync against its memory-traffic floor ---------------------------------------------------
-FLOOR_FORMATS = ("fp32", "int8", "int4", "int2", "top2%-int2")
+FLOOR_FORMATS = ("fp32", "int8", "int4", "int2", "top2%-int2", "int8-fused", "int4-fused", "int2-fused")
+"""``-fused``: ``LocalSGDOptions(fused_kernels=True)`` (Note [Fused quantisation kernels])."""
 
 
 def _floor_options(fmt: str) -> dict[str, object]:
+    if fmt.endswith("-fused"):
+        return {**_floor_options(fmt.removesuffix("-fused")), "fused_kernels": True}
     if fmt == "fp32":
         return {}
     if fmt.startswith("top"):
@@ -240,7 +243,8 @@ def floor_bytes(fmt: str, numel: int, n: int) -> dict[str, float]:
       its owner residual, write the requantised chunk;
     - apply: read the mean (the codes, or the dense fp32 mean), read and write the slow weights,
       write the fast weights.
-    The outer step here is plain Lookahead (no outer momentum)."""
+    The outer step here is plain Lookahead (no outer momentum); a fused format has its base's floor."""
+    fmt = fmt.removesuffix("-fused")
     p = float(numel)
     if fmt == "fp32":
         wire = 2 * 2 * (n - 1) / n * 4 * p  # ring all-reduce: sent + received
@@ -274,6 +278,56 @@ def _copy_bandwidth(numel: int, reps: int = 7) -> float:
     return 2 * 4 * numel / statistics.median(times)
 
 
+def _bare_collectives(fmt: str, numel: int, group) -> Callable[[], None]:
+    """The collectives one sync of ``fmt`` issues, with the same payloads and nothing else: what
+    gloo's transport alone costs the CPU (the loopback TCP copies, its threads), measured beside
+    the sync. The floor counts the wire bytes once at memory bandwidth; this is what they cost."""
+    import torch.distributed as dist
+
+    from lookahead_dist import _comm
+
+    n = dist.get_world_size(group)
+    fmt = fmt.removesuffix("-fused")
+    if fmt == "fp32":
+        buf = torch.randn(numel)
+        return lambda: _comm.all_reduce(buf, group, None, "bare").wait()
+    if fmt.startswith("top"):
+        from lookahead_dist._sparse import sparse_nbytes
+
+        frac, wire_dtype = fmt[3:].split("%-")
+        payload = torch.zeros(sparse_nbytes(numel, fraction=float(frac) / 100, bits=int(wire_dtype[3:])),
+                              dtype=torch.uint8)
+        gathered = torch.empty(n * payload.numel(), dtype=torch.uint8)
+        return lambda: _comm.all_gather(gathered, payload, group, None, "bare")
+    from lookahead_dist._quant import _plan
+
+    plan = _plan(numel, n, int(fmt[3:]), 512)
+    send = torch.zeros(n * plan.seg_bytes, dtype=torch.uint8)
+    recv = torch.empty_like(send)
+    mine = torch.zeros(plan.seg_bytes, dtype=torch.uint8)
+    gathered = torch.empty_like(send)
+
+    def run() -> None:
+        _comm.all_to_all(recv, send, group, None, "bare")
+        _comm.all_gather(gathered, mine, group, None, "bare")
+    return run
+
+
+def _transport_cpu(fmt: str, numel: int, group, calls: int) -> list[float]:
+    """CPU seconds (this process, all threads) of each of ``calls`` bare-collective rounds."""
+    import torch.distributed as dist
+
+    fn = _bare_collectives(fmt, numel, group)
+    fn()  # warm-up: gloo's buffers for these sizes
+    out = []
+    for _ in range(calls):
+        dist.barrier()
+        c0 = time.process_time()
+        fn()
+        out.append(time.process_time() - c0)
+    return out
+
+
 def _floor_worker(rank: int, world: int, port: int, args: argparse.Namespace, out: dict) -> None:
     import os
 
@@ -284,6 +338,7 @@ def _floor_worker(rank: int, world: int, port: int, args: argparse.Namespace, ou
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
+    bare_group = dist.new_group(list(range(world)))  # the bare collectives, apart from the sync's groups
     k = 4  # F = 1, tau = 1: count k launches, count 1 of the next cycle applies
     per = args.floor_numel // args.floor_tensors
     rows: dict[str, dict[str, list[float]]] = {}
@@ -310,7 +365,8 @@ def _floor_worker(rank: int, world: int, port: int, args: argparse.Namespace, ou
         warm = 2 * k
         quiet_wall = statistics.median(t1 - t0 for n, t0, t1, _ in marks[warm:] if n in (2, 3))
         quiet_cpu = statistics.median(c for n, _, _, c in marks[warm:] if n in (2, 3))
-        r = rows.setdefault(fmt, {"launch": [], "apply": [], "cpu": []})
+        r = rows.setdefault(fmt, {"launch": [], "apply": [], "cpu": [], "transport": []})
+        r["transport"] += _transport_cpu(fmt, args.floor_numel, bare_group, args.cycles - 2)
         for j in range(warm, len(marks) - 1):
             if marks[j][0] == k and (args.blocking or marks[j + 1][0] == 1):
                 r["launch"].append(marks[j][2] - marks[j][1] - quiet_wall)
@@ -344,8 +400,9 @@ def floor(args: argparse.Namespace) -> None:
           f"on loopback, 1 thread each, F=1 tau={0 if args.blocking else 1}; copy bandwidth {bw / 1e9:.2f} GB/s "
           f"(one thread); medians of {args.rounds} shuffled rounds x {args.cycles - 2} syncs")
     print()
-    print("| format | launch ms (caller) | apply ms (caller) | CPU ms, all threads | floor MB | floor ms | CPU / floor |")
-    print("|---|---|---|---|---|---|---|")
+    print("| format | launch ms (caller) | apply ms (caller) | CPU ms, all threads | floor MB | floor ms "
+          "| CPU / floor | bare collectives, CPU ms | (CPU - collectives) / floor |")
+    print("|---|---|---|---|---|---|---|---|---|")
     result = {}
     for fmt in args.formats:
         r = rows[fmt]
@@ -354,11 +411,15 @@ def floor(args: argparse.Namespace) -> None:
         fl = total / bw
         cpu = statistics.median(r["cpu"])
         spread = (min(r["cpu"]), max(r["cpu"]))
+        tr = statistics.median(r["transport"])
         ap = f"{1e3 * statistics.median(r['apply']):.1f}" if r["apply"] else "-"
         print(f"| {fmt} | {1e3 * statistics.median(r['launch']):.1f} | {ap} | {1e3 * cpu:.1f} "
-              f"[{1e3 * spread[0]:.1f}-{1e3 * spread[1]:.1f}] | {total / 1e6:.0f} | {1e3 * fl:.1f} | {cpu / fl:.2f} |")
+              f"[{1e3 * spread[0]:.1f}-{1e3 * spread[1]:.1f}] | {total / 1e6:.0f} | {1e3 * fl:.1f} | {cpu / fl:.2f} "
+              f"| {1e3 * tr:.1f} [{1e3 * min(r['transport']):.1f}-{1e3 * max(r['transport']):.1f}] "
+              f"| {(cpu - tr) / fl:.2f} |")
         result[fmt] = {"cpu_s": r["cpu"], "launch_s": r["launch"], "apply_s": r["apply"], "floor_bytes": fb,
-                       "bandwidth": bw, "ratio": cpu / fl}
+                       "bandwidth": bw, "ratio": cpu / fl, "transport_s": r["transport"],
+                       "ratio_without_transport": (cpu - tr) / fl}
     print("RESULT " + json.dumps(result))
 
 

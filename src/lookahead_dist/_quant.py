@@ -379,15 +379,16 @@ class _Plan:
     block_size: int
     code_bytes: int  # per chunk
     scale_bytes: int  # per chunk
+    fused: bool = False  # stages 1 and 3-4 as compiled kernels (Note [Fused quantisation kernels])
 
     @property
     def seg_bytes(self) -> int:
         return self.code_bytes + self.scale_bytes
 
 
-def _plan(numel: int, n: int, bits: int, block_size: int) -> _Plan:
+def _plan(numel: int, n: int, bits: int, block_size: int, fused: bool = False) -> _Plan:
     chunk = reduce_chunk_numel(numel, n, block_size=block_size)
-    return _Plan(n, numel, chunk, bits, block_size, chunk * bits // 8, chunk // block_size * _SCALE_BYTES)
+    return _Plan(n, numel, chunk, bits, block_size, chunk * bits // 8, chunk // block_size * _SCALE_BYTES, fused)
 
 
 def _to_segments(q: torch.Tensor, scales: torch.Tensor, rows: int, plan: _Plan) -> torch.Tensor:
@@ -408,8 +409,31 @@ def _from_segments(buf: torch.Tensor, plan: _Plan) -> torch.Tensor:
     return vals.mul_(scales.unsqueeze(2)).view(rows, plan.chunk)
 
 
+def _segments(codes: torch.Tensor, scales: torch.Tensor, rows: int, plan: _Plan) -> torch.Tensor:
+    """Packed codes and fp32 scales of ``rows`` chunks -> a ``(rows, seg_bytes)`` uint8 buffer."""
+    buf = POOL.take(rows * plan.seg_bytes, torch.uint8, codes.device).view(rows, plan.seg_bytes)
+    buf[:, : plan.code_bytes] = codes.view(torch.uint8).view(rows, plan.code_bytes)
+    buf[:, plan.code_bytes:] = scales.view(torch.uint8).view(rows, plan.scale_bytes)
+    return buf
+
+
+def _code_view(buf: torch.Tensor, plan: _Plan) -> torch.Tensor:
+    """The codes of a ``(rows, seg_bytes)`` buffer as ``(rows, blocks per chunk, B * bits / 8)``
+    (int8 for bits=8, packed uint8 otherwise): the input of the fused owner kernel."""
+    codes = buf[:, : plan.code_bytes]
+    if plan.bits == 8:
+        codes = codes.view(torch.int8)
+    return codes.view(buf.shape[0], plan.chunk // plan.block_size, plan.block_size * plan.bits // 8)
+
+
 def _stage_send(flat: torch.Tensor, plan: _Plan, residual: torch.Tensor | None) -> torch.Tensor:
     """Stage 1: quantise the padded (flat + residual), update the residual; the all-to-all input."""
+    if plan.fused and flat.numel() == plan.n * plan.chunk:  # no padding: the blocks are views of flat
+        from . import _fused
+
+        b = plan.block_size
+        codes, scales = _fused.send(flat.view(-1, b), None if residual is None else residual.view(-1, b), plan.bits)
+        return _segments(codes, scales, plan.n, plan)
     y = _padded_fp32(flat, plan.n * plan.chunk, residual)
     q, scales = _quantize_blocks(y.view(-1, plan.block_size), _QMAX[plan.bits])
     send = _to_segments(q, scales, plan.n, plan)
@@ -426,6 +450,15 @@ def _stage_reduce(send: torch.Tensor, plan: _Plan, group, average: bool, owner_r
     recv = POOL.take(send.numel(), torch.uint8, send.device).view_as(send)
     _comm.all_to_all(recv.view(-1), send.view(-1), group, None, label)
     POOL.give(send)
+    if plan.fused:
+        from . import _fused
+
+        res = None if owner_residual is None else owner_residual.view(-1, plan.block_size)
+        scales = recv[:, plan.code_bytes:].contiguous().view(torch.float32)
+        codes, scales = _fused.owner(_code_view(recv, plan), scales, res, plan.bits, average)
+        mine = _segments(codes, scales, 1, plan)
+        POOL.give(recv)
+        return _gather_result(mine, plan, group, out, label)
     parts = _from_segments(recv, plan)  # (N, C): every rank's chunk r (a pooled buffer of ours)
     POOL.give(recv)
     acc = parts[0]
@@ -440,7 +473,12 @@ def _stage_reduce(send: torch.Tensor, plan: _Plan, group, average: bool, owner_r
     if owner_residual is not None:
         torch.sub(acc, q.mul_(scales.unsqueeze(1)).view(-1), out=owner_residual.view(-1))
     POOL.give(q, parts)
-    gathered = POOL.take(plan.n * plan.seg_bytes, torch.uint8, send.device).view(plan.n, plan.seg_bytes)
+    return _gather_result(mine, plan, group, out, label)
+
+
+def _gather_result(mine: torch.Tensor, plan: _Plan, group, out: torch.Tensor | None, label: str) -> torch.Tensor:
+    """Stage 5: all-gather the requantised chunks and dequantise them (into ``out``)."""
+    gathered = POOL.take(plan.n * plan.seg_bytes, torch.uint8, mine.device).view(plan.n, plan.seg_bytes)
     _comm.all_gather(gathered.view(-1), mine.view(-1), group, None, label)
     POOL.give(mine)
     vals = _from_segments(gathered, plan).view(-1)[: plan.numel]
@@ -452,15 +490,17 @@ def _stage_reduce(send: torch.Tensor, plan: _Plan, group, average: bool, owner_r
     return out
 
 
-def _validate(flat, group, bits, block_size, residual, owner_residual, out) -> _Plan:
+def _validate(flat, group, bits, block_size, residual, owner_residual, out, fused=False) -> _Plan:
     _check(bits, block_size)
+    if not isinstance(fused, bool):
+        raise TypeError(f"fused must be a bool, got {fused!r}")
     if flat.dim() != 1 or flat.dtype != torch.float32:
         raise ValueError(
             f"quantized_all_reduce expects a 1-D fp32 tensor, got shape {tuple(flat.shape)} and dtype "
             f"{flat.dtype}; pass flat.reshape(-1).float()"
         )
     n = dist.get_world_size(group)
-    plan = _plan(flat.numel(), n, bits, block_size)
+    plan = _plan(flat.numel(), n, bits, block_size, fused)
     if residual is not None:
         _check_residual(residual, flat.numel(), "residual")
     if owner_residual is not None:
@@ -597,7 +637,7 @@ def quantized_all_reduce_async(flat: torch.Tensor, group: dist.ProcessGroup, *, 
                                residual: torch.Tensor | None = None,
                                owner_residual: torch.Tensor | None = None, out: torch.Tensor | None = None,
                                stats: CommStats | None = None,
-                               label: str = "quantized") -> QuantizedAllReduceWork:
+                               label: str = "quantized", fused: bool = False) -> QuantizedAllReduceWork:
     """Launch :func:`quantized_all_reduce` and return a handle; see Note [Asynchronous quantised all-reduce].
 
     ``flat`` is read (and ``residual`` updated) before this returns; ``out`` and
@@ -610,7 +650,7 @@ def quantized_all_reduce_async(flat: torch.Tensor, group: dist.ProcessGroup, *, 
             "group that nothing else uses, got the default group; create one on every rank with "
             "torch.distributed.new_group(ranks) and pass it as `group`"
         )
-    plan = _validate(flat, group, bits, block_size, residual, owner_residual, out)
+    plan = _validate(flat, group, bits, block_size, residual, owner_residual, out, fused)
     if plan.numel == 0:  # the same on every rank: nothing to send
         done: Future = Future()
         done.set_result((flat.new_empty(0) if out is None else out, None))
@@ -688,7 +728,7 @@ def quantized_all_reduce(flat: torch.Tensor, group: dist.ProcessGroup | None, *,
                          block_size: int = DEFAULT_BLOCK_SIZE, average: bool = True,
                          residual: torch.Tensor | None = None, owner_residual: torch.Tensor | None = None,
                          out: torch.Tensor | None = None, stats: CommStats | None = None,
-                         label: str = "quantized") -> torch.Tensor:
+                         label: str = "quantized", fused: bool = False) -> torch.Tensor:
     """Mean (or sum) of ``flat`` over ``group``, sent in ``bits``-bit blocks and added in fp32.
 
     The pipeline, the bytes and the result's rounding are in Note [Quantised all-reduce]: the
@@ -709,18 +749,21 @@ def quantized_all_reduce(flat: torch.Tensor, group: dist.ProcessGroup | None, *,
         out: optional fp32 tensor of ``flat``'s length for the result (may be ``flat``).
         stats: if given, records the ``all_to_all`` and ``all_gather`` bytes under ``label``.
         label: the ``record_function``/stats label.
+        fused: run the quantisation of stage 1 and the owner's stages 3-4 as ``torch.compile``d
+            kernels (Note [Fused quantisation kernels] in _fused.py: the same numbers, fewer passes;
+            the first call compiles). Every rank may choose for itself.
 
     Returns:
         The reduced fp32 tensor (``out`` if given).
     """
-    plan = _validate(flat, group, bits, block_size, residual, owner_residual, out)
+    plan = _validate(flat, group, bits, block_size, residual, owner_residual, out, fused)
     if plan.numel == 0:  # the same on every rank: nothing to send
         return flat.new_empty(0) if out is None else out
     worker = _worker_for(group, create=False) if not _is_default_group(group) else None
     if worker is not None:  # keep the order of collectives on the worker's group
         return quantized_all_reduce_async(flat, group, bits=bits, block_size=block_size, average=average,
                                           residual=residual, owner_residual=owner_residual, out=out,
-                                          stats=stats, label=label).wait()
+                                          stats=stats, label=label, fused=fused).wait()
     send = _stage_send(flat, plan, residual)
     _record(stats, plan, label)
     return _stage_reduce(send, plan, group, average, owner_residual, out, label)

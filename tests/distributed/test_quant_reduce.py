@@ -21,6 +21,7 @@ pytestmark = pytest.mark.distributed
 # multiple of N * 512 elements (no padding) for the byte count.
 CASES = [(8, 8, 1000), (4, 8, 1000), (4, 512, 6 * 512 * 2), (8, 512, 777)]
 FB_STEPS, FB_NUMEL, FB_BLOCK = 40, 200, 8
+FUSED_BLOCK = 8
 
 
 def data(rank: int, case: int, numel: int) -> torch.Tensor:
@@ -113,8 +114,65 @@ def _body(rank: int, world: int) -> dict:
     got_sync = quantized_all_reduce(data(rank, 1, numel), group, bits=bits, block_size=block)  # via the worker
     res["async"] = (torch.equal(got_a, want_a), torch.equal(got_b, want_b), torch.equal(got_sync, want_a),
                     ha.wait() is got_a, t.tolist())
+    # 6. the fused kernels (Note [Fused quantisation kernels]) on the worker thread: outputs and both
+    # residuals equal the eager ones over 3 reduces with error feedback, a NaN on the last rank in one
+    res["fused"] = {}
+    for bits in (8, 4, 2):
+        numel = world * 4 * FUSED_BLOCK  # whole blocks: the fused path (a padded buffer stays eager)
+        chunk = reduce_chunk_numel(numel, world, block_size=FUSED_BLOCK)
+        state = {fused: (torch.zeros(numel), torch.zeros(chunk)) for fused in (False, True)}
+        outs = {False: [], True: []}
+        for t in range(3):
+            x = data(rank, 10 + t, numel)
+            if t == 1 and rank == world - 1:
+                x[3] = float("nan")
+            for fused in (False, True):
+                e, o = state[fused]
+                outs[fused].append(quantized_all_reduce_async(
+                    x.clone(), group, bits=bits, block_size=FUSED_BLOCK, residual=e, owner_residual=o,
+                    fused=fused).wait().clone())
+            if t == 1:  # as the sync does after a non-finite reduce: start the residuals afresh
+                for e, o in state.values():
+                    e.zero_()
+                    o.zero_()
+        res["fused"][bits] = (all(same(a, b) for a, b in zip(outs[False], outs[True])),
+                              all(same(a, b) for a, b in zip(state[False], state[True])),
+                              bool(outs[True][1].isnan().any()), bool(outs[True][1].isfinite().any()))
+    res["fused_lookahead"] = _fused_lookahead(world)
     dist.destroy_process_group(group)
     return res
+
+
+def same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and bool(((a == b) | (a.isnan() & b.isnan())).all())
+
+
+def _fused_lookahead(world: int) -> tuple[bool, bool, list[tuple]]:
+    """Lookahead(SGD) with int4 streaming (F=2, tau=1) and fused_kernels=True against the same run
+    with the eager kernels: the option reaches the reduce, and the weights are bit for bit equal."""
+    import torch.distributed as dist
+
+    from lookahead_dist import LocalSGDOptions, Lookahead, _fused
+
+    _fused._COMPILED.clear()
+    finals, init = [], None
+    for fused in (False, True):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Linear(32, 4))
+        init = [p.detach().clone() for p in model.parameters()]
+        opt = Lookahead(torch.optim.SGD(model.parameters(), lr=0.1), k=4, alpha=0.5,
+                        local_sgd=LocalSGDOptions(comm_dtype="int4", quant_block_size=FUSED_BLOCK, num_fragments=2,
+                                                  fragment_sync_delay=1, fused_kernels=fused))
+        for t in range(12):
+            g = torch.Generator().manual_seed(100 * t + dist.get_rank())
+            loss = model(torch.randn(8, 16, generator=g)).square().mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        finals.append([p.detach().clone() for p in model.parameters()])
+    return (all(torch.equal(a, b) for a, b in zip(*finals)),
+            all(not torch.equal(a, b) for a, b in zip(finals[1], init)),
+            sorted(_fused._COMPILED))
 
 
 def reference(world: int, bits: int, block: int, xs: list[np.ndarray], average: bool = True) -> np.ndarray:
@@ -197,6 +255,23 @@ def test_error_feedback_tracks_the_running_mean(ranks):
     assert max(drift_fb) <= 2 * amax / 14 * 1.05
     assert drift_plain[-1] > 5 * max(drift_fb)
     assert drift_plain[-1] > 3 * drift_plain[FB_STEPS // 10 - 1]  # grows with the number of steps
+
+
+def test_fused_kernels_equal_the_eager_reduce(ranks):
+    world, results = ranks
+    for res in results:
+        for bits, (outputs, residuals, nan_kept, finite_kept) in res["fused"].items():
+            assert outputs and residuals, f"int{bits}: fused and eager differ"
+            assert nan_kept and finite_kept, f"int{bits}: the NaN must stay in its block only"
+
+
+def test_fused_kernels_option_reaches_the_sync(ranks):
+    world, results = ranks
+    for res in results:
+        equal, trained, compiled = res["fused_lookahead"]
+        assert equal and trained
+        assert ("send", 4, True) in compiled  # the fused path ran, on both stages
+        assert ("owner", 4, world, True, True) in compiled
 
 
 def test_async_on_a_dedicated_group(ranks):

@@ -628,7 +628,7 @@ class LocalSGD(ReplicaSync, PlanBuilder, OuterOptimizerProxy, EagerOuter, SyncSt
             work = _quant.quantized_all_reduce_async(
                 qstage, self._qgroup, bits=self.quant_bits, block_size=self.options.quant_block_size,
                 average=True, residual=residual, owner_residual=owner, out=qstage, stats=self.stats,
-                label="params")
+                label="params", fused=self.options.fused_kernels)
         if residual is not None:  # updated at launch (the send is quantised on this thread)
             torch._foreach_copy_(res_views, ql.chunk_views(residual))
             POOL.give(residual)

@@ -101,6 +101,12 @@ class LocalSGDOptions:
             ``comm_dtype``), each rank steps its own chunk, and the new slow weights are
             all-gathered at the sync. Not with ``fragment_sync_delay > 0``,
             ``fragment_update_alpha > 0`` or a ``manager``.
+        fused_kernels: with ``comm_dtype="int8"/"int4"/"int2"`` (dense), run the sender's
+            quantisation with error feedback and the owner's sum-and-requantise as
+            ``torch.compile``d kernels: the same numbers (bit for bit), a few passes over the
+            fragment instead of about ten each (Note [Fused quantisation kernels] in _fused.py).
+            Opt-in: each kernel compiles at its first sync (seconds; a CPU needs a C++ compiler).
+            Not with ``topk_fraction`` (the sparse encoder has no fused kernel).
     """
 
     process_group: dist.ProcessGroup | None = None
@@ -125,6 +131,7 @@ class LocalSGDOptions:
     manager: Any = None
     eager_update: bool | Literal["naive"] = False
     topk_fraction: float | None = None
+    fused_kernels: bool = False
     _buffers: list[torch.Tensor] | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -161,6 +168,7 @@ class LocalSGDOptions:
                     "r across the groups) or sharded=False")
         self._check_streaming()
         self._check_sparse()
+        self._check_fused()
         if self.init not in ("broadcast", "check", "none"):
             raise ValueError(f"LocalSGDOptions `init` must be 'broadcast', 'check' or 'none', got {self.init!r}")
         if self.on_ddp_sync not in ("warn", "raise"):
@@ -259,6 +267,21 @@ class LocalSGDOptions:
                     f"LocalSGDOptions `topk_fraction={f}` is not supported with `{name}={bad!r}`: the sparse "
                     "exchange sends progress over the full slow weights by all-gather and is implemented for "
                     f"the flat modes only; use sharded=False and no manager, or topk_fraction=None")
+
+    def _check_fused(self) -> None:
+        """Checks of ``fused_kernels`` (Note [Fused quantisation kernels] in _fused.py)."""
+        if not isinstance(self.fused_kernels, bool):
+            raise TypeError(f"LocalSGDOptions `fused_kernels` must be a bool, got {self.fused_kernels!r}")
+        if not self.fused_kernels:
+            return
+        if self.quant_bits is None:
+            raise ValueError(
+                "LocalSGDOptions `fused_kernels=True` fuses the quantised wire's kernels: set comm_dtype='int8', "
+                f"'int4' or 'int2', got comm_dtype={self.comm_dtype!r} (nothing would be fused)")
+        if self.topk_fraction is not None:
+            raise ValueError(
+                f"LocalSGDOptions `fused_kernels=True` has no kernel for the sparse exchange "
+                f"(`topk_fraction={self.topk_fraction}`); drop one of them")
 
     def _check_eager(self) -> None:
         """Checks of ``eager_update`` (Note [Eager outer updates] in sync/_outer.py)."""
