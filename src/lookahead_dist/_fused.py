@@ -31,10 +31,14 @@ the eager path's division by ``inf``, so its residual may hold ``0.0`` where the
 ``-0.0``. Nothing it sends or sums differs. ``tests/unit/test_fused.py`` checks codes, scales,
 residuals and the reduce against the eager stages bit for bit (``torch.equal``).
 
-**Cost.** The first call of each stage compiles it: a few seconds per kernel on a small CPU, once
-per process and (bits, ranks, residual or not); the block count is marked dynamic, so other
-fragment sizes reuse the kernel, and inductor's on-disk cache makes later processes faster. A
-CPU build needs a C++ compiler (inductor's requirement). Hence opt-in.
+**Cost.** Each kernel compiles once per process and configuration (bits, ranks, residual or
+not): a few seconds on a small CPU, shortened in later processes by inductor's on-disk cache. The
+block count is marked dynamic, so every fragment size reuses the kernel. The sync compiles both
+kernels when it is built (:func:`lookahead_dist._quant.warm_fused`), not inside its first reduce,
+where a rank would stall while its peers wait. Both run without grad and read no Python builtins,
+so the caller's thread and the reduce's worker thread share one compiled kernel (dynamo guards on
+the grad mode and on the builtins a function reads). A CPU build needs a C++ compiler (inductor's
+requirement). Hence opt-in.
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ import torch
 __all__ = ["owner", "send"]
 
 _QMAX = {8: 127, 4: 7, 2: 1}
+_OFFSET = {4: 8.0, 2: 2.0}  # offset-binary codes (_quant's storage); no builtins in the kernels: see _owner_fn
 
 
 # -- the arithmetic, on (rows, B) views: one block per row ---------------------------------------
@@ -79,7 +84,7 @@ def _unpack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
         return codes.to(torch.float32)  # int8 codes (the caller views the bytes as int8)
     shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=codes.device)
     u = (codes.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
-    return u.flatten(-2).to(torch.float32) - float(1 << (bits - 1))
+    return u.flatten(-2).to(torch.float32) - _OFFSET[bits]
 
 
 def _send_fn(bits: int, with_residual: bool) -> Callable:
@@ -96,10 +101,13 @@ def _send_fn(bits: int, with_residual: bool) -> Callable:
 
 def _owner_fn(bits: int, n: int, average: bool, with_residual: bool) -> Callable:
     qmax = _QMAX[bits]
+    # Not range() inside fn: dynamo guards on the builtins it reads, and the reduce's worker thread
+    # sees another builtins dict than the thread that compiled the kernel (a second compilation).
+    others = tuple(range(1, n))
 
     def fn(codes: torch.Tensor, scales: torch.Tensor, res: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         acc = _unpack_rows(codes[0], bits) * scales[0].unsqueeze(-1)
-        for s in range(1, n):  # fixed rank order, as the eager stage
+        for s in others:  # fixed rank order, as the eager stage
             acc = acc + _unpack_rows(codes[s], bits) * scales[s].unsqueeze(-1)
         if average:
             acc = acc / n
@@ -134,7 +142,10 @@ def _dynamic(*pairs: tuple[torch.Tensor | None, int]) -> None:
 
 def _run(kernel: Callable, what: str, *args):
     try:
-        return kernel(*args)
+        # One grad mode on every thread (the caller's step runs without grad, the reduce's worker
+        # thread with): dynamo guards on it and would compile each kernel twice.
+        with torch.no_grad():
+            return kernel(*args)
     except Exception as exc:
         raise RuntimeError(
             f"LocalSGDOptions(fused_kernels=True): torch.compile could not build or run the fused {what} "
@@ -160,3 +171,4 @@ def owner(codes: torch.Tensor, scales: torch.Tensor, residual: torch.Tensor | No
                        lambda: _owner_fn(bits, n, average, residual is not None))
     _dynamic((codes, 1), (scales, 1), (residual, 0))
     return _run(kernel, "owner", codes, scales, residual)
+

@@ -444,6 +444,24 @@ def _stage_send(flat: torch.Tensor, plan: _Plan, residual: torch.Tensor | None) 
     return send
 
 
+def warm_fused(bits: int, n: int, block_size: int, with_residual: bool, device: torch.device | str) -> None:
+    """Compile the fused kernels (Note [Fused quantisation kernels] in _fused.py) for a reduce over
+    ``n`` ranks, on buffers laid out as the reduce lays them out (the kernels are then not compiled
+    again: the block count is dynamic). No communication. The sync calls this at construction, so
+    that its first reduce does not stall for the compilation while its peers wait, and a missing
+    compiler is reported before training starts."""
+    from . import _fused
+
+    plan = _plan(n * 4 * block_size, n, bits, block_size, fused=True)  # 4 blocks per chunk: > 1, dynamic
+    flat = torch.zeros(plan.numel, device=device)
+    res = torch.zeros_like(flat) if with_residual else None
+    send = _stage_send(flat, plan, res)
+    owner = torch.zeros(plan.chunk // block_size, block_size, device=device) if with_residual else None
+    scales = send[:, plan.code_bytes:].contiguous().view(torch.float32)
+    _fused.owner(_code_view(send, plan), scales, owner, bits, True)
+    POOL.give(send)
+
+
 def _stage_reduce(send: torch.Tensor, plan: _Plan, group, average: bool, owner_residual: torch.Tensor | None,
                   out: torch.Tensor | None, label: str) -> torch.Tensor:
     """Stages 2-5 of Note [Quantised all-reduce]. Bytes were counted at launch (stats=None here)."""

@@ -154,6 +154,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     ls.add_argument("--topk-fraction", type=_fraction, default=None, metavar="F",
                     help="send only this fraction of the outer gradient (top-k per block of 256 values, at the "
                     "bits of --comm-dtype int8/int4/int2, exchanged by all-gather), e.g. 0.02 (default: dense)")
+    ls.add_argument("--fused-kernels", action="store_true",
+                    help="with --comm-dtype int8/int4/int2: quantise with torch.compile'd kernels (the same numbers, "
+                    "fewer passes; each compiles at its first sync; a CPU needs a C++ compiler)")
     ls.add_argument("--num-fragments", type=_int_at_least(1), default=1,
                     help="streaming (local-sgd, torchft-diloco): F fragments synced at staggered steps, each 1/F "
                     "of the model; k must be a multiple of F (default: 1)")
@@ -523,7 +526,8 @@ _LOCAL_SGD_FLAGS = (("--outer-momentum", "outer_momentum", 0.0, STREAMING_MODES)
                     ("--fragment-sync-delay", "fragment_sync_delay", 0, STREAMING_MODES),
                     ("--fragment-update-alpha", "fragment_update_alpha", 0.0, STREAMING_MODES),
                     ("--eager-update", "eager_update", False, ("local-sgd",)),
-                    ("--topk-fraction", "topk_fraction", None, WIRE_MODES))
+                    ("--topk-fraction", "topk_fraction", None, WIRE_MODES),
+                    ("--fused-kernels", "fused_kernels", False, ("local-sgd",)))
 
 
 def _check_local_sgd_flags(args: argparse.Namespace, specs: Sequence[tuple[str, str]]) -> None:
@@ -550,7 +554,8 @@ def _local_sgd_options(args: argparse.Namespace, mode: str) -> dict[str, Any]:
     if mode == "local-sgd":
         opts.update(sharded=args.sharded, comm_dtype=args.comm_dtype, hierarchical=args.hierarchical,
                     quant_block_size=args.quant_block_size, error_feedback=args.error_feedback,
-                    eager_update=args.eager_update, topk_fraction=args.topk_fraction)
+                    eager_update=args.eager_update, topk_fraction=args.topk_fraction,
+                    fused_kernels=args.fused_kernels)
     elif mode == "traffic-only":
         opts.update(comm_dtype=args.comm_dtype, quant_block_size=args.quant_block_size,
                     topk_fraction=args.topk_fraction)

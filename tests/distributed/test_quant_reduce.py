@@ -155,6 +155,15 @@ def _fused_lookahead(world: int) -> tuple[bool, bool, list[tuple]]:
     from lookahead_dist import LocalSGDOptions, Lookahead, _fused
 
     _fused._COMPILED.clear()
+    calls = {"send": 0, "owner": 0}
+
+    def counted(name, fn):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+        return wrapper
+
+    _fused.send, _fused.owner = counted("send", _fused.send), counted("owner", _fused.owner)
     finals, init = [], None
     for fused in (False, True):
         torch.manual_seed(0)
@@ -163,16 +172,18 @@ def _fused_lookahead(world: int) -> tuple[bool, bool, list[tuple]]:
         opt = Lookahead(torch.optim.SGD(model.parameters(), lr=0.1), k=4, alpha=0.5,
                         local_sgd=LocalSGDOptions(comm_dtype="int4", quant_block_size=FUSED_BLOCK, num_fragments=2,
                                                   fragment_sync_delay=1, fused_kernels=fused))
+        assert calls == ({"send": 0, "owner": 0} if not fused else {"send": 1, "owner": 1})  # the warm-up
         for t in range(12):
             g = torch.Generator().manual_seed(100 * t + dist.get_rank())
             loss = model(torch.randn(8, 16, generator=g)).square().mean()
             opt.zero_grad()
             loss.backward()
             opt.step()
+        opt.sync_now()  # nothing in flight when the group goes
         finals.append([p.detach().clone() for p in model.parameters()])
     return (all(torch.equal(a, b) for a, b in zip(*finals)),
             all(not torch.equal(a, b) for a, b in zip(finals[1], init)),
-            sorted(_fused._COMPILED))
+            sorted(_fused._COMPILED), dict(calls))
 
 
 def reference(world: int, bits: int, block: int, xs: list[np.ndarray], average: bool = True) -> np.ndarray:
@@ -268,10 +279,12 @@ def test_fused_kernels_equal_the_eager_reduce(ranks):
 def test_fused_kernels_option_reaches_the_sync(ranks):
     world, results = ranks
     for res in results:
-        equal, trained, compiled = res["fused_lookahead"]
+        equal, trained, compiled, calls = res["fused_lookahead"]
         assert equal and trained
-        assert ("send", 4, True) in compiled  # the fused path ran, on both stages
-        assert ("owner", 4, world, True, True) in compiled
+        assert ("send", 4, True) in compiled and ("owner", 4, world, True, True) in compiled
+        # compiled at construction (one call each), then one call per fragment sync: 12 steps,
+        # k=4, F=2 -> 6 launches, and sync_now() launches the fragment not yet in flight
+        assert calls["send"] == calls["owner"] >= 1 + 6, calls
 
 
 def test_async_on_a_dedicated_group(ranks):

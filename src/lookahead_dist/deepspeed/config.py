@@ -123,7 +123,7 @@ def _check_block_name(config: dict[str, Any]) -> None:
 # -- local SGD across nodes (Note [Local SGD across nodes] in nodes.py) ------------------------------------
 _LOCAL_SGD_KEYS = ("across", "ranks_per_node", "outer_momentum", "nesterov", "comm_dtype", "num_fragments",
                    "fragment_sync_delay", "fragment_update_alpha", "bucket_cap_mb", "timeout", "eager_update",
-                   "topk_fraction")
+                   "topk_fraction", "fused_kernels")
 _COMM_DTYPES = {None: None, **COMM_DTYPES}  # the one table of wire names (sync/options.py)
 
 

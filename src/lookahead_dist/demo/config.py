@@ -70,6 +70,8 @@ class RunConfig:
             ``"naive"`` (the delayed average alone), Note [Eager outer updates].
         topk_fraction: local-sgd: send only this fraction of the outer gradient (top-k per block of
             256 values, at the bits of ``comm_dtype`` int8/int4/int2), or None (dense).
+        fused_kernels: local-sgd with ``comm_dtype`` int8/int4/int2: the quantisation as compiled
+            kernels (Note [Fused quantisation kernels]).
         corpus: training text, ``pydoc`` (documentation prose) or ``stdlib`` (standard-library source).
     """
 
@@ -99,6 +101,7 @@ class RunConfig:
     error_feedback: bool = True
     eager_update: bool | str = False
     topk_fraction: float | None = None
+    fused_kernels: bool = False
     corpus: str = "pydoc"
 
     def __post_init__(self) -> None:
@@ -184,11 +187,14 @@ class RunConfig:
             raise ValueError(f"topk_fraction is an option of modes {', '.join(WIRE_MODES)}, not of {self.mode!r}")
         if self.eager_update is not False and self.mode != "local-sgd":
             raise ValueError(f"eager_update is an option of mode 'local-sgd', not of {self.mode!r}")
-        if self.eager_update is not False or self.topk_fraction is not None:
+        if self.fused_kernels and self.mode != "local-sgd":
+            raise ValueError(f"fused_kernels is an option of mode 'local-sgd', not of {self.mode!r}")
+        if self.eager_update is not False or self.topk_fraction is not None or self.fused_kernels:
             from ..sync.options import COMM_DTYPES as _TABLE, LocalSGDOptions
 
             # The library's own checks (the combinations it refuses), before any process starts.
             LocalSGDOptions(eager_update=self.eager_update, topk_fraction=self.topk_fraction,
+                            fused_kernels=self.fused_kernels,
                             comm_dtype=_TABLE[self.comm_dtype] if self.comm_dtype != "fp32" else None,
                             # hierarchical sharding (an intra group, made at run time) sends progress,
                             # so comm_dtype is allowed there: checked as flat here

@@ -179,7 +179,7 @@ def _local_sgd(model: nn.Module, run: Any, device: torch.device) -> Runner:
     # the plain modes).
     for name, default in (("num_fragments", 1), ("fragment_sync_delay", 0), ("fragment_update_alpha", 0.0),
                           ("quant_block_size", 512), ("error_feedback", True), ("eager_update", False),
-                          ("topk_fraction", None)):
+                          ("topk_fraction", None), ("fused_kernels", False)):
         if getattr(run, name) != default:
             opts[name] = getattr(run, name)
     module: nn.Module = model

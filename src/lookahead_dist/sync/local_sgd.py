@@ -254,6 +254,12 @@ class LocalSGD(ReplicaSync, PlanBuilder, OuterOptimizerProxy, EagerOuter, SyncSt
         self.quant_size = self.group_size
         self.quant_rank = dist.get_rank(self._qgroup if self._qgroup is not None else self.group)
         self._ef = self.quant_bits is not None and o.error_feedback
+        if o.fused_kernels:  # Note [Fused quantisation kernels]: compiled here, not inside the first sync
+            from .. import _quant
+
+            cuda = dist.get_backend(self._qgroup) == "nccl" and torch.cuda.is_available()
+            _quant.warm_fused(self.quant_bits, dist.get_world_size(self._qgroup), o.quant_block_size, self._ef,
+                           torch.device("cuda", torch.cuda.current_device()) if cuda else "cpu")
         # outer_optimizer=: built over proxies that alias the slow weights at each outer step.
         self._proxies: dict[torch.Tensor, torch.Tensor] = {}
         self._outer_opt: torch.optim.Optimizer | None = None
