@@ -85,6 +85,10 @@ def rows(taus: dict[tuple[int, str], int]) -> list[Spec]:
             out.append(Spec(f"s{f}-{dt}", f"streaming F={f} tau={tau}, {dt}",
                             (*ls, "--num-fragments", str(f), "--fragment-sync-delay", str(tau), *extra),
                             fragments=f, wire=dt, tau=tau, group="streaming"))
+            if dt.startswith("int"):  # LocalSGDOptions(fused_kernels=True): the same numbers, compiled kernels
+                out.append(Spec(f"s{f}-{dt}-fused", f"streaming F={f} tau={tau}, {dt}, fused kernels",
+                                (*ls, "--num-fragments", str(f), "--fragment-sync-delay", str(tau), *extra,
+                                 "--fused-kernels"), fragments=f, wire=dt, tau=tau, group="streaming"))
     out += [
         Spec("torch-plsgd", "torch PostLocalSGDOptimizer", ("--mode", "post-local-sgd", "--k", str(K)), group="peers"),
         Spec("accel-lsgd", "accelerate LocalSGD", ("--mode", "accelerate-local-sgd", "--k", str(K)), group="peers"),
@@ -283,7 +287,9 @@ def _best_ceiling(link: dict) -> float:
     return max(r["samples_per_s"] for r in runs if "error" not in r)
 
 
+FUSED = [f"s{f}-{dt}-fused" for f in FRAGMENTS for dt in DTYPES if dt.startswith("int")]
 ORDER = ["ddp", "block-fp32", "block-fp32-base", "block-bf16", "sparse2", *[f"s{f}-{dt}" for f in FRAGMENTS for dt in DTYPES],
+         *FUSED,
          "eager-fp32", "eager-int8", "eager-int4", "eager-int2", "eager-sparse2", "eager-sparse3",
          "torch-plsgd", "accel-lsgd", *[f"ft-f{f}" for f in FRAGMENTS],
          *[f"t{f}-{dt}" for f in FRAGMENTS for dt in DTYPES], "t-sparse2"]
@@ -294,7 +300,9 @@ def control_gaps(link: dict) -> list[str]:
     in points of the ceiling."""
     fr = fractions(link)
     out = []
-    for key, ctrl in [(f"s{f}-{dt}", f"t{f}-{dt}") for f in FRAGMENTS for dt in DTYPES] + [("sparse2", "t-sparse2")]:
+    pairs = [(f"s{f}-{dt}", f"t{f}-{dt}") for f in FRAGMENTS for dt in DTYPES] + [("sparse2", "t-sparse2")]
+    pairs += [(key, key.removesuffix("-fused").replace("s", "t", 1)) for key in FUSED]
+    for key, ctrl in pairs:
         if fr.get(key) and fr.get(ctrl):
             gap = 100 * (statistics.median(fr[key]) - statistics.median(fr[ctrl]))
             out.append(f"- {key} {statistics.median(fr[key]):.2f} vs its control {ctrl} "
