@@ -258,22 +258,25 @@ def _pack(q: torch.Tensor, bits: int) -> torch.Tensor:
     return packed
 
 
-def _unpack(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Inverse of :func:`_pack` on the last dimension: fp32 integer values, ``8 / bits`` x longer."""
+def _unpack(codes: torch.Tensor, bits: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Inverse of :func:`_pack` on the last dimension: fp32 integer values, ``8 / bits`` x longer
+    (into ``out``, of as many elements, if given)."""
     if bits == 8:
-        return _to_fp32(codes.view(torch.int8))
+        return _to_fp32(codes.view(torch.int8), out)
     codes = codes.view(torch.uint8)
     if bits == 4:
         nibbles = torch.stack((codes & 15, codes >> 4), dim=-1).flatten(-2)  # uint8, interleaved
-        return _to_fp32(nibbles.view(torch.int8).sub_(8))
+        return _to_fp32(nibbles.view(torch.int8).sub_(8), out)
     pairs = torch.stack((codes & 3, (codes >> 2) & 3, (codes >> 4) & 3, codes >> 6), dim=-1).flatten(-2)
-    return _to_fp32(pairs.view(torch.int8).sub_(2))
+    return _to_fp32(pairs.view(torch.int8).sub_(2), out)
 
 
-def _to_fp32(codes: torch.Tensor) -> torch.Tensor:
-    """int8 -> fp32 into a pooled buffer (``copy_`` into an existing buffer: half the time of ``.to``)."""
-    out = POOL.take(codes.numel(), torch.float32, codes.device).view(codes.shape)
-    return out.copy_(codes)
+def _to_fp32(codes: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """int8 -> fp32 into ``out`` or a pooled buffer (``copy_`` into an existing buffer: half the
+    time of ``.to``)."""
+    if out is None:
+        out = POOL.take(codes.numel(), torch.float32, codes.device)
+    return out.view(codes.shape).copy_(codes)
 
 
 def _padded_fp32(x: torch.Tensor, numel: int, residual: torch.Tensor | None = None) -> torch.Tensor:
@@ -401,11 +404,12 @@ def _to_segments(q: torch.Tensor, scales: torch.Tensor, rows: int, plan: _Plan) 
     return buf
 
 
-def _from_segments(buf: torch.Tensor, plan: _Plan) -> torch.Tensor:
-    """``(rows, seg_bytes)`` uint8 -> fp32 ``(rows, chunk)`` dequantised values."""
+def _from_segments(buf: torch.Tensor, plan: _Plan, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``(rows, seg_bytes)`` uint8 -> fp32 ``(rows, chunk)`` dequantised values (into ``out``, a
+    contiguous fp32 tensor of ``rows * chunk`` elements, if given; else a pooled buffer)."""
     rows = buf.shape[0]
     scales = buf[:, plan.code_bytes:].contiguous().view(torch.float32)  # (rows, chunk / B)
-    vals = _unpack(buf[:, : plan.code_bytes], plan.bits).view(rows, -1, plan.block_size)
+    vals = _unpack(buf[:, : plan.code_bytes], plan.bits, out).view(rows, -1, plan.block_size)
     return vals.mul_(scales.unsqueeze(2)).view(rows, plan.chunk)
 
 
@@ -499,6 +503,10 @@ def _gather_result(mine: torch.Tensor, plan: _Plan, group, out: torch.Tensor | N
     gathered = POOL.take(plan.n * plan.seg_bytes, torch.uint8, mine.device).view(plan.n, plan.seg_bytes)
     _comm.all_gather(gathered.view(-1), mine.view(-1), group, None, label)
     POOL.give(mine)
+    if out is not None and out.numel() == plan.n * plan.chunk and out.is_contiguous():  # no padding: in place
+        _from_segments(gathered, plan, out)
+        POOL.give(gathered)
+        return out
     vals = _from_segments(gathered, plan).view(-1)[: plan.numel]
     POOL.give(gathered)
     if out is None:

@@ -74,6 +74,10 @@ class FlatWire(Wire):
 
     def launch(self, host: SyncHost, plan: Plan) -> Launched:
         lay = plan.layout
+        if plan.quant is not None and plan.stage_dtype == torch.float32:
+            # the progress straight into the quantised reduce's fp32 stage; the per-tensor stage
+            # is made when the result arrives (LocalSGD._reduce)
+            return self.s._launch_quant(host, plan, None, None)
         stage = POOL.take(lay.numel, plan.stage_dtype, plan.device)  # Note [Buffer reuse]
         views = list(stage.split(lay.segment_sizes))
         torch._foreach_copy_(views, plan.fast)

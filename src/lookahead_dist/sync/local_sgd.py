@@ -46,7 +46,12 @@ add in fp32 on the chunk's owner, divide by N, requantise, all-gather. On 2 rank
 are ``bits/32 * (1 + 32/(bits * B))`` of an fp32 all-reduce (0.25 x 1.0078 for int8, 0.125 x
 1.0156 for int4 at B = 512), plus padding to whole blocks. The bucket is laid out like a
 :class:`ShardLayout` whose segments are padded to whole blocks (``_Layout``), so the chunk a
-rank owns in the reduce is its 1/N chunk of every tensor.
+rank owns in the reduce is its 1/N chunk of every tensor. In the flat mode the progress
+``fast - slow`` is written straight into that layout (fp32 slow weights; the per-tensor stage of
+the result is taken only when it arrives), and the result is dequantised straight into it, so
+each of those layout changes costs one pass over the fragment, not two.
+``fused_kernels=True`` runs the quantisation stages as compiled kernels (Note [Fused
+quantisation kernels] in _fused.py).
 
 With ``error_feedback=True`` (default) each rank adds the quantisation error of its previous
 send to the next one (``lookahead_ef_residual``, shaped like the slow weight), and the owner of a
@@ -603,14 +608,22 @@ class LocalSGD(ReplicaSync, PlanBuilder, OuterOptimizerProxy, EagerOuter, SyncSt
     def _launch(self, host: SyncHost, plan: Plan, describe: str) -> Launched:
         return self.wire.launch(host, plan)
 
-    def _launch_quant(self, host: SyncHost, plan: Plan, buf: torch.Tensor, views: list[torch.Tensor],
+    def _launch_quant(self, host: SyncHost, plan: Plan, buf: torch.Tensor | None, views: list[torch.Tensor] | None,
                       poison: torch.Tensor | None = None) -> Launched:
-        """Note [Quantised sync]: the progress ``views`` into the block layout, launch the quantised mean."""
+        """Note [Quantised sync]: the progress ``views`` into the block layout, launch the quantised
+        mean. ``views=None`` (the flat wire, fp32 slow weights): the progress ``fast - slow`` is
+        computed straight into the block layout (one pass over the fragment fewer), and ``buf`` and
+        ``views`` are made by :meth:`_reduce`."""
         from .. import _quant
 
         ql = plan.quant
         qstage = _zero_pads(ql, POOL.take(ql.numel, torch.float32, plan.device))  # Note [Buffer reuse]
-        torch._foreach_copy_(ql.chunk_views(qstage), ql.split_each(views))
+        if views is None:
+            qviews = ql.chunk_views(qstage)
+            torch._foreach_copy_(qviews, ql.split_each(plan.fast))
+            torch._foreach_sub_(qviews, ql.split_each(plan.slow))  # progress theta_i - phi
+        else:
+            torch._foreach_copy_(ql.chunk_views(qstage), ql.split_each(views))
         if poison is not None:  # every block, so that every owner sees it
             qstage.mul_(poison)
         residual = owner = None
@@ -647,6 +660,10 @@ class LocalSGD(ReplicaSync, PlanBuilder, OuterOptimizerProxy, EagerOuter, SyncSt
         streaming.wait_work(item.work, self.timeout, describe, self._traits(item.group, plan.device))
         if item.qstage is not None:  # already the mean (of progress): back into the stage layout
             ql = plan.quant
+            if buf is None:  # launched from the block layout (_launch_quant): the stage is made now
+                buf = item.buf = item.wire = POOL.take(plan.layout.numel, plan.stage_dtype, plan.device)
+                item.views = list(buf.split(plan.layout.segment_sizes))
+                item.pooled.append(buf)
             torch._foreach_copy_(ql.split_each(item.views), ql.chunk_views(item.qstage))
             if item.owner_res is not None:
                 torch._foreach_copy_([cut(host.state_entry(p)[EF_OWNER_KEY], sl) for p, sl in zip(plan.params, plan.osl)],
