@@ -270,6 +270,23 @@ def _cases(device: Any, steps: int, group: Any, cpu_group: Any) -> list[tuple[st
 
         cases.append((f"parity/flat/{name}", extra))
 
+    # fused_kernels=True (Note [Fused quantisation kernels]) against the eager kernels on the same
+    # device: bit for bit on a CPU (tested); on a GPU the compiled (Triton) division may round
+    # otherwise, so a difference is reported, and fails only beyond the int4 tolerance.
+    def fused() -> str:
+        opts = dict(comm_dtype="int4", num_fragments=4, fragment_sync_delay=1)
+        got = _train(device, steps, _local_sgd_with(group, fused_kernels=True, **opts), sleep=on_cuda)
+        ref = _train(device, steps, _local_sgd_with(group, **opts), sleep=on_cuda)
+        if not all(bool(torch.isfinite(t).all()) for t in got):
+            raise AssertionError("non-finite weights")
+        same = all(torch.equal(a, b) for a, b in zip(got, ref))
+        d = _rel_diff(got, ref)
+        if d > TOL["int4"]:
+            raise AssertionError(f"fused vs eager kernels on {device.type}: max rel diff {d:.2e} > {TOL['int4']:.0e}")
+        return f"fused vs eager kernels: {'bit for bit equal' if same else f'max rel diff {d:.1e}'}"
+
+    cases.append(("fused/flat/int4/F4tau1", fused))
+
     for mode in ("in-place", "blocking", "streaming", "sharded", "int8"):
         def quiet(mode: str = mode) -> str:
             quiet_steps = 6

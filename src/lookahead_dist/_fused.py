@@ -29,7 +29,10 @@ NaN and codes 0 as in :mod:`lookahead_dist._quant`'s format. The one difference 
 zero: a block whose scale is 0 (all zeros, or an underflow) is sent as codes 0 computed without
 the eager path's division by ``inf``, so its residual may hold ``0.0`` where the eager path holds
 ``-0.0``. Nothing it sends or sums differs. ``tests/unit/test_fused.py`` checks codes, scales,
-residuals and the reduce against the eager stages bit for bit (``torch.equal``).
+residuals and the reduce against the eager stages bit for bit (``torch.equal``). That is on a CPU
+(inductor's C++ kernels divide and round as ATen does); on a GPU the Triton kernels' division
+has not been compared yet: ``python -m benchmarks.gpu_check --device cuda`` reports whether the
+fused run equals the eager one there (case ``fused/flat/int4/F4tau1``).
 
 **Cost.** Each kernel compiles once per process and configuration (bits, ranks, residual or
 not): a few seconds on a small CPU, shortened in later processes by inductor's on-disk cache. The
