@@ -150,8 +150,19 @@ def test_eager_and_sparse_flags_reach_the_config():
     assert (c.eager_update, c.sharded) == (True, True)
 
 
+def test_fused_kernels_flag_reaches_the_config():
+    (c,) = _configs(["train", "--mode", "local-sgd", "--comm-dtype", "int8", "--fused-kernels", "--device", "cpu"])
+    assert (c.fused_kernels, c.comm_dtype) == (True, "int8")
+    (c,) = _configs(["train", "--mode", "local-sgd", "--comm-dtype", "int8", "--device", "cpu"])
+    assert c.fused_kernels is False
+
+
 @pytest.mark.parametrize("argv, needle", [
     (["--mode", "ddp", "--eager-update"], "--eager-update: option(s) of --mode local-sgd"),
+    (["--mode", "ddp", "--fused-kernels"], "--fused-kernels: option(s) of --mode local-sgd"),
+    (["--mode", "local-sgd", "--fused-kernels"], "fused_kernels=True"),
+    (["--mode", "local-sgd", "--comm-dtype", "int2", "--topk-fraction", "0.02", "--fused-kernels"],
+     "sparse exchange"),
     (["--mode", "local-sgd", "--eager-update", "eager"], "'naive'"),
     (["--mode", "local-sgd", "--topk-fraction", "0"], "(0, 1]"),
     (["--mode", "local-sgd", "--topk-fraction", "0.02"], "comm_dtype='int8', 'int4' or 'int2'"),

@@ -173,3 +173,14 @@ def test_eager_and_sparse_keys_of_the_across_nodes_block():
         _parse_local_sgd({"across": "nodes", "topk_fraction": 0.02})
     with pytest.raises(ValueError, match="'eager_updates' -> 'eager_update'"):
         _parse_local_sgd({"across": "nodes", "eager_updates": True})
+
+
+def test_fused_kernels_key_of_the_across_nodes_block():
+    from lookahead_dist.deepspeed.config import _parse_local_sgd
+
+    o = _parse_local_sgd({"across": "nodes", "comm_dtype": "int4", "fused_kernels": True})["options"]
+    assert (o.fused_kernels, o.comm_dtype) == (True, "int4")
+    with pytest.raises(ValueError, match=r'"lookahead.local_sgd": LocalSGDOptions `fused_kernels=True`.*comm_dtype=None'):
+        _parse_local_sgd({"across": "nodes", "fused_kernels": True})
+    with pytest.raises(ValueError, match="'fused_kernel' -> 'fused_kernels'"):
+        _parse_local_sgd({"across": "nodes", "comm_dtype": "int8", "fused_kernel": True})
