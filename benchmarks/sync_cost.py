@@ -18,13 +18,15 @@ of the library by putting one first on PYTHONPATH (``git archive <commit> src | 
     PYTHONPATH=/tmp/base/src python tools/netcluster.py --nodes 2 --rate 200mbit --log-dir /tmp/st \\
         --torchrun benchmarks/sync_cost.py --mode sync-step && grep RESULT /tmp/st/node0.log
 
-``--mode quant`` (one process, no torchrun): the blockwise int8/int4 quantisation of
+``--mode quant`` (one process, no torchrun): the blockwise int8/int4/int2 quantisation of
 ``lookahead_dist._quant`` on this CPU, per MB of fp32 input (2**20 bytes), for a flat buffer of
 ``--numel`` elements: ``quantise``, ``dequantise``, ``q+dq`` (the compute one quantised sync adds
 per rank at least twice over), ``feedback`` (quantise + update the residual, what
 ``quantized_all_reduce_async`` does on the caller's thread), and the bytes per element on the
-wire (codes + fp32 scales), beside a bf16 cast for scale. Rows interleave round by round; the
-median of ``--rounds`` rounds is printed::
+wire (codes + fp32 scales), beside a bf16 cast for scale; ``--compiled`` adds the library's
+fused sender kernel (``LocalSGDOptions(fused_kernels=True)``, Note [Fused quantisation kernels] in
+_fused.py) in the feedback column. Rows interleave round by round; the median of ``--rounds``
+rounds is printed::
 
     python -m benchmarks.sync_cost --mode quant                 # 4M elements (16 MB), 1 thread
     python -m benchmarks.sync_cost --mode quant --numel 16777216 --threads 2
@@ -134,22 +136,6 @@ def _time(fn: Callable[[], object], reps: int) -> float:
     return (time.perf_counter() - t) / reps
 
 
-_QMAX_BY_BITS = {8: 127, 4: 7, 2: 1}
-
-
-def _fused_feedback(x: torch.Tensor, residual: torch.Tensor, qmax: int, block: int) -> tuple[torch.Tensor, ...]:
-    """``quantize_with_feedback``'s arithmetic written for one fused kernel (``--compiled``): codes
-    (int8, unpacked), scales and the new residual. Not the library's code path: a measure of what
-    fusion saves."""
-    y = (x + residual).view(-1, block)
-    absmax = y.abs().amax(dim=1, keepdim=True)
-    scale = absmax / qmax
-    usable = torch.isfinite(scale) & (scale > 0)
-    q = torch.where(usable, y / torch.where(usable, scale, 1.0), 0.0).round().clamp(-qmax, qmax)
-    new_residual = (y - q * scale).view(-1)
-    return q.to(torch.int8).view(-1), torch.where(torch.isfinite(absmax), scale, torch.nan).view(-1), new_residual
-
-
 def quant(args: argparse.Namespace) -> None:
     """Quantise/dequantise time per MB and bytes per element (one process)."""
     from lookahead_dist._quant import (
@@ -163,7 +149,7 @@ def quant(args: argparse.Namespace) -> None:
     x = torch.randn(args.numel, generator=torch.Generator().manual_seed(0))
     mb = x.numel() * 4 / 2**20
     rows: dict[str, dict[str, list[float]]] = {}
-    configs = [(bits, block) for bits in (8, 4) for block in args.blocks]
+    configs = [(bits, block) for bits in (8, 4, 2) for block in args.blocks]
     for _ in range(args.rounds):
         r = rows.setdefault("bf16 cast", {"q": [], "dq": [], "qdq": [], "fb": []})
         r["q"].append(_time(lambda: x.bfloat16(), args.reps))
@@ -181,20 +167,21 @@ def quant(args: argparse.Namespace) -> None:
             r["qdq"].append(_time(lambda kw=kw: dequantize(quantize(x, **kw)), args.reps))
             r["fb"].append(_time(lambda e=e, kw=kw: quantize_with_feedback(x, e, **kw), args.reps))
 
-    if args.compiled:  # what fusion would give: the same arithmetic as one torch.compile'd kernel
+    if args.compiled:  # the library's fused sender kernel (LocalSGDOptions(fused_kernels=True))
+        from lookahead_dist import _fused
+
         t0 = time.perf_counter()
-        fused = torch.compile(_fused_feedback, dynamic=False)
         for bits, block in configs:
-            fused(x, torch.zeros_like(x), _QMAX_BY_BITS[bits], block)
+            _fused.send(x.view(-1, block), torch.zeros_like(x).view(-1, block), bits)
         compile_s = time.perf_counter() - t0
         for _ in range(args.rounds):
             for bits, block in configs:
                 r = rows.setdefault(f"int{bits} B={block} compiled", {"q": [], "dq": [], "qdq": [], "fb": []})
-                e = torch.zeros_like(x)
+                e = torch.zeros_like(x).view(-1, block)
                 for key in ("q", "dq", "qdq"):
                     r[key].append(float("nan"))
-                r["fb"].append(_time(lambda e=e, b=bits, B=block: fused(x, e, _QMAX_BY_BITS[b], B), args.reps))
-        print(f"torch.compile of the feedback kernel (all configurations): {compile_s:.1f} s")
+                r["fb"].append(_time(lambda e=e, b=bits, B=block: _fused.send(x.view(-1, B), e, b), args.reps))
+        print(f"torch.compile of the fused sender kernel (all configurations): {compile_s:.1f} s")
 
     def bytes_per_elem(name: str) -> float:
         name = name.removesuffix(" compiled")
@@ -486,7 +473,7 @@ def main(argv: list[str] | None = None) -> None:
     g.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     g.add_argument("--topk-k", type=int, nargs="+", default=[3, 5, 8, 13], help="--mode topk: k per 256")
     g.add_argument("--compiled", action="store_true",
-                   help="also the feedback quantisation as one torch.compile'd kernel (compiles first)")
+                   help="also the library's fused sender kernel (fused_kernels=True; compiles first)")
     args = ap.parse_args(argv)
     if args.mode != "quant":
         torch.set_num_threads(1)

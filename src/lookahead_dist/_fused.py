@@ -17,18 +17,21 @@ GPU), so that each stage reads its inputs and writes its outputs about once:
 - :func:`owner` -- stages 3-4: dequantise the ``N`` received chunks, add them in rank order,
   divide by ``N``, add the owner residual, requantise and pack, update the owner residual.
 
-Stage 5 (the gathered codes times their scales) stays eager: compiled, it measured slower than
-the eager ``_from_segments`` here (int8 9.7 against 4.5 ms for 6.3M elements; the packed int4
-and int2 unpack worse still), while the two kernels above measured 6.6-10.4 ms against
-32-44 eager (send) and 11.7-21.4 against 24-34 (owner), one thread, 2026-12-07.
+Stage 5 (the gathered codes times their scales) stays eager: written the same way and compiled,
+it ran slower than the eager ``_from_segments`` in our trials (the unpacking of packed codes
+does not vectorise well in inductor's C++). What the two kernels save:
+``python -m benchmarks.sync_cost --mode quant --numel 6291456 --blocks 512 --compiled`` (the
+sender's stage alone) and ``--mode floor`` (the whole sync, ``-fused`` rows); the figures are in
+docs/benchmarks.md.
 
 **Same numbers as the eager path.** Every element goes through the same fp32 operations in the
 same order (a true division by the scale, round half to even, the clamp; the sum over ranks
 left to right; ``acc / N``; the residual as ``y - q * scale``), and non-finite blocks give scale
 NaN and codes 0 as in :mod:`lookahead_dist._quant`'s format. The one difference is the sign of a
-zero: a block whose scale is 0 (all zeros, or an underflow) is sent as codes 0 computed without
-the eager path's division by ``inf``, so its residual may hold ``0.0`` where the eager path holds
-``-0.0``. Nothing it sends or sums differs. ``tests/unit/test_fused.py`` checks codes, scales,
+zero: a block whose scale is 0 (all zeros, or an underflow) is sent as codes ``+0`` computed
+without the eager path's division by ``inf`` (which gives ``-0`` for a negative element), so where
+an element is ``-0.0`` its residual may hold ``-0.0`` where the eager path holds ``0.0``. Nothing
+it sends or sums differs. ``tests/unit/test_fused.py`` checks codes, scales,
 residuals and the reduce against the eager stages bit for bit (``torch.equal``). That is on a CPU
 (inductor's C++ kernels divide and round as ATen does); on a GPU the Triton kernels' division
 has not been compared yet: ``python -m benchmarks.gpu_check --device cuda`` reports whether the

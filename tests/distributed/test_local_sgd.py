@@ -367,7 +367,10 @@ def _hier_body(rank: int, world_size: int) -> dict:
                        "sharded_bf16": dict(sharded=True, comm_dtype=torch.bfloat16),
                        "flat_int8": dict(comm_dtype="int8", quant_block_size=8),
                        "sharded_int8_stream": dict(sharded=True, comm_dtype="int8", quant_block_size=8,
-                                                   fragment_sync_delay=1)}.items():
+                                                   fragment_sync_delay=1),
+                       # the fused kernels on the hierarchical-sharded path: bit for bit the row above
+                       "sharded_int8_stream_fused": dict(sharded=True, comm_dtype="int8", quant_block_size=8,
+                                                         fragment_sync_delay=1, fused_kernels=True)}.items():
         ddp = DDP(make_model(rank), process_group=mesh.get_group("intra"))  # DP every step inside a group
         options = LocalSGDOptions.from_mesh(mesh, across="inter", within="intra", module=ddp, **opts)
         opt = Lookahead(sgd(ddp.parameters()), k=3, alpha=0.5, local_sgd=options)
@@ -415,6 +418,8 @@ def test_hierarchical_two_groups_of_two():
             atol = 2e-3 if "bf16" in name or "int8" in name else 2e-6
             np.testing.assert_allclose(v["fast"], fast[rank // 2], rtol=0, atol=atol, err_msg=name)
             np.testing.assert_allclose(v["slow"], slow, rtol=0, atol=atol, err_msg=name)
+        for key in ("fast", "slow"):
+            np.testing.assert_array_equal(r["sharded_int8_stream_fused"][key], r["sharded_int8_stream"][key])
         pb, syncs = r["flat"]["param_bytes"], 7 // 3
         assert r["flat"]["inter_payload"] == syncs * pb and r["flat"]["slow_bytes"] == pb
         # Sharded inside the group: each rank carries half the model across groups, keeps half the
