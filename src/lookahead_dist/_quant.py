@@ -396,10 +396,8 @@ def _plan(numel: int, n: int, bits: int, block_size: int, fused: bool = False) -
 
 def _to_segments(q: torch.Tensor, scales: torch.Tensor, rows: int, plan: _Plan) -> torch.Tensor:
     """Pack the fp32 codes and the scales of ``rows`` chunks into a ``(rows, seg_bytes)`` uint8 buffer."""
-    buf = POOL.take(rows * plan.seg_bytes, torch.uint8, q.device).view(rows, plan.seg_bytes)
     codes = _pack(q, plan.bits)
-    buf[:, : plan.code_bytes] = codes.view(torch.uint8).view(rows, plan.code_bytes)
-    buf[:, plan.code_bytes:] = scales.view(torch.uint8).view(rows, plan.scale_bytes)
+    buf = _segments(codes, scales, rows, plan)
     POOL.give(codes)
     return buf
 
