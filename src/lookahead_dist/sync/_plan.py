@@ -9,6 +9,7 @@ in the send buffer. :class:`PlanBuilder` is the part of ``LocalSGD`` that builds
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -103,15 +104,30 @@ class Reduced:
 
     Whether it holds NaN/inf (``bad``) is decided for all the buckets of a fragment at once, with
     one host read (``LocalSGD._decide``): ``probe`` is what the probe reduces, ``locate`` the
-    per-tensor views that name the culprit on a hit (None: index 0)."""
+    per-tensor views that name the culprit on a hit (None: index 0).
+
+    A quantised flat bucket may arrive as ``mean``, the mean progress in the block layout of
+    ``plan.quant`` (``chunk_views`` order), with ``d_`` None: the built-in outer step then runs
+    on it as it is (``LocalSGD._apply``), and ``d`` (per tensor, ``-mean``) is made from it by
+    ``make_d`` only where something asks for it (an outer optimizer, a checkpoint in flight, the
+    eager rule, naming a non-finite tensor)."""
 
     plan: Plan
-    d: list[torch.Tensor]
+    d_: list[torch.Tensor] | None
     bad: Any = UNDECIDED            # index of a non-finite tensor (flat) / 0 (sharded), or None
     seg: torch.Tensor | None = None  # buffers the sharded gather may reuse
     full: torch.Tensor | None = None
     probe: list[torch.Tensor] = field(default_factory=list)
     locate: list[torch.Tensor] | None = None
+    mean: list[torch.Tensor] | None = None
+    make_d: Callable[[], list[torch.Tensor]] | None = None
+
+    @property
+    def d(self) -> list[torch.Tensor]:
+        if self.d_ is None:
+            self.d_ = self.make_d()
+            self.locate = self.d_
+        return self.d_
 
 
 class BlockLayout(ShardLayout):

@@ -46,10 +46,11 @@ add in fp32 on the chunk's owner, divide by N, requantise, all-gather. On 2 rank
 are ``bits/32 * (1 + 32/(bits * B))`` of an fp32 all-reduce (0.25 x 1.0078 for int8, 0.125 x
 1.0156 for int4 at B = 512), plus padding to whole blocks. The bucket is laid out like a
 :class:`ShardLayout` whose segments are padded to whole blocks (``_Layout``), so the chunk a
-rank owns in the reduce is its 1/N chunk of every tensor. In the flat mode the progress
-``fast - slow`` is written straight into that layout (fp32 slow weights; the per-tensor stage of
-the result is taken only when it arrives), and the result is dequantised straight into it, so
-each of those layout changes costs one pass over the fragment, not two.
+rank owns in the reduce is its 1/N chunk of every tensor. In the flat mode (fp32 slow weights)
+the progress ``fast - slow`` is written straight into that layout, the result is dequantised
+straight into it, and the built-in outer step reads it there (the slow weights split alike;
+without momentum not even negated: ``Reduced.mean``); per-tensor views of ``d`` are made only
+for an outer optimizer, the eager rule, a checkpoint in flight or a non-finite result.
 ``fused_kernels=True`` runs the quantisation stages as compiled kernels (Note [Fused
 quantisation kernels] in _fused.py).
 
@@ -660,20 +661,29 @@ class LocalSGD(ReplicaSync, PlanBuilder, OuterOptimizerProxy, EagerOuter, SyncSt
         streaming.wait_work(item.work, self.timeout, describe, self._traits(item.group, plan.device))
         if item.qstage is not None:  # already the mean (of progress): back into the stage layout
             ql = plan.quant
-            if buf is None:  # launched from the block layout (_launch_quant): the stage is made now
-                buf = item.buf = item.wire = POOL.take(plan.layout.numel, plan.stage_dtype, plan.device)
-                item.views = list(buf.split(plan.layout.segment_sizes))
-                item.pooled.append(buf)
-            torch._foreach_copy_(ql.split_each(item.views), ql.chunk_views(item.qstage))
             if item.owner_res is not None:
                 torch._foreach_copy_([cut(host.state_entry(p)[EF_OWNER_KEY], sl) for p, sl in zip(plan.params, plan.osl)],
                                      ql.own_views(item.owner_res, self.quant_rank))
+            if buf is None:  # launched from the block layout (_launch_quant): d per tensor only on demand
+                return Reduced(plan, None, probe=[item.qstage], mean=ql.chunk_views(item.qstage),
+                               make_d=lambda: self._stage_d(item))
+            torch._foreach_copy_(ql.split_each(item.views), ql.chunk_views(item.qstage))
             buf.neg_()
         else:
             if item.wire is not buf:
                 buf.copy_(item.wire)
             buf.mul_(-1.0 / self.group_size)
         return self.wire.reduced(item, buf)
+
+    def _stage_d(self, item: Launched) -> list[torch.Tensor]:
+        """``d = -mean`` per tensor, from the block layout of a bucket launched from it (Reduced.d)."""
+        plan, ql = item.plan, item.plan.quant
+        buf = item.buf = item.wire = POOL.take(plan.layout.numel, plan.stage_dtype, plan.device)
+        item.views = list(buf.split(plan.layout.segment_sizes))
+        item.pooled.append(buf)
+        torch._foreach_copy_(ql.split_each(item.views), ql.chunk_views(item.qstage))
+        buf.neg_()
+        return item.views
 
     def _decide(self, reds: list[Reduced]) -> None:
         """Set ``bad`` of every undecided bucket: one host read when all are finite (Note [Host
@@ -687,12 +697,14 @@ class LocalSGD(ReplicaSync, PlanBuilder, OuterOptimizerProxy, EagerOuter, SyncSt
             if hit is None or _sync.first_nonfinite(r.probe) is None:
                 r.bad = None
             else:
+                if r.d_ is None:  # a bucket still in the block layout: its per-tensor views name the culprit
+                    r.d  # noqa: B018 - makes d and locate
                 r.bad = (_sync.first_nonfinite(r.locate) if r.locate is not None else None) or 0
 
     def _apply(self, host: SyncHost, red: Reduced, alpha: float, describe: str, ok: list, bad: list) -> None:
         """Outer step on the owned slow weights, then the merge into the fast weights (or, on NaN/inf,
         fast <- slow and no outer step)."""
-        plan, d = red.plan, red.d
+        plan = red.plan
         self._decide([red])
         if red.bad is not None:
             if self._ef:  # a residual that absorbed a NaN would poison every later send
@@ -704,9 +716,11 @@ class LocalSGD(ReplicaSync, PlanBuilder, OuterOptimizerProxy, EagerOuter, SyncSt
             bad.append((plan.params, f"{what}; {describe}"))
             return
         if self.options.outer_optimizer is not None:
-            self._outer_user(host, plan, d)
+            self._outer_user(host, plan, red.d)
+        elif red.d_ is None:
+            self._outer_blocks(plan, red.mean, alpha)
         else:
-            self._outer(plan, d, alpha)
+            self._outer(plan, red.d, alpha)
         self.wire.restore(plan, red, describe)
         ok += plan.report
 
@@ -725,6 +739,19 @@ class LocalSGD(ReplicaSync, PlanBuilder, OuterOptimizerProxy, EagerOuter, SyncSt
     def _outer(self, plan: Plan, d: list[torch.Tensor], alpha: float) -> None:
         """Note [The outer step], in place on the owned slow weights; ``d`` may be overwritten."""
         outer_step_(plan.slow, plan.mom, d, alpha, self.beta, self.nesterov)
+
+    def _outer_blocks(self, plan: Plan, mean: list[torch.Tensor], alpha: float) -> None:
+        """:meth:`_outer` from the mean progress in the block layout (``mean``, overwritten), the
+        slow weights and momenta split alike: the same arithmetic element by element, without
+        the copy to per-tensor views. Without momentum ``slow + alpha * mean`` is exactly
+        ``slow - alpha * d`` (``d = -mean``; a product's sign is exact), so not even the negation."""
+        ql = plan.quant
+        slow = ql.split_each(plan.slow)
+        if self.beta == 0.0:
+            torch._foreach_add_(slow, mean, alpha=alpha)
+            return
+        torch._foreach_neg_(mean)
+        outer_step_(slow, ql.split_each(plan.mom), mean, alpha, self.beta, self.nesterov)
 
     # -- evaluation on the slow weights --------------------------------------------------------
     @torch.no_grad()
