@@ -18,6 +18,7 @@ import copy
 import io
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -448,6 +449,11 @@ def test_nan_on_one_rank_skips_the_outer_update_on_both(two_ranks):
         np.testing.assert_array_equal(a["after"], theta0, err_msg=name)
         np.testing.assert_array_equal(b["after"], theta0, err_msg=name)
         assert np.isfinite(a["final"]).all() and np.isfinite(b["final"]).all(), name
+    # The quantised sync names the culprit as the fp32 one does (its per-tensor views of the result
+    # are made only for this, Reduced.d)
+    culprit = [re.search(r"averaged pseudo-gradient of (param_groups\[\d+\]\[\d+\])", two_ranks[0]["nonfinite"][name]
+                         ["warned"][0]) for name in ("flat", "int8")]
+    assert culprit[0] and culprit[1] and culprit[0].group(1) == culprit[1].group(1), culprit
 
 
 def test_quantised_sync_is_close_to_fp32_and_error_feedback_helps(two_ranks):

@@ -126,7 +126,6 @@ class Reduced:
     def d(self) -> list[torch.Tensor]:
         if self.d_ is None:
             self.d_ = self.make_d()
-            self.locate = self.d_
         return self.d_
 
 

@@ -614,7 +614,7 @@ class LocalSGD(ReplicaSync, PlanBuilder, OuterOptimizerProxy, EagerOuter, SyncSt
         """Note [Quantised sync]: the progress ``views`` into the block layout, launch the quantised
         mean. ``views=None`` (the flat wire, fp32 slow weights): the progress ``fast - slow`` is
         computed straight into the block layout (one pass over the fragment fewer), and ``buf`` and
-        ``views`` are made by :meth:`_reduce`."""
+        ``views`` (per-tensor ``d``) are made only on demand (:meth:`_stage_d`)."""
         from .. import _quant
 
         ql = plan.quant
@@ -697,9 +697,9 @@ class LocalSGD(ReplicaSync, PlanBuilder, OuterOptimizerProxy, EagerOuter, SyncSt
             if hit is None or _sync.first_nonfinite(r.probe) is None:
                 r.bad = None
             else:
-                if r.d_ is None:  # a bucket still in the block layout: its per-tensor views name the culprit
-                    r.d  # noqa: B018 - makes d and locate
-                r.bad = (_sync.first_nonfinite(r.locate) if r.locate is not None else None) or 0
+                # a bucket that arrived in the block layout: its per-tensor d names the culprit
+                loc = r.d if r.make_d is not None else r.locate
+                r.bad = (_sync.first_nonfinite(loc) if loc is not None else None) or 0
 
     def _apply(self, host: SyncHost, red: Reduced, alpha: float, describe: str, ok: list, bad: list) -> None:
         """Outer step on the owned slow weights, then the merge into the fast weights (or, on NaN/inf,
