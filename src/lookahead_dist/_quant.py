@@ -452,16 +452,23 @@ def warm_fused(bits: int, n: int, block_size: int, with_residual: bool, device: 
     again: the block count is dynamic). No communication. The sync calls this at construction, so
     that its first reduce does not stall for the compilation while its peers wait, and a missing
     compiler is reported before training starts."""
-    from . import _fused
-
     plan = _plan(n * 4 * block_size, n, bits, block_size, fused=True)  # 4 blocks per chunk: > 1, dynamic
     flat = torch.zeros(plan.numel, device=device)
     res = torch.zeros_like(flat) if with_residual else None
     send = _stage_send(flat, plan, res)
-    owner = torch.zeros(plan.chunk // block_size, block_size, device=device) if with_residual else None
-    scales = send[:, plan.code_bytes:].contiguous().view(torch.float32)
-    _fused.owner(_code_view(send, plan), scales, owner, bits, True)
-    POOL.give(send)
+    owner = torch.zeros(plan.chunk, device=device) if with_residual else None
+    POOL.give(_fused_owner(send, plan, owner, True))
+
+
+def _fused_owner(recv: torch.Tensor, plan: _Plan, owner_residual: torch.Tensor | None, average: bool) -> torch.Tensor:
+    """Stages 3-4 with the fused kernel on the received ``(N, seg_bytes)`` segments: this rank's
+    requantised chunk as a ``(1, seg_bytes)`` segment."""
+    from . import _fused
+
+    res = None if owner_residual is None else owner_residual.view(-1, plan.block_size)
+    scales = recv[:, plan.code_bytes:].contiguous().view(torch.float32)
+    codes, scales = _fused.owner(_code_view(recv, plan), scales, res, plan.bits, average)
+    return _segments(codes, scales, 1, plan)
 
 
 def _stage_reduce(send: torch.Tensor, plan: _Plan, group, average: bool, owner_residual: torch.Tensor | None,
@@ -471,12 +478,7 @@ def _stage_reduce(send: torch.Tensor, plan: _Plan, group, average: bool, owner_r
     _comm.all_to_all(recv.view(-1), send.view(-1), group, None, label)
     POOL.give(send)
     if plan.fused:
-        from . import _fused
-
-        res = None if owner_residual is None else owner_residual.view(-1, plan.block_size)
-        scales = recv[:, plan.code_bytes:].contiguous().view(torch.float32)
-        codes, scales = _fused.owner(_code_view(recv, plan), scales, res, plan.bits, average)
-        mine = _segments(codes, scales, 1, plan)
+        mine = _fused_owner(recv, plan, owner_residual, average)
         POOL.give(recv)
         return _gather_result(mine, plan, group, out, label)
     parts = _from_segments(recv, plan)  # (N, C): every rank's chunk r (a pooled buffer of ours)
