@@ -363,6 +363,9 @@ def _probe_server(args: argparse.Namespace) -> int:
     return 0
 
 
+_STEP_TIME_NOISE_S = 0.02
+
+
 def _measure_step_time(command: str, counts: str) -> float:
     """Seconds per step of ``command``: run at two step counts, the difference of wall times over the
     difference of steps (start-up, imports and set-up are paid by both runs and cancel out)."""
@@ -385,11 +388,16 @@ def _measure_step_time(command: str, counts: str) -> float:
         if done.returncode != 0:
             tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
             raise UsageError(f"--step-time-cmd exited {done.returncode} with {n} steps: {' | '.join(tail)}")
-    per_step = (seconds[1] - seconds[0]) / (b - a)
-    if per_step <= 0:
-        raise UsageError(f"--step-time-cmd: {b} steps took no longer than {a} ({seconds[1]:.2f} s vs "
-                         f"{seconds[0]:.2f} s); does the command honour {{steps}}?")
-    return per_step
+    extra = seconds[1] - seconds[0]
+    # A command that ignores {steps} still shows a difference: the jitter of starting a process, a
+    # few ms either way (more on a loaded machine). Only a difference clear of that noise measures
+    # steps; the floor is 20 ms, or 5% of the shorter run for a command with a long start-up.
+    noise = max(_STEP_TIME_NOISE_S, 0.05 * seconds[0])
+    if extra <= noise:
+        raise UsageError(f"--step-time-cmd: {b} steps took no longer than {a} beyond timing noise "
+                         f"({seconds[1]:.3f} s vs {seconds[0]:.3f} s, noise floor {noise * 1e3:.0f} ms); "
+                         f"does the command honour {{steps}}? If it does, set --step-time-steps further apart")
+    return extra / (b - a)
 
 
 def _split_host_port(text: str) -> tuple[str, int]:

@@ -89,10 +89,49 @@ def test_plan_measures_the_step_time_with_a_command(capsys):
     ("true", "5,25", "must contain {steps}"),
     ("true {steps}", "25,5", "1 <= A < B"),
     ("exit 3 # {steps}", "5,25", "exited 3 with 5 steps"),
-    ("true {steps}", "5,25", "took no longer"),
 ])
 def test_plan_step_time_cmd_errors(cmd, counts, message, capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main(["plan", "--params", "1M", "--step-time-cmd", cmd, "--step-time-steps", counts, "--nodes", "2",
                   "--link", "1Gbit"])
     assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def _fake_runs(monkeypatch, wall_times):
+    """The step-time command's runs take the given wall times: a fake clock, so the noise rule is
+    tested exactly (a real `true {steps}` differs between its two runs by random jitter)."""
+    import subprocess
+    import time
+
+    clock = [0.0]
+    durations = iter(wall_times)
+
+    def run(cmd, **kwargs):
+        clock[0] += next(durations)
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(subprocess, "run", run)
+    monkeypatch.setattr(time, "perf_counter", lambda: clock[0])
+
+
+@pytest.mark.parametrize("wall_times", [
+    (0.003, 0.002),   # shorter: a command that ignores {steps}
+    (0.003, 0.015),   # 12 ms longer: start-up jitter, under the 20 ms floor
+    (10.0, 10.4),     # 0.4 s longer after a 10 s start-up: under 5% of it
+])
+def test_plan_step_time_cmd_within_noise_is_refused(wall_times, monkeypatch, capsys):
+    _fake_runs(monkeypatch, wall_times)
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["plan", "--params", "1M", "--step-time-cmd", "train {steps}", "--nodes", "2", "--link", "1Gbit"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "took no longer than 5 beyond timing noise" in err, err
+    assert "--step-time-steps further apart" in err
+
+
+@pytest.mark.parametrize("wall_times, ms", [((10.0, 11.0), 50.0), ((0.003, 0.103), 5.0)])
+def test_plan_step_time_cmd_clear_of_noise(wall_times, ms, monkeypatch, capsys):
+    _fake_runs(monkeypatch, wall_times)
+    assert cli.main(["plan", "--params", "1M", "--step-time-cmd", "train {steps}", "--nodes", "2",
+                     "--link", "1Gbit"]) == 0
+    line = capsys.readouterr().out.splitlines()[0]
+    assert f"step time {ms:.1f} ms" in line or f"step time {ms:g} ms" in line, line
