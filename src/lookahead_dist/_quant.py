@@ -159,6 +159,7 @@ __all__ = [
     "quantize_with_feedback",
     "quantized_all_reduce",
     "quantized_all_reduce_async",
+    "quantized_reduce_scatter_async",
     "quantized_nbytes",
     "reduce_chunk_numel",
     "run_stages",
@@ -688,6 +689,60 @@ def quantized_all_reduce_async(flat: torch.Tensor, group: dist.ProcessGroup, *, 
         return _launch_inline(send, plan, group, average, owner_residual, out, label, device)
     return run_stages(group, device, lambda: _stage_reduce(send, plan, group, average, owner_residual, out, label),
                       (send, out, owner_residual))
+
+
+def quantized_reduce_scatter_async(flat: torch.Tensor, group: dist.ProcessGroup, out: torch.Tensor, *, bits: int,
+                                   block_size: int = DEFAULT_BLOCK_SIZE, average: bool = True,
+                                   residual: torch.Tensor | None = None, stats: CommStats | None = None,
+                                   label: str = "quantized", fused: bool = False) -> QuantizedAllReduceWork:
+    """Launch a quantised reduce-scatter: stages 1-3 of Note [Quantised all-reduce], no requantisation.
+
+    Rank ``r`` of ``group`` receives into ``out`` (fp32, ``C = reduce_chunk_numel(flat.numel(), N,
+    block_size=block_size)`` elements) chunk ``r`` of the zero-padded buffer, summed over the ranks
+    in fp32 in rank order (divided by ``N`` with ``average``): ``sum_i deQ(Q(flat_i + e_i))`` on
+    that chunk, exact in fp32 past the one quantisation each sender applies. Only the all-to-all
+    moves bytes (``N * S`` per collective, recorded as ``all_to_all``); the result stays in fp32
+    with its owner, so there is no owner residual. ``residual`` (the sender's error feedback,
+    ``flat``'s length) is updated before this returns; ``fused`` runs the sender's quantisation as
+    the compiled kernel. The group rules and the two execution paths are those of
+    :func:`quantized_all_reduce_async`.
+    """
+    if _is_default_group(group):
+        raise ValueError(
+            "quantized_reduce_scatter_async runs its collectives on a background thread and needs a process "
+            "group that nothing else uses, got the default group; create one on every rank with "
+            "torch.distributed.new_group(ranks) and pass it as `group`")
+    plan = _validate(flat, group, bits, block_size, residual, None, None, fused)
+    if out.dim() != 1 or out.dtype != torch.float32 or out.numel() != plan.chunk or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous 1-D fp32 tensor of {plan.chunk} elements (this rank's chunk), "
+                         f"got {tuple(out.shape)} {out.dtype}")
+    device = flat.device
+    if plan.numel == 0:
+        done: Future = Future()
+        done.set_result((out, None))
+        return QuantizedAllReduceWork(done, device)
+    send = _stage_send(flat, plan, residual)
+    if stats is not None:
+        stats.record("all_to_all", label, plan.n * plan.seg_bytes, plan.n)
+    return run_stages(group, device, lambda: _stage_scatter(send, plan, group, average, out, label), (send, out))
+
+
+def _stage_scatter(send: torch.Tensor, plan: _Plan, group, average: bool, out: torch.Tensor,
+                   label: str) -> torch.Tensor:
+    """Stages 2-3 of the quantised reduce-scatter: every rank's chunk r, dequantised and summed in
+    fp32 in rank order (the same arithmetic as the all-reduce's owner), into ``out``."""
+    recv = POOL.take(send.numel(), torch.uint8, send.device).view_as(send)
+    _comm.all_to_all(recv.view(-1), send.view(-1), group, None, label)
+    POOL.give(send)
+    parts = _from_segments(recv, plan)  # (N, C)
+    POOL.give(recv)
+    out.copy_(parts[0])
+    for s in range(1, plan.n):  # fixed rank order: the same sum as a reference
+        out += parts[s]
+    if average:
+        out /= plan.n
+    POOL.give(parts)
+    return out
 
 
 def run_stages(group, device: torch.device, stages: Any,

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lookahead_dist import LocalSGDOptions, Lookahead
+from lookahead_dist._quant import dequantize, quantize_with_feedback
 from tests.distributed._spawn import run_ranks
 
 pytestmark = pytest.mark.distributed
@@ -80,11 +81,47 @@ def split_midpoint(nbytes: list[int], num_fragments: int) -> list[list[int]]:
     return out
 
 
-def simulate_eager(steps, k, num_fragments, rule, outer=None, lr=ALPHA):
+def _segments(tensors, n: int, block: int) -> torch.Tensor:
+    """The sharded quantised reduce-scatter's layout, written out again: segment s holds chunk s
+    (``tensor_split(n)``) of every tensor, zero-padded to a common length of whole blocks."""
+    parts = [[t.reshape(-1).tensor_split(n)[s] for t in tensors] for s in range(n)]
+    length = max(sum(c.numel() for c in seg) for seg in parts)
+    length = -(-length // block) * block
+    return torch.cat([F.pad(torch.cat(seg), (0, length - sum(c.numel() for c in seg))) for seg in parts])
+
+
+def _unsegment(buf: torch.Tensor, like, n: int) -> list[torch.Tensor]:
+    length, out = buf.numel() // n, [[] for _ in like]
+    for s in range(n):
+        o = s * length
+        for i, t in enumerate(like):
+            c = t.reshape(-1).tensor_split(n)[s].numel()
+            out[i].append(buf[o:o + c])
+            o += c
+    return [torch.cat(pieces).view_as(t) for pieces, t in zip(out, like)]
+
+
+def quantized_mean(own, res, bits: int, block: int) -> list[torch.Tensor]:
+    """The sharded quantised reduce-scatter of the outer gradients ``own[r]`` (per worker, per
+    tensor), by hand: each worker quantises its whole outer gradient in the layout above with its
+    own error-feedback residual ``res[r]`` (updated), the dequantised values are summed in fp32 in
+    worker order and halved."""
+    total = None
+    for r in range(len(own)):
+        x, e = _segments(own[r], len(own), block), _segments(res[r], len(own), block)
+        sent = dequantize(quantize_with_feedback(x, e, bits=bits, block_size=block))
+        for t, v in zip(res[r], _unsegment(e, res[r], len(own))):
+            t.copy_(v)
+        total = sent.clone() if total is None else total + sent
+    return _unsegment(total * (1 / len(own)), own[0], len(own))
+
+
+def simulate_eager(steps, k, num_fragments, rule, outer=None, lr=ALPHA, quant=None):
     """Two workers from model 0 on ranks 0 and 1's data, Note [Eager outer updates] by hand.
 
     ``outer(slow_params) -> Optimizer`` (default: the Lookahead step, SGD with lr ``ALPHA``);
-    ``lr`` is its learning rate (eta of the eager restart point)."""
+    ``lr`` is its learning rate (eta of the eager restart point); ``quant=(bits, block)``: the
+    outer gradients travel by :func:`quantized_mean` (sharded, quantised)."""
     base = make_model(0)
     workers = [copy.deepcopy(base) for _ in range(2)]
     inner = [sgd(w.parameters()) for w in workers]
@@ -93,6 +130,7 @@ def simulate_eager(steps, k, num_fragments, rule, outer=None, lr=ALPHA):
     outer_opt = (outer or (lambda ps: torch.optim.SGD(ps, lr=ALPHA)))(slow)
     frags = split_midpoint([p.numel() * 4 for p in slow], num_fragments)
     stride, pending = k // num_fragments, {}
+    residual = [[torch.zeros_like(p) for p in slow] for _ in workers]
     for t in range(steps):
         for r, (w, o) in enumerate(zip(workers, inner)):
             o.zero_grad()
@@ -105,7 +143,13 @@ def simulate_eager(steps, k, num_fragments, rule, outer=None, lr=ALPHA):
         with torch.no_grad():
             fast = [list(w.parameters()) for w in workers]
             own = [{j: start[r][j] - fast[r][j] for j in frags[f]} for r in range(2)]  # Delta_i(t)
-            old, pending[f] = pending.get(f), {j: (own[0][j] + own[1][j]) / 2 for j in frags[f]}
+            old = pending.get(f)
+            if quant is None:
+                pending[f] = {j: (own[0][j] + own[1][j]) / 2 for j in frags[f]}
+            else:
+                mean = quantized_mean([[o[j] for j in frags[f]] for o in own],
+                                      [[res[j] for j in frags[f]] for res in residual], *quant)
+                pending[f] = dict(zip(frags[f], mean))
             if old is not None:  # D(t-1) arrives: the global outer step
                 for j in frags[f]:
                     slow[j].grad = old[j]
@@ -144,6 +188,16 @@ CASES = {  # name: (options, simulation)
         dict(eager_update=True, sharded=True, num_fragments=2, outer_momentum=0.9, nesterov=True),
         dict(num_fragments=2, rule="eager", lr=ALPHA,
              outer=lambda ps: torch.optim.SGD(ps, lr=ALPHA, momentum=0.9, nesterov=True))),
+    # Sharded and quantised: each rank's whole outer gradient quantised (error feedback), the
+    # owner sums its chunk in fp32.
+    "sharded_eager_f2_int8": (
+        dict(eager_update=True, sharded=True, num_fragments=2, outer_optimizer=nesterov, comm_dtype="int8",
+             quant_block_size=8),
+        dict(num_fragments=2, rule="eager", outer=nesterov, lr=0.7, quant=(8, 8))),
+    "sharded_naive_f1_int2_momentum": (
+        dict(eager_update="naive", sharded=True, outer_momentum=0.9, comm_dtype="int2", quant_block_size=8),
+        dict(num_fragments=1, rule="naive", lr=ALPHA, quant=(2, 8),
+             outer=lambda ps: torch.optim.SGD(ps, lr=ALPHA, momentum=0.9))),
 }
 SHARDED = sorted(c for c in CASES if c.startswith("sharded_"))
 
@@ -164,8 +218,11 @@ def _runs(rank: int) -> dict:
         model = make_model(rank)  # init="broadcast": rank 0's weights
         opt = Lookahead(sgd(model.parameters()), k=K, alpha=ALPHA, local_sgd=LocalSGDOptions(**opts))
         train(model, opt, rank, 0, STEPS)
+        st = opt.local_sgd.stats
         out[name] = {"fast": flat(model.parameters()), "slow": slow_state(opt),
-                     "in_flight": sorted(opt.local_sgd.in_flight())}
+                     "in_flight": sorted(opt.local_sgd.in_flight()),
+                     "ops": {(op, kind): st.total(kind, label="params", op=op) for kind in ("payload", "calls")
+                             for op in ("all_to_all", "all_gather", "reduce_scatter", "all_reduce")}}
     # Compression: int8 with error feedback on the wire of the eager rule.
     for name, opts in {"eager_f2_int8": dict(eager_update=True, num_fragments=2, comm_dtype="int8",
                                              quant_block_size=8, outer_optimizer=nesterov),
@@ -186,6 +243,8 @@ CKPT_CASES = {
     "f2_nesterov": dict(eager_update=True, num_fragments=2, outer_optimizer=nesterov),
     "sharded_f2_nesterov": dict(eager_update=True, sharded=True, num_fragments=2, outer_optimizer=nesterov),
     "sharded_f1_naive_momentum": dict(eager_update="naive", sharded=True, outer_momentum=0.9),
+    "sharded_f2_int4_ef_nesterov": dict(eager_update=True, sharded=True, num_fragments=2, comm_dtype="int4",
+                                        quant_block_size=8, outer_optimizer=nesterov),
     "f1_int8_ef_momentum": dict(eager_update=True, comm_dtype="int8", quant_block_size=8, outer_momentum=0.9),
     "f1_naive": dict(eager_update="naive", outer_momentum=0.5),
 }
@@ -466,3 +525,24 @@ def test_sharded_eager_with_a_bf16_wire_is_the_flat_bf16_run(two_ranks):
         assert np.array_equal(sh["slow"], own_chunks(fl["slow"], rank))
         assert np.abs(fl["slow"] - fp32["slow"]).max() > 0  # it really went through bf16
         assert fl["sent"] * 2 == fp32["sent"]
+
+
+def test_sharded_quantised_eager_bytes_are_the_formula(two_ranks):
+    # int8, F=2, k=4, 14 steps: 7 launches (fragment 1 at counts 2, fragment 0 at counts 4: 4 + 3).
+    # Each puts N segments of codes + fp32 scales on the all-to-all (segment: the larger rank's
+    # chunks of the fragment, padded to whole blocks of 8); the all-gathers of the new slow chunks
+    # are those of the fp32 run, and nothing is reduce-scattered in fp32.
+    ops = two_ranks[0]["runs"]["sharded_eager_f2_int8"]["ops"]
+    fp32 = two_ranks[0]["runs"]["sharded_eager_f2_builtin_momentum"]["ops"]
+    sizes = [p.numel() for p in make_model(0).parameters()]
+    frags = split_midpoint([n * 4 for n in sizes], 2)
+
+    def payload(f: int) -> int:
+        seg = _segments([torch.zeros(sizes[j]) for j in frags[f]], 2, 8).numel() // 2
+        return 2 * (seg + 4 * seg // 8)
+
+    assert ops[("all_to_all", "calls")] == 7
+    assert ops[("all_to_all", "payload")] == 4 * payload(1) + 3 * payload(0)
+    assert ops[("reduce_scatter", "calls")] == ops[("all_reduce", "calls")] == 0
+    assert ops[("all_gather", "payload")] == fp32[("all_gather", "payload")] > 0
+    assert ops[("all_to_all", "payload")] < fp32[("reduce_scatter", "payload")] / 2

@@ -39,6 +39,9 @@ RUNS = {
     # No timeout here: gloo's reduce-scatter Work never reports is_completed() (torch 2.13), so the
     # host poll that NCCL's reliable is_completed() serves cannot be forced onto it.
     "sharded-f2t1": dict(sharded=True, num_fragments=2, fragment_sync_delay=1, timeout=None),
+    # the quantised reduce-scatter of the sharded eager sync (run_stages on the caller's thread)
+    "sharded-eager-int8-f2": dict(sharded=True, eager_update=True, num_fragments=2, comm_dtype="int8",
+                                  quant_block_size=64),
 }
 
 

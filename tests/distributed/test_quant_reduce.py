@@ -139,8 +139,56 @@ def _body(rank: int, world: int) -> dict:
                               all(same(a, b) for a, b in zip(state[False], state[True])),
                               bool(outs[True][1].isnan().any()), bool(outs[True][1].isfinite().any()))
     res["fused_lookahead"] = _fused_lookahead(world)
+    res["scatter"] = _scatter(rank, world, group)
     dist.destroy_process_group(group)
     return res
+
+
+# The quantised reduce-scatter (sharded eager sync): (bits, block, numel, average), two reduces each
+# with error feedback carried over; the padded cases leave the fused kernel's path.
+SCATTER_CASES = [(8, 8, 1000, True), (2, 8, 1000, False), (4, 8, 777, True)]
+
+
+def scatter_data(rank: int, case: int, t: int, numel: int) -> torch.Tensor:
+    return data(rank, 100 + 10 * case + t, numel)
+
+
+def _scatter(rank: int, world: int, group) -> dict:
+    from lookahead_dist._comm import CommStats
+    from lookahead_dist._quant import quantized_reduce_scatter_async, reduce_chunk_numel
+
+    out: dict = {"cases": [], "fused": {}}
+    for i, (bits, block, numel, average) in enumerate(SCATTER_CASES):
+        chunk = reduce_chunk_numel(numel, world, block_size=block)
+        e, stats, got = torch.zeros(numel), CommStats(), []
+        for t in range(2):
+            x = scatter_data(rank, i, t, numel)
+            o = torch.full((chunk,), 7.0)
+            work = quantized_reduce_scatter_async(x, group, o, bits=bits, block_size=block, average=average,
+                                                  residual=e, stats=stats, label="rs")
+            got.append(work.wait().numpy().copy())
+            assert work.wait() is o
+        out["cases"].append({"got": got, "residual": e.numpy().copy(),
+                             "stats": {(op, k): stats.total(k, label="rs", op=op)
+                                       for op in ("all_to_all", "all_gather") for k in ("payload", "calls")}})
+    for bits in (8,) if world == 2 else (4, 2):  # the sender kernels compiled above
+        numel = world * 4 * FUSED_BLOCK
+        chunk = reduce_chunk_numel(numel, world, block_size=FUSED_BLOCK)
+        state = {fused: torch.zeros(numel) for fused in (False, True)}
+        outs = {False: [], True: []}
+        for t in range(3):
+            x = data(rank, 40 + t, numel)
+            for fused in (False, True):
+                o = torch.empty(chunk)
+                outs[fused].append(quantized_reduce_scatter_async(
+                    x, group, o, bits=bits, block_size=FUSED_BLOCK, residual=state[fused], fused=fused).wait())
+        out["fused"][bits] = (all(same(a, b) for a, b in zip(outs[False], outs[True])),
+                              same(state[False], state[True]))
+    try:
+        quantized_reduce_scatter_async(torch.zeros(100), group, torch.zeros(3), bits=8, block_size=8)
+    except ValueError as exc:
+        out["bad_out"] = str(exc)
+    return out
 
 
 def same(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -295,3 +343,46 @@ def test_async_on_a_dedicated_group(ranks):
     assert results[0]["stats_at_launch"] == 2
     for res in results:
         assert res["async"] == (True, True, True, True, [world] * 3)
+
+
+def test_quantized_reduce_scatter_equals_compress_decompress_and_sum(ranks):
+    # Each rank's contribution (plus its residual) compressed and decompressed by the documented
+    # format, summed in fp32 in rank order (/N with average): rank r holds chunk r, exactly; the
+    # residual is what its send left out, carried into the second reduce.
+    world, results = ranks
+    for i, (bits, block, numel, average) in enumerate(SCATTER_CASES):
+        chunk = -(-numel // (world * block)) * block
+        e = [np.zeros(world * chunk, dtype=np.float32) for _ in range(world)]
+        for t in range(2):
+            sent = []
+            for r in range(world):
+                y = np.zeros(world * chunk, dtype=np.float32)
+                y[:numel] = scatter_data(r, i, t, numel).numpy()
+                y += e[r]
+                deq = ref_roundtrip(y, bits, block)[0]
+                e[r] = y - deq
+                e[r][numel:] = 0
+                sent.append(deq)
+            acc = sent[0].copy()
+            for v in sent[1:]:
+                acc += v
+            if average:
+                acc /= np.float32(world)
+            for r, res in enumerate(results):
+                got = res["scatter"]["cases"][i]["got"][t]
+                np.testing.assert_array_equal(got, acc[r * chunk:(r + 1) * chunk], err_msg=f"{SCATTER_CASES[i]} t={t}")
+        for r, res in enumerate(results):
+            np.testing.assert_array_equal(res["scatter"]["cases"][i]["residual"], e[r][:numel])
+        # only the all-to-all moves bytes: N segments of codes + fp32 scales
+        st = results[0]["scatter"]["cases"][i]["stats"]
+        seg = chunk * bits // 8 + 4 * chunk // block
+        assert st[("all_to_all", "payload")] == 2 * world * seg and st[("all_to_all", "calls")] == 2
+        assert st[("all_gather", "calls")] == 0
+
+
+def test_quantized_reduce_scatter_fused_equals_eager(ranks):
+    _, results = ranks
+    for res in results:
+        for bits, (outputs, residual) in res["scatter"]["fused"].items():
+            assert outputs and residual, f"int{bits}: fused and eager reduce-scatter differ"
+        assert "this rank's chunk" in res["scatter"]["bad_out"]

@@ -271,7 +271,9 @@ class PlanBuilder:
             plan.fast_chunks = [t for k in range(n) for t in per_rank[k]]
             plan.layout = BlockLayout(chunks, n)
             if self.quant_bits is not None:
-                plan.quant = BlockLayout(qchunks, self.quant_size, self.options.quant_block_size)
+                # plain sharded: the reduce-scatter's chunks are the shard chunks themselves
+                plan.quant = BlockLayout(chunks if self._scatter_quant else qchunks, self.quant_size,
+                                         self.options.quant_block_size)
             plans.append(plan)
         return plans
 
@@ -282,7 +284,7 @@ class PlanBuilder:
         sharded), its owner in the quantised reduce (None: not quantised) and ``(ou, ov)`` in that
         owner's ``lookahead_ef_owner``. Empty parts are left out (the same on every rank)."""
         out = []
-        quant = self.quant_bits is not None
+        quant = self.quant_bits is not None and not self._scatter_quant
         for rr, (o, c) in enumerate(chunk_offsets(m, self.shard_size)):
             subs = chunk_offsets(c, self.quant_size) if quant else [(0, c)]
             for q, (e, d) in enumerate(subs):

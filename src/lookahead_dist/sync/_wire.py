@@ -20,8 +20,9 @@ import torch
 
 from .. import _comm, _sync
 from .._buffers import POOL
+from .._keys import EF_RESIDUAL_KEY
 from . import streaming
-from ._plan import Launched, Plan, Reduced
+from ._plan import Launched, Plan, Reduced, cut
 
 if TYPE_CHECKING:
     from .base import SyncHost
@@ -161,7 +162,44 @@ class ShardedWire(_GatheringWire):
         with ``plan.fast``), for the eager rule (Note [Eager outer updates] in _outer.py): its
         outer gradient is measured from each rank's own start, which the owner of a chunk cannot
         know, so the ranks send progress instead of weights."""
+        if plan.quant is not None:
+            return self._reduce_scatter_quant(host, plan, start)
         return self._reduce_scatter(plan, start)
+
+    def _reduce_scatter_quant(self, host: SyncHost, plan: Plan, start: list[torch.Tensor]) -> Launched:
+        """The progress ``fast - start`` reduce-scattered at ``comm_dtype="int8"/"int4"/"int2"``
+        (:func:`~lookahead_dist._quant.quantized_reduce_scatter_async`): laid out in ``plan.quant``
+        (the shard chunks, each rank's segment padded to whole blocks), quantised with this rank's
+        whole error-feedback residual, and summed by each chunk's owner in fp32."""
+        from .. import _quant
+
+        s, ql = self.s, plan.quant
+        poison = self._poison(plan)
+        stage = POOL.take(ql.numel, torch.float32, plan.device)
+        for pad in ql.pad_views(stage):
+            pad.zero_()
+        views = ql.chunk_views(stage)
+        torch._foreach_copy_(views, plan.fast_chunks)
+        torch._foreach_sub_(views, ql.split_each(start))
+        if poison is not None:  # every block, pads included: every owner sees it
+            stage.mul_(poison)
+        residual = None
+        if s._ef:
+            res_views = ql.split_each([cut(host.state_entry(p)[EF_RESIDUAL_KEY], fsl)
+                                       for p, fsl in zip(plan.params, plan.fsl)])
+            residual = POOL.take(ql.numel, torch.float32, plan.device)
+            for pad in ql.pad_views(residual):
+                pad.zero_()
+            torch._foreach_copy_(ql.chunk_views(residual), res_views)
+        seg = torch.empty(ql.segment, dtype=torch.float32, device=plan.device)
+        work = _quant.quantized_reduce_scatter_async(
+            stage, s._qgroup, seg, bits=s.quant_bits, block_size=s.options.quant_block_size, average=False,
+            residual=residual, stats=s.stats, label="params", fused=s.options.fused_kernels)
+        if residual is not None:  # updated at launch (the send is quantised on this thread)
+            torch._foreach_copy_(res_views, ql.chunk_views(residual))
+            POOL.give(residual)
+        POOL.give(stage)  # read at launch
+        return Launched(plan, work, seg, seg, [], group=s._qgroup, progress=True)
 
     def _reduce_scatter(self, plan: Plan, start: list[torch.Tensor] | None) -> Launched:
         """Reduce-scatter the fast weights (``start`` None) or the progress ``fast - start``."""
@@ -184,6 +222,8 @@ class ShardedWire(_GatheringWire):
 
     def reduced(self, item: Launched, buf: torch.Tensor) -> Reduced:
         plan = item.plan
+        if plan.quant is not None:  # the quantised reduce-scatter: a segment padded to whole blocks
+            return Reduced(plan, plan.quant.own_views(buf, self.s.shard_rank), probe=[buf])
         d = plan.layout.own_views(buf, self.s.shard_rank)
         if not item.progress:
             torch._foreach_add_(d, plan.slow)  # d = phi - mean_i theta_i, on the owned chunk

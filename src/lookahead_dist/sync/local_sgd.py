@@ -61,7 +61,10 @@ values sent track the sums of the true values. Both residuals are per-parameter 
 checkpointed and, with fragments, naturally kept per fragment (a tensor split over fragments
 updates the slices of its pieces: Note [Fragments] in streaming.py). A sync skipped for NaN/inf zeroes
 them. Quantisation needs progress, so it runs in the flat and the hierarchical-sharded modes; the
-plain sharded mode (which reduce-scatters weights) refuses it, like bf16. The reduce runs on a
+plain sharded mode (which reduce-scatters weights) refuses it, like bf16, except with
+``eager_update``, which reduce-scatters progress: there each rank quantises its whole progress
+(``lookahead_ef_residual`` is then shaped like the parameter, ``lookahead_ef_owner`` is empty)
+and each owner keeps its fp32 sum (``_quant.quantized_reduce_scatter_async``). The reduce runs on a
 process group of its own (the same ranks, made at construction: Note [Collective group creation]
 in _backend.py), also when ``fragment_sync_delay=0``; on gloo from a worker thread, on NCCL
 enqueued from the caller's thread (Note [Asynchronous quantised all-reduce] in _quant.py).
@@ -260,6 +263,15 @@ class LocalSGD(ReplicaSync, PlanBuilder, OuterOptimizerProxy, EagerOuter, SyncSt
         self.quant_size = self.group_size
         self.quant_rank = dist.get_rank(self._qgroup if self._qgroup is not None else self.group)
         self._ef = self.quant_bits is not None and o.error_feedback
+        # Plain sharded (eager only, options.py): the progress is reduce-scattered quantised
+        # (ShardedWire.launch_progress); every rank sends the whole progress, so the sender's
+        # residual is whole like the start point, and the owner keeps its chunk in fp32 (no owner
+        # residual).
+        self._scatter_quant = self.quant_bits is not None and self.sharded and self.intra is None
+        if self._scatter_quant and self.quant_rank != self.shard_rank:
+            raise RuntimeError(
+                f"local SGD: the quantised reduce-scatter's group numbers this rank {self.quant_rank} where the "
+                f"shard group numbers it {self.shard_rank}; chunk r would reach the wrong owner")
         if o.fused_kernels:  # Note [Fused quantisation kernels]: compiled here, not inside the first sync
             from .. import _quant
 
@@ -326,7 +338,7 @@ class LocalSGD(ReplicaSync, PlanBuilder, OuterOptimizerProxy, EagerOuter, SyncSt
             entry[INFLIGHT_KEY] = torch.zeros_like(slow)
             entry[INFLIGHT_DUE_KEY] = 0
         if self._ef:
-            entry[EF_RESIDUAL_KEY] = torch.zeros_like(slow, dtype=torch.float32)
+            entry[EF_RESIDUAL_KEY] = torch.zeros(self._residual_shape(p), dtype=torch.float32, device=slow.device)
             entry[EF_OWNER_KEY] = torch.zeros(self._owner_numel(slow.numel()), dtype=torch.float32,
                                               device=slow.device)
         if self.eager_rule is not None:
@@ -337,7 +349,14 @@ class LocalSGD(ReplicaSync, PlanBuilder, OuterOptimizerProxy, EagerOuter, SyncSt
         return entry
 
     def _owner_numel(self, numel: int) -> int:
+        if self._scatter_quant:  # the owner's chunk stays fp32: nothing to requantise
+            return 0
         return _comm.chunk_sizes(numel, self.quant_size)[self.quant_rank]
+
+    def _residual_shape(self, p: torch.Tensor) -> torch.Size:
+        """The sender's error-feedback residual: shaped like the slow weight, or, plain sharded,
+        like the whole parameter (this rank sends its whole progress)."""
+        return local_tensor(p).shape if self._scatter_quant else self.expected_shape(p)
 
     def expected_shape(self, p: torch.Tensor) -> torch.Size:
         local = local_tensor(p)
@@ -360,9 +379,10 @@ class LocalSGD(ReplicaSync, PlanBuilder, OuterOptimizerProxy, EagerOuter, SyncSt
                 out[INFLIGHT_KEY] = torch.zeros(shape, dtype=dtype, device=device)
             out[INFLIGHT_DUE_KEY] = int(saved.get(INFLIGHT_DUE_KEY, 0))
         if self._ef:
+            rshape = self._residual_shape(p)
             out[EF_RESIDUAL_KEY] = (
-                self._restore_tensor(p, saved[EF_RESIDUAL_KEY], torch.float32, name, EF_RESIDUAL_KEY)
-                if EF_RESIDUAL_KEY in saved else torch.zeros(shape, dtype=torch.float32, device=device))
+                self._restore_tensor(p, saved[EF_RESIDUAL_KEY], torch.float32, name, EF_RESIDUAL_KEY, shape=rshape)
+                if EF_RESIDUAL_KEY in saved else torch.zeros(rshape, dtype=torch.float32, device=device))
             owner = torch.Size([self._owner_numel(shape.numel())])
             value = saved.get(EF_OWNER_KEY)
             if value is None:

@@ -96,10 +96,11 @@ class LocalSGDOptions:
             (a delay of one whole outer step) with the eager rule of Kale, Douillard & Donchev
             (2025, arXiv 2502.12996); ``"naive"``: the same delay with the naive delayed rule (for
             comparison); ``False`` (default): off (Note [Eager outer updates] in sync/_outer.py).
-            With ``sharded=True`` the outer gradient (progress) is reduce-scattered, in fp32 or a
-            float ``comm_dtype`` (hierarchical: chunk r all-reduced across the groups, any
-            ``comm_dtype``), each rank steps its own chunk, and the new slow weights are
-            all-gathered at the sync. Not with ``fragment_sync_delay > 0``,
+            With ``sharded=True`` the outer gradient (progress) is reduce-scattered in
+            ``comm_dtype`` (int8/int4/int2: quantised by each sender with a whole-size
+            error-feedback residual, summed by the owner in fp32; hierarchical: chunk r
+            all-reduced across the groups), each rank steps its own chunk, and the new slow
+            weights are all-gathered at the sync (in the parameters' dtype). Not with ``fragment_sync_delay > 0``,
             ``fragment_update_alpha > 0`` or a ``manager``.
         fused_kernels: with ``comm_dtype="int8"/"int4"/"int2"`` (dense), run the sender's
             quantisation with error feedback and the owner's sum-and-requantise as
@@ -158,14 +159,9 @@ class LocalSGDOptions:
                 raise ValueError(
                     f"LocalSGDOptions `comm_dtype={self.comm_dtype}` needs the full slow weights on each rank to "
                     "send progress; with `sharded=True` the fast weights themselves are reduce-scattered. Use "
-                    "sharded=False, or an intra_group (hierarchical sharding sends progress)"
+                    "sharded=False, an intra_group (hierarchical sharding sends progress), or eager_update=True (the "
+                    "eager rule reduce-scatters progress)"
                 )
-            if isinstance(self.comm_dtype, str):  # eager + sharded reduce-scatters progress: a float wire only
-                raise ValueError(
-                    f"LocalSGDOptions `comm_dtype={self.comm_dtype!r}` with `eager_update` and `sharded=True`: the "
-                    "outer gradients are reduce-scattered, which takes a float wire (None or torch.bfloat16/"
-                    "float16), not a quantised one; use an intra_group (hierarchical sharding quantises chunk "
-                    "r across the groups) or sharded=False")
         self._check_streaming()
         self._check_sparse()
         self._check_fused()
