@@ -252,8 +252,8 @@ class EagerOuter:
     start point :math:`x_i` stays whole on every rank (``lookahead_eager_start`` is shaped like the
     parameter; ``Plan.fsl`` indexes it). ``comm_dtype`` applies to the scatter: bf16, or
     int8/int4/int2 as a quantised reduce-scatter (each sender's whole progress quantised with a
-    whole-size error-feedback residual, each owner's fp32 sum kept as it is). Hierarchical sharded (``intra_group``): i counts the
-    replicas (the groups, identical inside), local rank r carries chunk r of its replica's progress
+    whole-size error-feedback residual, each owner's fp32 sum kept as it is). Hierarchical sharded
+    (``intra_group``): i counts the replicas (the groups, identical inside), local rank r carries chunk r of its replica's progress
     across the groups (``comm_dtype`` applies), steps chunk r, and the group all-gathers the new
     chunks at the restart. Not supported: ``fragment_sync_delay > 0`` and
     ``fragment_update_alpha > 0`` (the delay is one outer step and the restart point is
