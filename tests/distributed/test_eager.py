@@ -282,12 +282,12 @@ def _checkpoint_in_flight(rank: int) -> dict:
     return out
 
 
-def _sync_now(rank: int, sharded: bool = False) -> dict:
+def _sync_now(rank: int, sharded: bool = False, **wire) -> dict:
     """``sync_now()`` with collectives in flight: every rank ends on the same weights."""
     model = make_model(rank)
     opt = Lookahead(sgd(model.parameters()), k=K, alpha=ALPHA,
                     local_sgd=LocalSGDOptions(eager_update=True, num_fragments=2, outer_momentum=0.9,
-                                              sharded=sharded))
+                                              sharded=sharded, **wire))
     train(model, opt, rank, 0, 6)
     opt.sync_now()
     after = flat(model.parameters())
@@ -295,7 +295,7 @@ def _sync_now(rank: int, sharded: bool = False) -> dict:
     return {"after": after, "slow": slow_state(opt), "in_flight": opt.local_sgd.in_flight()}
 
 
-def _nonfinite(rank: int, sharded: bool = False) -> dict:
+def _nonfinite(rank: int, sharded: bool = False, **wire) -> dict:
     """A NaN in rank 1's fast weights before step 6 (F=1, k=4): its outer gradient launched at step 7
     is non-finite, so the average applied at step 11 is skipped by both ranks, which restart from
     the same slow weights and drop the collective launched at step 11."""
@@ -303,7 +303,7 @@ def _nonfinite(rank: int, sharded: bool = False) -> dict:
 
     model = make_model(rank)
     opt = Lookahead(sgd(model.parameters()), k=K, alpha=ALPHA,
-                    local_sgd=LocalSGDOptions(eager_update=True, outer_optimizer=nesterov, sharded=sharded))
+                    local_sgd=LocalSGDOptions(eager_update=True, outer_optimizer=nesterov, sharded=sharded, **wire))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         train(model, opt, rank, 0, 6)
@@ -314,15 +314,18 @@ def _nonfinite(rank: int, sharded: bool = False) -> dict:
         after = flat(model.parameters())
         in_flight = opt.local_sgd.in_flight()
         train(model, opt, rank, 12, STEPS + 4)
+    residuals = [v for st in opt.state.values() for key, v in st.items() if key == "lookahead_ef_residual"]
     return {"after": after, "in_flight": in_flight, "skipped": opt.nonfinite_syncs, "slow": slow_state(opt),
-            "fast": flat(model.parameters())}
+            "fast": flat(model.parameters()), "residuals_finite": [bool(r.isfinite().all()) for r in residuals]}
 
 
 def _body(rank: int, world_size: int) -> dict:
     torch.use_deterministic_algorithms(True)
     return {"runs": _runs(rank), "checkpoint": _checkpoint_in_flight(rank),
-            "sync_now": {"flat": _sync_now(rank), "sharded": _sync_now(rank, sharded=True)},
-            "nonfinite": {"flat": _nonfinite(rank), "sharded": _nonfinite(rank, sharded=True)}}
+            "sync_now": {"flat": _sync_now(rank), "sharded": _sync_now(rank, sharded=True),
+                         "sharded_int8": _sync_now(rank, sharded=True, comm_dtype="int8", quant_block_size=8)},
+            "nonfinite": {"flat": _nonfinite(rank), "sharded": _nonfinite(rank, sharded=True),
+                          "sharded_int8": _nonfinite(rank, sharded=True, comm_dtype="int8", quant_block_size=8)}}
 
 
 @pytest.fixture(scope="module")
@@ -391,11 +394,14 @@ def test_checkpoint_with_a_collective_in_flight_resumes_exactly(two_ranks, case)
         assert v["continued_equal"] and v["fast_equal"] and v["slow_equal"] and v["state_equal"], v
 
 
-@pytest.mark.parametrize("mode", ["flat", "sharded"])
+@pytest.mark.parametrize("mode", ["flat", "sharded", "sharded_int8"])
 def test_sync_now_applies_what_is_in_flight_and_aligns_the_ranks(two_ranks, mode):
     a, b = (res["sync_now"][mode] for res in two_ranks)
     assert np.array_equal(a["after"], b["after"])
-    if mode == "flat":
+    if mode == "sharded_int8":  # the in-flight int8 averages applied, then a blocking fp32 sync
+        flat_ = two_ranks[0]["sync_now"]["sharded"]
+        assert 0 < np.abs(a["after"] - flat_["after"]).max() < 2e-2
+    elif mode == "flat":
         assert np.array_equal(a["slow"], b["slow"])
     else:  # each rank's chunk of the weights the flat run ends on (the blocking sharded sync
         # averages weights, the flat one progress: equal up to rounding)
@@ -406,13 +412,15 @@ def test_sync_now_applies_what_is_in_flight_and_aligns_the_ranks(two_ranks, mode
                                        rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("mode", ["flat", "sharded"])
+@pytest.mark.parametrize("mode", ["flat", "sharded", "sharded_int8"])
 def test_nan_on_one_rank_is_skipped_alike_and_the_ranks_recover(two_ranks, mode):
     a, b = (res["nonfinite"][mode] for res in two_ranks)
     assert a["skipped"] == b["skipped"] == 1
     assert np.array_equal(a["after"], b["after"]) and np.isfinite(a["after"]).all()  # both restart from phi
     assert a["in_flight"] == b["in_flight"] == []  # the collective launched with the NaN was dropped
-    if mode == "flat":
+    if mode == "sharded_int8":  # the residuals that absorbed the NaN were zeroed
+        assert a["residuals_finite"] and all(a["residuals_finite"]) and all(b["residuals_finite"])
+    elif mode == "flat":
         assert np.array_equal(a["slow"], b["slow"]) and np.isfinite(a["slow"]).all()
     else:  # each rank's chunk of the flat run's slow weights, and its fast weights: the same skip
         for rank, res in enumerate(two_ranks):

@@ -93,6 +93,7 @@ class Launched:
     group: Any = None                # the process group of ``work`` (its backend traits decide the wait)
     pooled: list[torch.Tensor | None] = field(default_factory=list)  # given back to POOL once applied
     progress: bool = False           # sharded: ``buf`` holds a sum of progress, not of fast weights
+    quant_scatter: bool = False      # sharded eager: ``buf`` is a segment of ``plan.quant`` (padded to blocks)
 
 
 UNDECIDED: Any = object()

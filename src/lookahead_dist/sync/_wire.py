@@ -199,7 +199,7 @@ class ShardedWire(_GatheringWire):
             torch._foreach_copy_(res_views, ql.chunk_views(residual))
             POOL.give(residual)
         POOL.give(stage)  # read at launch
-        return Launched(plan, work, seg, seg, [], group=s._qgroup, progress=True)
+        return Launched(plan, work, seg, seg, [], group=s._qgroup, progress=True, quant_scatter=True)
 
     def _reduce_scatter(self, plan: Plan, start: list[torch.Tensor] | None) -> Launched:
         """Reduce-scatter the fast weights (``start`` None) or the progress ``fast - start``."""
@@ -222,7 +222,7 @@ class ShardedWire(_GatheringWire):
 
     def reduced(self, item: Launched, buf: torch.Tensor) -> Reduced:
         plan = item.plan
-        if plan.quant is not None:  # the quantised reduce-scatter: a segment padded to whole blocks
+        if item.quant_scatter:  # the quantised reduce-scatter: a segment padded to whole blocks
             return Reduced(plan, plan.quant.own_views(buf, self.s.shard_rank), probe=[buf])
         d = plan.layout.own_views(buf, self.s.shard_rank)
         if not item.progress:
