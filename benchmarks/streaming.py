@@ -111,6 +111,12 @@ def rows(taus: dict[tuple[int, str], int]) -> list[Spec]:
     out.append(Spec("eager-sparse3", f"eager F={EAGER_F}, top-3% at int2", (*eager, "--comm-dtype", "int2",
                                                                            "--topk-fraction", "0.03"),
                     fragments=EAGER_F, wire="int2 top-3%", group="eager"))
+    # Sharded slow weights (each rank 1/N): the eager rule reduce-scatters progress, quantised or
+    # not, and all-gathers the new slow chunks in fp32.
+    for dt in ("fp32", "int8", "int2"):
+        out.append(Spec(f"eager-sharded-{dt}", f"eager F={EAGER_F}, sharded, {dt} scatter + fp32 gather",
+                        (*eager, "--local-sgd-sharded", *(() if dt == "fp32" else ("--comm-dtype", dt))),
+                        fragments=EAGER_F, wire=dt, group="eager"))
     out.append(Spec("sparse2", "blocking, top-2% at int2", (*ls, "--comm-dtype", "int2", "--topk-fraction", "0.02"),
                     wire="int2 top-2%", group="blocking"))
     # Issue 16's control rows: each streaming row's bytes on the same schedule, as a bare async

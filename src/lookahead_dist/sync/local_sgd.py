@@ -263,10 +263,7 @@ class LocalSGD(ReplicaSync, PlanBuilder, OuterOptimizerProxy, EagerOuter, SyncSt
         self.quant_size = self.group_size
         self.quant_rank = dist.get_rank(self._qgroup if self._qgroup is not None else self.group)
         self._ef = self.quant_bits is not None and o.error_feedback
-        # Plain sharded (eager only, options.py): the progress is reduce-scattered quantised
-        # (ShardedWire.launch_progress); every rank sends the whole progress, so the sender's
-        # residual is whole like the start point, and the owner keeps its chunk in fp32 (no owner
-        # residual).
+        # Plain sharded (eager only): a quantised reduce-scatter of progress (Note [Quantised sync])
         self._scatter_quant = self.quant_bits is not None and self.sharded and self.intra is None
         if self._scatter_quant and self.quant_rank != self.shard_rank:
             raise RuntimeError(
