@@ -297,6 +297,7 @@ FUSED = [f"s{f}-{dt}-fused" for f in FRAGMENTS for dt in DTYPES if dt.startswith
 ORDER = ["ddp", "block-fp32", "block-fp32-base", "block-bf16", "sparse2", *[f"s{f}-{dt}" for f in FRAGMENTS for dt in DTYPES],
          *FUSED,
          "eager-fp32", "eager-int8", "eager-int4", "eager-int2", "eager-sparse2", "eager-sparse3",
+         "eager-sharded-fp32", "eager-sharded-int8", "eager-sharded-int2",
          "torch-plsgd", "accel-lsgd", *[f"ft-f{f}" for f in FRAGMENTS],
          *[f"t{f}-{dt}" for f in FRAGMENTS for dt in DTYPES], "t-sparse2"]
 
