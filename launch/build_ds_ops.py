@@ -29,13 +29,27 @@ OPS = {
 
 
 def built(name: str) -> bool:
-    """The op loads without compiling: prebuilt into DeepSpeed, or already in the JIT cache."""
+    """The op loads without compiling: prebuilt into DeepSpeed, or in the JIT cache *for this
+    environment*. A cached build made from another virtualenv (its command lines name that one's
+    torch) or older than DeepSpeed's sources (a fresh install) is rebuilt by the JIT at its first
+    load, in whichever test loads it first, inside that test's timeout: so it counts as not built."""
+    import deepspeed
+    import torch
     from deepspeed.git_version_info import installed_ops
     from torch.utils.cpp_extension import _get_build_directory
 
     if installed_ops.get(name):
         return True
-    return os.path.exists(os.path.join(_get_build_directory(name, verbose=False), f"{name}.so"))
+    where = _get_build_directory(name, verbose=False)
+    so, ninja = os.path.join(where, f"{name}.so"), os.path.join(where, "build.ninja")
+    if not (os.path.exists(so) and os.path.exists(ninja)):
+        return False
+    with open(ninja) as f:
+        if os.path.dirname(torch.__file__) not in f.read():
+            return False
+    csrc = os.path.join(os.path.dirname(deepspeed.__file__), "ops", "csrc")
+    newest = max((os.path.getmtime(os.path.join(d, f)) for d, _, files in os.walk(csrc) for f in files), default=0.0)
+    return os.path.getmtime(so) >= newest
 
 
 STALE_LOCK_S = 20 * 60  # a build takes 1-3 minutes; a lock this old was left by a killed build
@@ -66,18 +80,24 @@ def main(names: list[str]) -> int:
     if unknown:
         print(f"[build_ds_ops] unknown op(s) {unknown}; known: {sorted(OPS)}", file=sys.stderr)
         return 2
+    todo = [n for n in names if not built(n)]
+    if len(todo) > 1:  # two at a time, each in its own process: about 1.5x faster on 2 cores
+        import subprocess
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            codes = list(pool.map(lambda n: subprocess.run([sys.executable, __file__, n]).returncode, todo))
+        return max(codes)
     accelerator = get_accelerator()
     failed = []
-    for name in names:
-        if built(name):
-            continue
+    for name in todo:
         builder = accelerator.create_op_builder(OPS[name])
         if builder is None or not builder.is_compatible(verbose=False):
             print(f"[build_ds_ops] {name}: no build for the {accelerator._name} accelerator; skipped",
                   file=sys.stderr)
             continue
         clear_stale_lock(name)
-        print(f"[build_ds_ops] building DeepSpeed op {name} (first run only, about 1-3 minutes)",
+        print(f"[build_ds_ops] building DeepSpeed op {name} (first run in this environment, about 1-3 minutes)",
               file=sys.stderr, flush=True)
         start = time.perf_counter()
         try:
