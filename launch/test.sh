@@ -8,7 +8,7 @@ cd "$ROOT"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 PY="$ROOT/.venv/bin/python"
 # DeepSpeed JIT-compiles its C++ optimizers on first use; build the ones the tests use now, once
-# (cached in ~/.cache/torch_extensions: ~6 minutes on a fresh 2-core machine, ~1 s afterwards), so
+# (cached in ~/.cache/torch_extensions: ~3-4 minutes in a new environment on 2 cores, ~3 s afterwards), so
 # that a fresh machine runs every DeepSpeed case instead of skipping it.
 "$PY" "$ROOT/launch/build_ds_ops.py"
 "$PY" -m pytest tests -q -ra "$@"
