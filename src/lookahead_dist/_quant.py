@@ -484,11 +484,7 @@ def _stage_reduce(send: torch.Tensor, plan: _Plan, group, average: bool, owner_r
         return _gather_result(mine, plan, group, out, label)
     parts = _from_segments(recv, plan)  # (N, C): every rank's chunk r (a pooled buffer of ours)
     POOL.give(recv)
-    acc = parts[0]
-    for s in range(1, plan.n):  # fixed rank order: the same sum on every rank and in a reference
-        acc += parts[s]
-    if average:
-        acc /= plan.n
+    acc = _rank_order_sum(parts, average, parts[0])
     if owner_residual is not None:
         acc += owner_residual.view(-1)
     q, scales = _quantize_blocks(acc.view(-1, plan.block_size), _QMAX[plan.bits])
@@ -659,6 +655,14 @@ def _is_default_group(group) -> bool:
     return group is None or group is dist.GroupMember.WORLD
 
 
+def _refuse_default_group(group, name: str) -> None:
+    if _is_default_group(group):
+        raise ValueError(
+            f"{name} runs its collectives on a background thread and needs a process group that nothing else "
+            "uses, got the default group; create one on every rank with torch.distributed.new_group(ranks) and "
+            "pass it as `group`")
+
+
 def quantized_all_reduce_async(flat: torch.Tensor, group: dist.ProcessGroup, *, bits: int,
                                block_size: int = DEFAULT_BLOCK_SIZE, average: bool = True,
                                residual: torch.Tensor | None = None,
@@ -671,12 +675,7 @@ def quantized_all_reduce_async(flat: torch.Tensor, group: dist.ProcessGroup, *, 
     ``owner_residual`` belong to the background work until ``wait()`` returns. ``group`` must be a
     process group used only by these reduces (not the default group).
     """
-    if _is_default_group(group):
-        raise ValueError(
-            "quantized_all_reduce_async runs its collectives on a background thread and needs a process "
-            "group that nothing else uses, got the default group; create one on every rank with "
-            "torch.distributed.new_group(ranks) and pass it as `group`"
-        )
+    _refuse_default_group(group, "quantized_all_reduce_async")
     plan = _validate(flat, group, bits, block_size, residual, owner_residual, out, fused)
     if plan.numel == 0:  # the same on every rank: nothing to send
         done: Future = Future()
@@ -707,11 +706,7 @@ def quantized_reduce_scatter_async(flat: torch.Tensor, group: dist.ProcessGroup,
     the compiled kernel. The group rules and the two execution paths are those of
     :func:`quantized_all_reduce_async`.
     """
-    if _is_default_group(group):
-        raise ValueError(
-            "quantized_reduce_scatter_async runs its collectives on a background thread and needs a process "
-            "group that nothing else uses, got the default group; create one on every rank with "
-            "torch.distributed.new_group(ranks) and pass it as `group`")
+    _refuse_default_group(group, "quantized_reduce_scatter_async")
     plan = _validate(flat, group, bits, block_size, residual, None, None, fused)
     if out.dim() != 1 or out.dtype != torch.float32 or out.numel() != plan.chunk or not out.is_contiguous():
         raise ValueError(f"out must be a contiguous 1-D fp32 tensor of {plan.chunk} elements (this rank's chunk), "
@@ -736,13 +731,19 @@ def _stage_scatter(send: torch.Tensor, plan: _Plan, group, average: bool, out: t
     POOL.give(send)
     parts = _from_segments(recv, plan)  # (N, C)
     POOL.give(recv)
-    out.copy_(parts[0])
-    for s in range(1, plan.n):  # fixed rank order: the same sum as a reference
-        out += parts[s]
-    if average:
-        out /= plan.n
+    _rank_order_sum(parts, average, out.copy_(parts[0]))
     POOL.give(parts)
     return out
+
+
+def _rank_order_sum(parts: torch.Tensor, average: bool, acc: torch.Tensor) -> torch.Tensor:
+    """``acc`` (holding ``parts[0]``) += ``parts[1..N-1]`` in rank order, then / N with ``average``:
+    a fixed order, so every rank and a reference add the same way."""
+    for s in range(1, parts.shape[0]):
+        acc += parts[s]
+    if average:
+        acc /= parts.shape[0]
+    return acc
 
 
 def run_stages(group, device: torch.device, stages: Any,

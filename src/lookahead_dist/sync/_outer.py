@@ -253,9 +253,9 @@ class EagerOuter:
     parameter; ``Plan.fsl`` indexes it). ``comm_dtype`` applies to the scatter: bf16, or
     int8/int4/int2 as a quantised reduce-scatter (each sender's whole progress quantised with a
     whole-size error-feedback residual, each owner's fp32 sum kept as it is). Hierarchical sharded
-    (``intra_group``): i counts the replicas (the groups, identical inside), local rank r carries chunk r of its replica's progress
-    across the groups (``comm_dtype`` applies), steps chunk r, and the group all-gathers the new
-    chunks at the restart. Not supported: ``fragment_sync_delay > 0`` and
+    (``intra_group``): i counts the replicas (the groups, identical inside), local rank r carries
+    chunk r of its replica's progress across the groups (``comm_dtype`` applies), steps chunk r,
+    and the group all-gathers the new chunks at the restart. Not supported: ``fragment_sync_delay > 0`` and
     ``fragment_update_alpha > 0`` (the delay is one outer step and the restart point is
     :math:`x_i`), a torchft ``manager``.
     A non-finite :math:`D` (every rank sees the same) skips its outer step, drops the unit's

@@ -170,6 +170,13 @@ def chunk_offsets(numel: int, n: int) -> list[tuple[int, int]]:
     return out
 
 
+def zero_pads(layout: Any, buf: torch.Tensor) -> torch.Tensor:
+    """``buf`` with the padding of ``layout`` zeroed (the chunks are about to be written whole)."""
+    for pad in layout.pad_views(buf):
+        pad.zero_()
+    return buf
+
+
 def cut(t: torch.Tensor, sl: slice | None) -> torch.Tensor:
     """The flat view of per-parameter state ``t``, or its range ``sl`` (a piece's part)."""
     v = flat_view(t)

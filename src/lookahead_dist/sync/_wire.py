@@ -22,7 +22,7 @@ from .. import _comm, _sync
 from .._buffers import POOL
 from .._keys import EF_RESIDUAL_KEY
 from . import streaming
-from ._plan import Launched, Plan, Reduced, cut
+from ._plan import Launched, Plan, Reduced, cut, zero_pads
 
 if TYPE_CHECKING:
     from .base import SyncHost
@@ -175,9 +175,7 @@ class ShardedWire(_GatheringWire):
 
         s, ql = self.s, plan.quant
         poison = self._poison(plan)
-        stage = POOL.take(ql.numel, torch.float32, plan.device)
-        for pad in ql.pad_views(stage):
-            pad.zero_()
+        stage = zero_pads(ql, POOL.take(ql.numel, torch.float32, plan.device))
         views = ql.chunk_views(stage)
         torch._foreach_copy_(views, plan.fast_chunks)
         torch._foreach_sub_(views, ql.split_each(start))
@@ -187,9 +185,7 @@ class ShardedWire(_GatheringWire):
         if s._ef:
             res_views = ql.split_each([cut(host.state_entry(p)[EF_RESIDUAL_KEY], fsl)
                                        for p, fsl in zip(plan.params, plan.fsl)])
-            residual = POOL.take(ql.numel, torch.float32, plan.device)
-            for pad in ql.pad_views(residual):
-                pad.zero_()
+            residual = zero_pads(ql, POOL.take(ql.numel, torch.float32, plan.device))
             torch._foreach_copy_(ql.chunk_views(residual), res_views)
         seg = torch.empty(ql.segment, dtype=torch.float32, device=plan.device)
         work = _quant.quantized_reduce_scatter_async(

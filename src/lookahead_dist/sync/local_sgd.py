@@ -152,7 +152,7 @@ from .._keys import (
 from .._sync import local_tensor
 from . import streaming
 from ._outer import EagerOuter, OuterOptimizerProxy, outer_step_
-from ._plan import UNDECIDED, Launched, Plan, PlanBuilder, Reduced, Unit, cut
+from ._plan import UNDECIDED, Launched, Plan, PlanBuilder, Reduced, Unit, cut, zero_pads
 from ._replicas import ReplicaSync, ranks_in
 from ._wire import FlatWire, HierarchicalWire, ShardedWire, Wire
 from .base import SyncHost, SyncStrategy
@@ -171,13 +171,6 @@ __all__ = [
     "LocalSGDOptions",
     "make_local_sgd",
 ]
-
-
-def _zero_pads(layout: Any, buf: torch.Tensor) -> torch.Tensor:
-    """``buf`` with the padding of ``layout`` zeroed (the chunks are about to be written whole)."""
-    for pad in layout.pad_views(buf):
-        pad.zero_()
-    return buf
 
 
 def make_local_sgd(local_sgd: bool | LocalSGDOptions, process_group: Any = None) -> LocalSGD:
@@ -635,7 +628,7 @@ class LocalSGD(ReplicaSync, PlanBuilder, OuterOptimizerProxy, EagerOuter, SyncSt
         from .. import _quant
 
         ql = plan.quant
-        qstage = _zero_pads(ql, POOL.take(ql.numel, torch.float32, plan.device))  # Note [Buffer reuse]
+        qstage = zero_pads(ql, POOL.take(ql.numel, torch.float32, plan.device))  # Note [Buffer reuse]
         if views is None:
             qviews = ql.chunk_views(qstage)
             torch._foreach_copy_(qviews, ql.split_each(plan.fast))
@@ -648,7 +641,7 @@ class LocalSGD(ReplicaSync, PlanBuilder, OuterOptimizerProxy, EagerOuter, SyncSt
         sparse = self.options.topk_fraction is not None
         if self._ef:
             entries = [host.state_entry(p) for p in plan.params]
-            residual = _zero_pads(ql, POOL.take(ql.numel, torch.float32, plan.device))
+            residual = zero_pads(ql, POOL.take(ql.numel, torch.float32, plan.device))
             res_views = ql.split_each([cut(e[EF_RESIDUAL_KEY], sl) for e, sl in zip(entries, plan.sl)])
             torch._foreach_copy_(ql.chunk_views(residual), res_views)
             if not sparse:  # the sparse exchange does not requantise: its owner residual stays zero
