@@ -63,6 +63,9 @@ EXTRA = (
     ("eager-fp32/F1", dict(eager_update=True), 1e-4),
     ("eager-int4/F4", dict(eager_update=True, comm_dtype="int4", num_fragments=4), 5e-2),
     ("naive-fp32/F1", dict(eager_update="naive"), 1e-4),
+    ("eager-int8/F2", dict(eager_update=True, sharded=True, comm_dtype="int8", num_fragments=2), 5e-2),
+    ("eager-int2-top2pct/F2", dict(eager_update=True, sharded=True, comm_dtype="int2", topk_fraction=0.02,
+                                   num_fragments=2), 5e-2),
 )
 
 
@@ -268,7 +271,7 @@ def _cases(device: Any, steps: int, group: Any, cpu_group: Any) -> list[tuple[st
                 raise AssertionError(f"{device.type} vs gloo/CPU: max rel diff {d:.2e} > {tol:.0e}")
             return f"max rel diff vs gloo/CPU {d:.1e} (tol {tol:.0e})"
 
-        cases.append((f"parity/flat/{name}", extra))
+        cases.append((f"parity/{'sharded' if options.get('sharded') else 'flat'}/{name}", extra))
 
     # fused_kernels=True (Note [Fused quantisation kernels]) against the eager kernels on the same
     # device: bit for bit on a CPU (tested); on a GPU the compiled (Triton) division may round

@@ -63,6 +63,17 @@ per parameter against 64, and the all-gather remains cheaper than the dense fp32
 ``N ~ 2 * 32 / 0.21 ~ 300`` ranks, cheaper than a dense int2 one (``2 * 2.06`` bits) up to about 20.
 Decoding costs ``N`` scatters of ``k / 256`` of the buffer plus one dense pass.
 
+**Sharded slow weights** (``sharded=True`` with ``eager_update``, where each chunk's owner keeps
+the fp32 mean of its chunk and nothing goes back) take the reduce-scatter form
+(:func:`sparse_reduce_scatter_async`): the buffer is cut into ``N`` equal segments, each rank
+encodes every segment on its own (top-k rows and scale blocks start at the segment, so a segment
+is encoded exactly as if it were a whole buffer), and one all-to-all sends segment ``s``'s payload
+to rank ``s``, which decodes the ``N`` payloads of its segment and adds them in rank order. The
+owner's sum stays in fp32 and is not re-sparsified: the density objection above is about sending
+the union on, which the sharded mode does not do (its new slow chunks are all-gathered dense, as
+in the other wires). Each rank now sends ``(N - 1) / N`` of its payload once instead of all of it
+to every other rank: ``N`` times fewer bytes than the all-gather.
+
 The reduce reuses the worker thread / caller-thread machinery of the quantised reduce
 (:func:`lookahead_dist._quant.run_stages`): on gloo the all-gather and the decoding run on the
 group's worker thread (the encoding and the residual update are done before the launch returns);
@@ -114,6 +125,7 @@ __all__ = [
     "sparse_all_reduce_async",
     "sparse_format",
     "sparse_nbytes",
+    "sparse_reduce_scatter_async",
     "topk_per_block",
 ]
 
@@ -375,3 +387,82 @@ def sparse_all_reduce(flat: torch.Tensor, group: dist.ProcessGroup | None, *, fr
     payload = encode(flat, fmt, residual)
     _record(stats, fmt, n, label)
     return _exchange(payload, fmt, n, group, average, out, label)
+
+
+# -- the reduce-scatter form (sharded slow weights) ------------------------------------------------
+def _encode_segments(flat: torch.Tensor, fmt: SparseFormat, n: int, residual: torch.Tensor | None) -> torch.Tensor:
+    """``(n, fmt.nbytes)`` payloads: segment ``s`` (``fmt.numel`` elements of ``flat``, the last one
+    zero-padded) encoded on its own, with its slice of ``residual`` updated."""
+    c, total = fmt.numel, flat.numel()
+    send = torch.empty(n, fmt.nbytes, dtype=torch.uint8, device=flat.device)
+    for s in range(n):
+        a, b = min(s * c, total), min((s + 1) * c, total)
+        if b - a == c:
+            send[s] = encode(flat[a:b], fmt, None if residual is None else residual[a:b])
+            continue
+        # the short last segment: padded copies (a pad entry is 0 and its residual stays 0)
+        x = POOL.zeros(c, torch.float32, flat.device)
+        x[: b - a] = flat[a:b]
+        e = None
+        if residual is not None:
+            e = POOL.zeros(c, torch.float32, flat.device)
+            e[: b - a] = residual[a:b]
+        send[s] = encode(x, fmt, e)
+        if e is not None:
+            residual[a:b] = e[: b - a]
+        POOL.give(x, e)
+    return send
+
+
+def _scatter(send: torch.Tensor, fmt: SparseFormat, n: int, group, average: bool, out: torch.Tensor,
+             label: str) -> torch.Tensor:
+    """All-to-all the segment payloads; decode this rank's ``n`` and add them in rank order."""
+    recv = torch.empty_like(send)
+    _comm.all_to_all(recv.view(-1), send.view(-1), group, None, label)
+    acc = POOL.zeros(fmt.padded, torch.float32, send.device)
+    poison = torch.zeros(fmt.groups, dtype=torch.float32, device=send.device)
+    for r in range(n):  # fixed rank order, as in _exchange
+        _accumulate(acc, poison, recv[r], fmt)
+    if average:
+        acc /= n
+    out.copy_(_finish(acc, poison, fmt))
+    POOL.give(acc)
+    return out
+
+
+def sparse_reduce_scatter_async(flat: torch.Tensor, group: dist.ProcessGroup, out: torch.Tensor, *,
+                                fraction: float, bits: int, scale_block: int = DEFAULT_SCALE_BLOCK,
+                                average: bool = True, residual: torch.Tensor | None = None,
+                                stats: CommStats | None = None, label: str = "sparse") -> _quant.QuantizedAllReduceWork:
+    """Launch the sparse reduce-scatter (Note [Sparse outer gradients]) and return a handle.
+
+    ``flat`` (1-D fp32, the same length on every rank) is cut into ``N`` segments of
+    ``C = ceil(numel / N)`` elements (the last zero-padded); each is encoded on its own (with its
+    slice of ``residual``, updated before this returns) and rank ``r`` receives into ``out`` (fp32,
+    ``C`` elements) ``sum_i decode(encode(segment_r of flat_i + e_i))`` added in fp32 in rank order
+    (divided by ``N`` with ``average``). One all-to-all moves ``N`` payloads of
+    ``sparse_nbytes(C)`` per rank, recorded as ``all_to_all``. ``group`` must be a process group
+    used only by these reduces (and the quantised ones), not the default group; the execution paths
+    are those of :func:`sparse_all_reduce_async`.
+    """
+    _quant._refuse_default_group(group, "sparse_reduce_scatter_async")
+    if flat.dim() != 1 or flat.dtype != torch.float32 or not flat.is_contiguous():
+        raise ValueError(f"sparse_reduce_scatter_async expects a contiguous 1-D fp32 tensor, got shape "
+                         f"{tuple(flat.shape)} and dtype {flat.dtype}")
+    if residual is not None:
+        _quant._check_residual(residual, flat.numel(), "residual")
+    n = dist.get_world_size(group)
+    c = -(-flat.numel() // n)
+    fmt = sparse_format(c, fraction=fraction, bits=bits, scale_block=scale_block)
+    if out.dim() != 1 or out.dtype != torch.float32 or out.numel() != c or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous 1-D fp32 tensor of {c} elements (this rank's segment of "
+                         f"{flat.numel()} over {n} ranks), got {tuple(out.shape)} {out.dtype}")
+    if c == 0:
+        done: Future = Future()
+        done.set_result((out, None))
+        return _quant.QuantizedAllReduceWork(done, flat.device)
+    send = _encode_segments(flat, fmt, n, None if residual is None else residual.view(-1))
+    if stats is not None:
+        stats.record("all_to_all", label, send.numel(), n)
+    return _quant.run_stages(group, flat.device, lambda: _scatter(send, fmt, n, group, average, out, label),
+                             (send, out))

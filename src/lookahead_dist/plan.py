@@ -83,7 +83,7 @@ With ``t`` the inner step's time without communication:
   ``R > 1`` the fragment's transfer is the hierarchical-sharded sync: each local rank carries
   ``1 / R`` of the fragment across nodes (all ``R`` through the node's link, so each at
   :math:`\beta / R`), then the node all-gathers the fragment's fp32 weights (eager updates too).
-  Top-k is refused with sharded slow weights, so with ``R > 1`` it runs the *flat* hierarchical
+  Top-k is refused in the hierarchical-sharded mode, so with ``R > 1`` it runs the *flat* hierarchical
   sync: every local rank carries the whole fragment across nodes (``R`` times the node's bytes of
   the sharded sync), with no all-gather in the node.
 
@@ -428,8 +428,8 @@ def _fragment_sync(option: Option, workload: Workload, cluster: Cluster) -> Cost
     """One fragment's average across nodes (+ the node's all-gather when ``R > 1`` and sharded)."""
     r, n = cluster.ranks_per_node, cluster.nodes
     numel = -(-workload.params // option.num_fragments)
-    # hierarchical-sharded: local rank r carries chunk r across nodes; top-k refuses sharded slow
-    # weights, so there every local rank carries the whole fragment (flat hierarchical)
+    # hierarchical-sharded: local rank r carries chunk r across nodes; top-k refuses that mode, so
+    # there every local rank carries the whole fragment (flat hierarchical)
     sharded = r > 1 and option.topk_fraction is None
     per_rank = -(-numel // r) if sharded else numel
     link = _shared(cluster)

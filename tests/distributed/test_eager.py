@@ -22,6 +22,7 @@ from torch import nn
 
 from lookahead_dist import LocalSGDOptions, Lookahead
 from lookahead_dist._quant import dequantize, quantize_with_feedback
+from lookahead_dist._sparse import decode, encode, sparse_format, sparse_nbytes
 from tests.distributed._spawn import run_ranks
 
 pytestmark = pytest.mark.distributed
@@ -101,15 +102,25 @@ def _unsegment(buf: torch.Tensor, like, n: int) -> list[torch.Tensor]:
     return [torch.cat(pieces).view_as(t) for pieces, t in zip(out, like)]
 
 
-def quantized_mean(own, res, bits: int, block: int) -> list[torch.Tensor]:
+def _sparse_sent(x: torch.Tensor, e: torch.Tensor, n: int, fraction: float, bits: int) -> torch.Tensor:
+    """Each of the ``n`` segments top-k encoded on its own (with its slice of ``e``), decoded."""
+    fmt = sparse_format(x.numel() // n, fraction=fraction, bits=bits)
+    return torch.cat([decode(encode(xs, fmt, es), fmt) for xs, es in zip(x.chunk(n), e.chunk(n))])
+
+
+def quantized_mean(own, res, bits: int, block: int, fraction: float | None = None) -> list[torch.Tensor]:
     """The sharded quantised reduce-scatter of the outer gradients ``own[r]`` (per worker, per
     tensor), by hand: each worker quantises its whole outer gradient in the layout above with its
     own error-feedback residual ``res[r]`` (updated), the dequantised values are summed in fp32 in
-    worker order and halved."""
+    worker order and halved. With ``fraction``: the sparse reduce-scatter, each segment top-k
+    encoded on its own."""
     total = None
     for r in range(len(own)):
         x, e = _segments(own[r], len(own), block), _segments(res[r], len(own), block)
-        sent = dequantize(quantize_with_feedback(x, e, bits=bits, block_size=block))
+        if fraction is not None:
+            sent = _sparse_sent(x, e, len(own), fraction, bits)
+        else:
+            sent = dequantize(quantize_with_feedback(x, e, bits=bits, block_size=block))
         for t, v in zip(res[r], _unsegment(e, res[r], len(own))):
             t.copy_(v)
         total = sent.clone() if total is None else total + sent
@@ -121,7 +132,8 @@ def simulate_eager(steps, k, num_fragments, rule, outer=None, lr=ALPHA, quant=No
 
     ``outer(slow_params) -> Optimizer`` (default: the Lookahead step, SGD with lr ``ALPHA``);
     ``lr`` is its learning rate (eta of the eager restart point); ``quant=(bits, block)``: the
-    outer gradients travel by :func:`quantized_mean` (sharded, quantised)."""
+    outer gradients travel by :func:`quantized_mean` (sharded, quantised; ``(bits, block, fraction)``:
+    sparse)."""
     base = make_model(0)
     workers = [copy.deepcopy(base) for _ in range(2)]
     inner = [sgd(w.parameters()) for w in workers]
@@ -198,6 +210,17 @@ CASES = {  # name: (options, simulation)
         dict(eager_update="naive", sharded=True, outer_momentum=0.9, comm_dtype="int2", quant_block_size=8),
         dict(num_fragments=1, rule="naive", lr=ALPHA, quant=(2, 8),
              outer=lambda ps: torch.optim.SGD(ps, lr=ALPHA, momentum=0.9))),
+    # Sharded and sparse: each chunk of each rank's outer gradient top-k encoded on its own, one
+    # all-to-all, the owner sums its chunk in fp32.
+    "sharded_eager_f2_top10_int4": (
+        dict(eager_update=True, sharded=True, num_fragments=2, outer_optimizer=nesterov, comm_dtype="int4",
+             topk_fraction=0.1, quant_block_size=8),
+        dict(num_fragments=2, rule="eager", outer=nesterov, lr=0.7, quant=(4, 8, 0.1))),
+    "sharded_naive_f1_top5_int2_momentum": (
+        dict(eager_update="naive", sharded=True, outer_momentum=0.9, comm_dtype="int2", topk_fraction=0.05,
+             quant_block_size=8),
+        dict(num_fragments=1, rule="naive", lr=ALPHA, quant=(2, 8, 0.05),
+             outer=lambda ps: torch.optim.SGD(ps, lr=ALPHA, momentum=0.9))),
 }
 SHARDED = sorted(c for c in CASES if c.startswith("sharded_"))
 
@@ -245,6 +268,8 @@ CKPT_CASES = {
     "sharded_f1_naive_momentum": dict(eager_update="naive", sharded=True, outer_momentum=0.9),
     "sharded_f2_int4_ef_nesterov": dict(eager_update=True, sharded=True, num_fragments=2, comm_dtype="int4",
                                         quant_block_size=8, outer_optimizer=nesterov),
+    "sharded_f2_top10_int2_ef_nesterov": dict(eager_update=True, sharded=True, num_fragments=2, comm_dtype="int2",
+                                              topk_fraction=0.1, quant_block_size=8, outer_optimizer=nesterov),
     "f1_int8_ef_momentum": dict(eager_update=True, comm_dtype="int8", quant_block_size=8, outer_momentum=0.9),
     "f1_naive": dict(eager_update="naive", outer_momentum=0.5),
 }
@@ -325,7 +350,9 @@ def _body(rank: int, world_size: int) -> dict:
             "sync_now": {"flat": _sync_now(rank), "sharded": _sync_now(rank, sharded=True),
                          "sharded_int8": _sync_now(rank, sharded=True, comm_dtype="int8", quant_block_size=8)},
             "nonfinite": {"flat": _nonfinite(rank), "sharded": _nonfinite(rank, sharded=True),
-                          "sharded_int8": _nonfinite(rank, sharded=True, comm_dtype="int8", quant_block_size=8)}}
+                          "sharded_int8": _nonfinite(rank, sharded=True, comm_dtype="int8", quant_block_size=8),
+                          "sharded_sparse": _nonfinite(rank, sharded=True, comm_dtype="int2", topk_fraction=0.1,
+                                                       quant_block_size=8)}}
 
 
 @pytest.fixture(scope="module")
@@ -412,13 +439,13 @@ def test_sync_now_applies_what_is_in_flight_and_aligns_the_ranks(two_ranks, mode
                                        rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("mode", ["flat", "sharded", "sharded_int8"])
+@pytest.mark.parametrize("mode", ["flat", "sharded", "sharded_int8", "sharded_sparse"])
 def test_nan_on_one_rank_is_skipped_alike_and_the_ranks_recover(two_ranks, mode):
     a, b = (res["nonfinite"][mode] for res in two_ranks)
     assert a["skipped"] == b["skipped"] == 1
     assert np.array_equal(a["after"], b["after"]) and np.isfinite(a["after"]).all()  # both restart from phi
     assert a["in_flight"] == b["in_flight"] == []  # the collective launched with the NaN was dropped
-    if mode == "sharded_int8":  # the residuals that absorbed the NaN were zeroed
+    if mode in ("sharded_int8", "sharded_sparse"):  # the residuals that absorbed the NaN were zeroed
         assert a["residuals_finite"] and all(a["residuals_finite"]) and all(b["residuals_finite"])
     elif mode == "flat":
         assert np.array_equal(a["slow"], b["slow"]) and np.isfinite(a["slow"]).all()
@@ -554,3 +581,20 @@ def test_sharded_quantised_eager_bytes_are_the_formula(two_ranks):
     assert ops[("reduce_scatter", "calls")] == ops[("all_reduce", "calls")] == 0
     assert ops[("all_gather", "payload")] == fp32[("all_gather", "payload")] > 0
     assert ops[("all_to_all", "payload")] < fp32[("reduce_scatter", "payload")] / 2
+
+
+def test_sharded_sparse_eager_bytes_are_the_formula(two_ranks):
+    # top-10 % int4, F=2, k=4, 14 steps: 7 launches, each one all-to-all of N payloads of one
+    # segment (sparse_nbytes of the segment: scales + indices + codes, padded to a scale block);
+    # N times less than the all-gather of the flat sparse wire would put on it.
+    ops = two_ranks[0]["runs"]["sharded_eager_f2_top10_int4"]["ops"]
+    sizes = [p.numel() for p in make_model(0).parameters()]
+    frags = split_midpoint([n * 4 for n in sizes], 2)
+
+    def payload(f: int) -> int:
+        seg = _segments([torch.zeros(sizes[j]) for j in frags[f]], 2, 8).numel() // 2
+        return 2 * sparse_nbytes(seg, fraction=0.1, bits=4)
+
+    assert ops[("all_to_all", "calls")] == 7
+    assert ops[("all_to_all", "payload")] == 4 * payload(1) + 3 * payload(0)
+    assert ops[("reduce_scatter", "calls")] == ops[("all_reduce", "calls")] == 0

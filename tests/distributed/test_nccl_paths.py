@@ -42,6 +42,8 @@ RUNS = {
     # the quantised reduce-scatter of the sharded eager sync (run_stages on the caller's thread)
     "sharded-eager-int8-f2": dict(sharded=True, eager_update=True, num_fragments=2, comm_dtype="int8",
                                   quant_block_size=64),
+    # the sparse reduce-scatter of the sharded eager sync
+    "sharded-eager-top10-int2": dict(sharded=True, eager_update=True, comm_dtype="int2", topk_fraction=0.1),
 }
 
 

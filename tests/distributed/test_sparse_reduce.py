@@ -68,6 +68,58 @@ def _train(rank: int, opts: dict) -> dict:
             "calls": ls.stats.total("calls", label="params", op="all_gather")}
 
 
+# (bits, fraction, numel, average): padded last segment; exact segments of 2 scale blocks; one short row
+SCATTER = [(2, 0.05, 5001, True), (4, 0.1, 8192, False), (8, 0.5, 300, True)]
+SCATTER_ROUNDS = 3  # with a residual: the second and third sends carry the first's error
+
+
+def _scatter(rank: int, world: int, group, rounds: int = SCATTER_ROUNDS) -> list:
+    from lookahead_dist._comm import CommStats
+    from lookahead_dist._sparse import sparse_reduce_scatter_async
+
+    out = []
+    for i, (bits, frac, numel, average) in enumerate(SCATTER):
+        c = -(-numel // world)
+        e = torch.zeros(numel)
+        got = []
+        st = CommStats()
+        for t in range(rounds):
+            x = data(rank, 10 * i + t, numel)
+            x0 = x.clone()
+            o = torch.full((c,), float("nan"))
+            sparse_reduce_scatter_async(x, group, o, fraction=frac, bits=bits, average=average, residual=e,
+                                        stats=st, label="rs").wait()
+            assert torch.equal(x, x0)
+            got.append(o.numpy().copy())
+        out.append({"out": got, "residual": e.numpy().copy(),
+                    "stats": {kind: st.total(kind, label="rs", op="all_to_all") for kind in ("payload", "calls")}})
+    try:
+        sparse_reduce_scatter_async(torch.zeros(100), group, torch.zeros(3), fraction=0.1, bits=2)
+    except ValueError as exc:
+        out.append(str(exc))
+    return out
+
+
+def ref_scatter(world: int, bits: int, frac: float, numel: int, average: bool, rounds: int):
+    """Per round, rank r's segment of "encode every segment of every rank's (x + e) on its own,
+    decode, sum in rank order in fp32" (and / N); and each rank's residual after the rounds."""
+    c = -(-numel // world)
+    res = [np.zeros(world * c, dtype=np.float32) for _ in range(world)]
+    outs = []
+    for t in range(rounds):
+        total = np.zeros(world * c, dtype=np.float32)
+        for r in range(world):
+            y = np.zeros(world * c, dtype=np.float32)
+            y[:numel] = data(r, 10 * SCATTER.index((bits, frac, numel, average)) + t, numel).numpy()
+            y += res[r]
+            sent = np.concatenate([ref_sparse(y[s * c:(s + 1) * c], frac, bits)[0] for s in range(world)])
+            res[r] = y - sent
+            res[r][numel:] = 0.0
+            total = sent if r == 0 else total + sent
+        outs.append(total / np.float32(world) if average else total)
+    return outs, [e[:numel] for e in res]
+
+
 def _body(rank: int, world: int) -> dict:
     import torch.distributed as dist
 
@@ -130,6 +182,10 @@ def _body(rank: int, world: int) -> dict:
     except ValueError as exc:
         res["default_group_error"] = str(exc)
     res["chunk"] = reduce_chunk_numel(1000, world, block_size=8)
+    # 6. the reduce-scatter form (sharded slow weights), on the worker thread and the caller's
+    res["scatter"] = _scatter(rank, world, group)
+    with _backend.forced(_backend.STREAM_ORDERED):
+        res["scatter_inline"] = _scatter(rank, world, group2, rounds=1)
     # 6. short Lookahead runs
     res["runs"] = {name: _train(rank, opts) for name, opts in RUNS.items()}
     return res
@@ -217,3 +273,27 @@ def test_lookahead_run_keeps_replicas_identical(results, name):
     else:
         assert runs[0]["a2a"] == runs[0]["gather"] == cycles * sum(WORLD * (n // WORLD // 4 + 4 * n // WORLD // 512)
                                                                    for n in runs[0]["numels"])
+
+
+@pytest.mark.parametrize("case", range(len(SCATTER)))
+def test_sparse_reduce_scatter_equals_segment_encode_decode_sum(results, case):
+    from lookahead_dist._sparse import sparse_nbytes
+
+    bits, frac, numel, average = SCATTER[case]
+    c = -(-numel // WORLD)
+    want, want_res = ref_scatter(WORLD, bits, frac, numel, average, SCATTER_ROUNDS)
+    for rank, res in enumerate(results):
+        for key, rounds in (("scatter", SCATTER_ROUNDS), ("scatter_inline", 1)):
+            got = res[key][case]
+            for t in range(rounds):  # this rank's segment, bit for bit
+                np.testing.assert_array_equal(got["out"][t], want[t][rank * c:(rank + 1) * c],
+                                              err_msg=f"{key} case {SCATTER[case]} round {t}")
+            if rounds == SCATTER_ROUNDS:
+                np.testing.assert_allclose(got["residual"], want_res[rank], rtol=0, atol=1e-6)
+            # one all-to-all per round of N payloads of one segment each: N times fewer than the all-gather's
+            assert got["stats"] == {"payload": rounds * WORLD * sparse_nbytes(c, fraction=frac, bits=bits),
+                                    "calls": rounds}
+
+
+def test_sparse_reduce_scatter_refuses_a_wrong_out(results):
+    assert "out must be a contiguous 1-D fp32 tensor of 50 elements" in results[0]["scatter"][-1]

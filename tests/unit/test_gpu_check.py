@@ -22,8 +22,9 @@ def test_cpu_run_passes_every_case():
     lines = out.stdout.splitlines()
     assert not [line for line in lines if line.startswith("FAIL")], out.stdout
     passes = [line for line in lines if line.startswith("PASS")]
-    # anchor, flat parity, sharded parity, issue-16 formats, fused kernels, 5 modes x 2
-    assert len(passes) == 1 + 8 + 2 + 6 + 1 + 10, out.stdout
+    # anchor, flat parity, sharded parity, issue-16 formats (6 flat, 2 sharded eager), fused kernels, 5 modes x 2
+    assert len(passes) == 1 + 8 + 2 + 6 + 2 + 1 + 10, out.stdout
+    assert "PASS parity/sharded/eager-int2-top2pct/F2:" in out.stdout
     assert "PASS fused/flat/int4/F4tau1: fused vs eager kernels: bit for bit equal" in out.stdout
     assert "cases passed, 0 failed" in lines[-1]
 

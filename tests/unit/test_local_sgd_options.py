@@ -421,8 +421,8 @@ def test_plans_are_built_once_when_each_step_hands_a_new_list(one_rank_group, mo
     [
         (dict(eager_update="yes"), "`eager_update` must be True, False or 'naive', got 'yes'"),
         (dict(eager_update=1), "`eager_update` must be True, False or 'naive', got 1"),
-        (dict(eager_update=True, sharded=True, comm_dtype="int8", topk_fraction=0.02),
-         "topk_fraction"),
+        (dict(eager_update=False, sharded=True, comm_dtype="int8", topk_fraction=0.02),
+         "`comm_dtype=int8` needs the full slow weights"),
         (dict(eager_update="naive", fragment_sync_delay=1),
          "`eager_update='naive'` cannot be combined with `fragment_sync_delay=1`"),
         (dict(eager_update=True, fragment_update_alpha=0.5),
@@ -438,6 +438,8 @@ def test_eager_update_options_name_the_bad_value(kwargs, needle):
 def test_eager_update_rule_names():
     assert LocalSGDOptions(eager_update=True, sharded=True).eager_rule == "eager"  # sharded: accepted
     assert LocalSGDOptions(eager_update=True, sharded=True, comm_dtype=torch.bfloat16).sharded  # progress: bf16 ok
+    # progress: the sparse reduce-scatter
+    assert LocalSGDOptions(eager_update=True, sharded=True, comm_dtype="int8", topk_fraction=0.02).sharded
     for cd in ("int8", "int4", "int2"):  # progress: a quantised reduce-scatter
         assert LocalSGDOptions(eager_update=True, sharded=True, comm_dtype=cd, fused_kernels=True).quant_bits
     assert LocalSGDOptions().eager_rule is None

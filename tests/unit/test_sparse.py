@@ -206,19 +206,26 @@ def test_options_refuse_bad_values_naming_them(kwargs, match):
         LocalSGDOptions(**kwargs)
 
 
-def test_options_refuse_sharded_topk():
-    # sharded=True without intra_group is refused for any integer comm_dtype already; with an
-    # intra_group (hierarchical sharding, which needs ranks to build) the sparse check refuses it
-    # by name: run that check on options whose fields are set after construction.
+def test_options_sharded_topk_only_eager_and_plain():
+    # sharded=True without intra_group is refused for any integer comm_dtype without eager_update
+    # already; with eager_update it is the sparse reduce-scatter. The hierarchical mode (an
+    # intra_group, which needs ranks to build) and a non-eager sharded sync are refused by the sparse
+    # check by name: run that check on options whose fields are set after construction.
     from lookahead_dist.sync.options import LocalSGDOptions
 
     with pytest.raises(ValueError, match=r"`comm_dtype=int2` needs the full slow weights"):
         LocalSGDOptions(comm_dtype="int2", topk_fraction=0.02, sharded=True)
+    ok = LocalSGDOptions(comm_dtype="int2", topk_fraction=0.02, sharded=True, eager_update=True)
+    assert ok.topk_fraction == 0.02 and ok.sharded
+    LocalSGDOptions(comm_dtype="int4", topk_fraction=0.05, sharded=True, eager_update="naive")
     o = LocalSGDOptions(comm_dtype="int2")
     o.sharded, o.topk_fraction = True, 0.02
-    with pytest.raises(ValueError, match=r"`topk_fraction=0.02` is not supported with `sharded=True`"):
+    with pytest.raises(ValueError, match=r"`topk_fraction=0.02` with `sharded=True`: without `eager_update`"):
         o._check_sparse()
-    o.sharded, o.manager = False, object()
+    o.eager_update, o.intra_group = True, object()
+    with pytest.raises(ValueError, match=r"`topk_fraction=0.02` with `sharded=True`: the hierarchical mode"):
+        o._check_sparse()
+    o.sharded, o.intra_group, o.manager = False, None, object()
     with pytest.raises(ValueError, match=r"`topk_fraction=0.02` is not supported with `manager=<object"):
         o._check_sparse()
 

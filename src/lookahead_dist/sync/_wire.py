@@ -168,7 +168,8 @@ class ShardedWire(_GatheringWire):
 
     def _reduce_scatter_quant(self, host: SyncHost, plan: Plan, start: list[torch.Tensor]) -> Launched:
         """The progress ``fast - start`` reduce-scattered at ``comm_dtype="int8"/"int4"/"int2"``
-        (:func:`~lookahead_dist._quant.quantized_reduce_scatter_async`): laid out in ``plan.quant``
+        (:func:`~lookahead_dist._quant.quantized_reduce_scatter_async`, or with ``topk_fraction``
+        :func:`~lookahead_dist._sparse.sparse_reduce_scatter_async`): laid out in ``plan.quant``
         (the shard chunks, each rank's segment padded to whole blocks), quantised with this rank's
         whole error-feedback residual, and summed by each chunk's owner in fp32."""
         from .. import _quant
@@ -188,9 +189,16 @@ class ShardedWire(_GatheringWire):
             residual = zero_pads(ql, POOL.take(ql.numel, torch.float32, plan.device))
             torch._foreach_copy_(ql.chunk_views(residual), res_views)
         seg = torch.empty(ql.segment, dtype=torch.float32, device=plan.device)
-        work = _quant.quantized_reduce_scatter_async(
-            stage, s._qgroup, seg, bits=s.quant_bits, block_size=s.options.quant_block_size, average=False,
-            residual=residual, stats=s.stats, label="params", fused=s.options.fused_kernels)
+        if s.options.topk_fraction is not None:  # each segment top-k encoded, one all-to-all (_sparse.py)
+            from .. import _sparse
+
+            work = _sparse.sparse_reduce_scatter_async(
+                stage, s._qgroup, seg, fraction=s.options.topk_fraction, bits=s.quant_bits, average=False,
+                residual=residual, stats=s.stats, label="params")
+        else:
+            work = _quant.quantized_reduce_scatter_async(
+                stage, s._qgroup, seg, bits=s.quant_bits, block_size=s.options.quant_block_size, average=False,
+                residual=residual, stats=s.stats, label="params", fused=s.options.fused_kernels)
         if residual is not None:  # updated at launch (the send is quantised on this thread)
             torch._foreach_copy_(res_views, ql.chunk_views(residual))
             POOL.give(residual)

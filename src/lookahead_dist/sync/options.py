@@ -86,7 +86,9 @@ class LocalSGDOptions:
             ``round(topk_fraction * 256)`` of every 256 entries of the progress, their values at the
             bits of ``comm_dtype`` (``"int8"``/``"int4"``/``"int2"``, required), exchanged by
             all-gather; with ``error_feedback`` what was not sent is kept for the next sync (Note
-            [Sparse outer gradients] in _sparse.py). Not with ``sharded=True`` or a ``manager``.
+            [Sparse outer gradients] in _sparse.py). With ``sharded=True`` only with ``eager_update``
+            and no ``intra_group`` (then reduce-scattered: each chunk encoded on its own, one
+            all-to-all). Not with a ``manager``.
         timeout: seconds (or a ``datetime.timedelta``) a sync waits for its collectives before
             raising ``TimeoutError`` naming the sync, the step and the group; None: the process
             group's own timeout.
@@ -97,8 +99,8 @@ class LocalSGDOptions:
             (2025, arXiv 2502.12996); ``"naive"``: the same delay with the naive delayed rule (for
             comparison); ``False`` (default): off (Note [Eager outer updates] in sync/_outer.py).
             With ``sharded=True`` the outer gradient (progress) is reduce-scattered in
-            ``comm_dtype`` (int8/int4/int2: quantised by each sender with a whole-size
-            error-feedback residual, summed by the owner in fp32; hierarchical: chunk r
+            ``comm_dtype`` (int8/int4/int2: quantised, or with ``topk_fraction`` top-k encoded, by
+            each sender with a whole-size error-feedback residual, summed by the owner in fp32; hierarchical: chunk r
             all-reduced across the groups), each rank steps its own chunk, and the new slow
             weights are all-gathered at the sync (in the parameters' dtype). Not with ``fragment_sync_delay > 0``,
             ``fragment_update_alpha > 0`` or a ``manager``.
@@ -257,12 +259,18 @@ class LocalSGDOptions:
             raise ValueError(
                 f"LocalSGDOptions `topk_fraction={f}` sends its values at the bits of `comm_dtype`: set "
                 f"comm_dtype='int8', 'int4' or 'int2', got comm_dtype={self.comm_dtype!r}")
-        for name, bad in (("sharded", self.sharded), ("manager", self.manager)):
-            if bad is not None and bad is not False:
-                raise ValueError(
-                    f"LocalSGDOptions `topk_fraction={f}` is not supported with `{name}={bad!r}`: the sparse "
-                    "exchange sends progress over the full slow weights by all-gather and is implemented for "
-                    f"the flat modes only; use sharded=False and no manager, or topk_fraction=None")
+        if self.manager is not None:
+            raise ValueError(
+                f"LocalSGDOptions `topk_fraction={f}` is not supported with `manager={self.manager!r}`: the sparse "
+                "exchange is implemented for the process groups of the flat and plain sharded modes; use no "
+                "manager, or topk_fraction=None")
+        if self.sharded and (self.intra_group is not None or self.eager_update is False):
+            why = ("the hierarchical mode (an `intra_group`) has no sparse exchange" if self.intra_group is not None
+                   else "without `eager_update` the sharded sync reduce-scatters weights, which cannot be sparsified")
+            raise ValueError(
+                f"LocalSGDOptions `topk_fraction={f}` with `sharded=True`: {why}; use sharded=True with "
+                "eager_update=True and no intra_group (each rank's progress is top-k encoded per chunk and "
+                "reduce-scattered), sharded=False, or topk_fraction=None")
 
     def _check_fused(self) -> None:
         """Checks of ``fused_kernels`` (Note [Fused quantisation kernels] in _fused.py)."""
