@@ -117,6 +117,9 @@ def rows(taus: dict[tuple[int, str], int]) -> list[Spec]:
         out.append(Spec(f"eager-sharded-{dt}", f"eager F={EAGER_F}, sharded, {dt} scatter + fp32 gather",
                         (*eager, "--local-sgd-sharded", *(() if dt == "fp32" else ("--comm-dtype", dt))),
                         fragments=EAGER_F, wire=dt, group="eager"))
+    out.append(Spec("eager-sharded-sparse2", f"eager F={EAGER_F}, sharded, top-2% int2 scatter + fp32 gather",
+                    (*eager, "--local-sgd-sharded", "--comm-dtype", "int2", "--topk-fraction", "0.02"),
+                    fragments=EAGER_F, wire="int2 top-2%", group="eager"))
     out.append(Spec("sparse2", "blocking, top-2% at int2", (*ls, "--comm-dtype", "int2", "--topk-fraction", "0.02"),
                     wire="int2 top-2%", group="blocking"))
     # Issue 16's control rows: each streaming row's bytes on the same schedule, as a bare async
@@ -297,7 +300,7 @@ FUSED = [f"s{f}-{dt}-fused" for f in FRAGMENTS for dt in DTYPES if dt.startswith
 ORDER = ["ddp", "block-fp32", "block-fp32-base", "block-bf16", "sparse2", *[f"s{f}-{dt}" for f in FRAGMENTS for dt in DTYPES],
          *FUSED,
          "eager-fp32", "eager-int8", "eager-int4", "eager-int2", "eager-sparse2", "eager-sparse3",
-         "eager-sharded-fp32", "eager-sharded-int8", "eager-sharded-int2",
+         "eager-sharded-fp32", "eager-sharded-int8", "eager-sharded-int2", "eager-sharded-sparse2",
          "torch-plsgd", "accel-lsgd", *[f"ft-f{f}" for f in FRAGMENTS],
          *[f"t{f}-{dt}" for f in FRAGMENTS for dt in DTYPES], "t-sparse2"]
 
