@@ -206,6 +206,7 @@ class Job:
                     rec.update({k: run[k] for k in ("samples_per_s", "seconds", "comm_bytes_per_step",
                                                     "wire_tx_bytes_per_step", "train_loss", "val_loss", "params",
                                                     "comm_bytes_by_op")})
+                    rec["wait_ms_per_step"] = run.get("wait_ms_per_step")  # None: not measured (e.g. DDP)
             else:
                 bad = next((r for r in res if r.returncode != 0), res[0])
                 rec["error"] = f"node {bad.node_rank} exit {bad.returncode}: {error_line(bad.output())[:300]}"
@@ -409,31 +410,33 @@ def table(link: dict) -> str:
     best_c = _best_ceiling(link)
     lines = ["| row | F | tau | wire | samples/s | of ceiling | best / best ceiling "
              + ("| of paired ceiling " if paired else "")
-             + "| counted MB/step/rank | wire MB/step (node 0) | final train loss |",
-             "|---|---|---|---|---|---|---|" + ("---|" if paired else "") + "---|---|---|"]
+             + "| counted MB/step/rank | wire MB/step (node 0) | waited ms/step | final train loss |",
+             "|---|---|---|---|---|---|---|" + ("---|" if paired else "") + "---|---|---|---|"]
     for name, runs in (("no-communication ceiling, before", link["ceiling_before"]),
                        ("no-communication ceiling, after", link["ceiling_after"])):
         sps = [r["samples_per_s"] for r in runs if "error" not in r]
         lines.append(f"| {name} | - | - | - | {median_range(sps, '.2f')} | {median_range([s / c for s in sps], '.3f')} | "
                      f"{max(sps) / best_c:.3f} | " + ("- | " if paired else "") + "0.00 | "
-                     f"{median_range([r['wire_tx_bytes_per_step'] / 1e6 for r in runs if 'error' not in r], '.3f')} | "
+                     f"{median_range([r['wire_tx_bytes_per_step'] / 1e6 for r in runs if 'error' not in r], '.3f')} | - | "
                      f"{median_range([r['train_loss'] for r in runs if 'error' not in r], '.3f')} |")
     for key, runs in _by_row(link).items():
         good = [r for r in runs if "error" not in r]
         r0 = runs[0]
         if not good:
             lines.append(f"| {r0['row']} | {r0['fragments']} | {r0['tau']} | {r0['wire']} | failed: "
-                         f"{r0['error'][:200]} | | | |" + (" |" if paired else "") + " |")
+                         f"{r0['error'][:200]} | | | | |" + (" |" if paired else "") + " |")
             continue
         sps = [r["samples_per_s"] for r in good]
         wire = [r["wire_tx_bytes_per_step"] / 1e6 for r in good if r.get("wire_tx_bytes_per_step") is not None]
         fail = f" ({len(runs) - len(good)} of {len(runs)} failed)" if len(good) < len(runs) else ""
         pc = [r["samples_per_s"] / r["paired_ceiling_sps"] for r in good if "paired_ceiling_sps" in r]
+        waits = [r["wait_ms_per_step"] for r in good if r.get("wait_ms_per_step") is not None]
         lines.append(f"| {r0['row']}{fail} | {r0['fragments']} | {r0['tau']} | {r0['wire']} | {median_range(sps, '.2f')} "
                      f"| {median_range([s / c for s in sps], '.3f')} | {max(sps) / best_c:.3f} | "
                      + (f"{median_range(pc, '.3f')} | " if paired else "")
                      + f"{statistics.median(r['comm_bytes_per_step'] for r in good) / 1e6:.3f} "
-                     f"| {median_range(wire, '.3f')} | {median_range([r['train_loss'] for r in good], '.3f')} |")
+                     f"| {median_range(wire, '.3f')} | {median_range(waits, '.1f') if waits else '-'} "
+                     f"| {median_range([r['train_loss'] for r in good], '.3f')} |")
     return "\n".join(lines)
 
 

@@ -76,6 +76,11 @@ class CommStats:
     calls: Counter = field(default_factory=Counter)
     payload_bytes: Counter = field(default_factory=Counter)
     wire_bytes: Counter = field(default_factory=Counter)
+    # Host seconds the caller spent blocked waiting for its syncs' collectives (the exposed part
+    # of the communication; on a stream-ordered backend without a timeout the wait is enqueued on
+    # the stream and costs the host ~0), and how many waits.
+    wait_seconds: float = 0.0
+    waits: int = 0
 
     def record(self, op: str, label: str, nbytes: int, group_size: int) -> None:
         factor = wire_factor(op, group_size)
@@ -89,10 +94,15 @@ class CommStats:
         table = {"payload": self.payload_bytes, "wire": self.wire_bytes, "calls": self.calls}[kind]
         return sum(v for (o, lab), v in table.items() if (label is None or lab == label) and (op is None or o == op))
 
+    def record_wait(self, seconds: float) -> None:
+        self.wait_seconds += seconds
+        self.waits += 1
+
     def reset(self) -> None:
         self.calls.clear()
         self.payload_bytes.clear()
         self.wire_bytes.clear()
+        self.wait_seconds, self.waits = 0.0, 0
 
 
 def _size(group: dist.ProcessGroup | None) -> int:

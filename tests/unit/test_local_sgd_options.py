@@ -110,8 +110,11 @@ def test_comm_stats_ring_model():
     s.record("all_gather", "params", 1000, 4)
     assert s.total("wire", op="all_reduce") == s.total("wire", op="reduce_scatter") + s.total("wire", op="all_gather")
     assert s.total("payload") == 3000 and s.total("calls") == 3
+    s.record_wait(0.25)
+    s.record_wait(0.5)
+    assert (s.wait_seconds, s.waits) == (0.75, 2)
     s.reset()
-    assert s.total("payload") == 0
+    assert s.total("payload") == 0 and (s.wait_seconds, s.waits) == (0.0, 0)
 
 
 # -- the engine on a one-rank group --------------------------------------------------------------
@@ -287,6 +290,18 @@ def _train(model, opt, start, stop, sched=None):
         opt.step()
         if sched is not None:
             sched.step()
+
+
+@pytest.mark.parametrize("opts,waits", [(dict(), 3), (dict(num_fragments=2, fragment_sync_delay=1), 6),
+                                        (dict(comm_dtype="int8", eager_update=True), 2)])
+def test_each_sync_records_its_wait(one_rank_group, opts, waits):
+    # k=4, 13 steps: blocking syncs at 4, 8, 12; F=2 tau=1 applies 6 fragments (launched at 2..12);
+    # eager F=1 applies at 8 and 12 what was launched at 4 and 8. One wait per bucket applied, timed.
+    model = _net()
+    opt = Lookahead(torch.optim.SGD(model.parameters(), lr=0.1), k=4, local_sgd=LocalSGDOptions(**opts))
+    _train(model, opt, 0, 13)
+    stats = opt.local_sgd.stats
+    assert stats.waits == waits and stats.wait_seconds >= 0.0
 
 
 def test_k_not_divisible_by_fragments_fails_at_the_first_step(one_rank_group):

@@ -35,6 +35,7 @@ import atexit
 import importlib.util
 import logging
 import os
+import time
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -76,6 +77,8 @@ class Runner:
         train: ``train(mode: bool)`` for the module that is called.
         finish: called once after the last step, inside the timed loop: waits for communication
             still in flight (a streaming fragment sent at the last step), so that its time counts.
+        waited: host seconds spent blocked waiting for the sync's collectives so far (the exposed
+            communication), where the set-up measures it (local SGD, the traffic-only control).
     """
 
     step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -83,6 +86,7 @@ class Runner:
     optimizer: torch.optim.Optimizer
     train: Callable[[bool], Any]
     finish: Callable[[], None] | None = None
+    waited: Callable[[], float] | None = None
 
 
 def _optimizer(params: Any, run: Any, **lookahead_kwargs: Any) -> torch.optim.Optimizer:
@@ -207,8 +211,11 @@ def _local_sgd(model: nn.Module, run: Any, device: torch.device) -> Runner:
         if strategy is not None and hasattr(strategy, "flush"):
             strategy.flush(opt)  # waits for a fragment still in flight; applies nothing
 
+    def waited() -> float:
+        return opt.local_sgd.stats.wait_seconds
+
     step = _plain_step(module, opt, run.grad_clip)
-    return Runner(step=step, logits=model, optimizer=opt, train=module.train, finish=finish)
+    return Runner(step=step, logits=model, optimizer=opt, train=module.train, finish=finish, waited=waited)
 
 
 def _post_local_sgd(model: nn.Module, run: Any, device: torch.device) -> Runner:
@@ -365,26 +372,33 @@ def _traffic_only(model: nn.Module, run: Any, device: torch.device) -> Runner:
     stride, tau = run.k // run.num_fragments, run.fragment_sync_delay
     pending: list[tuple[int, Any]] = []  # (due count, work)
     count = [0]
+    waited = [0.0]  # host seconds blocked in the waits, as CommStats.wait_seconds of local SGD
     base = _plain_step(model, opt, run.grad_clip)
+
+    def wait(work: Any) -> None:
+        start = time.perf_counter()
+        work.wait()
+        waited[0] += time.perf_counter() - start
 
     def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         loss = base(x, y)
         count[0] += 1
         while pending and pending[0][0] <= count[0]:
-            pending.pop(0)[1].wait()
+            wait(pending.pop(0)[1])
         if count[0] % stride == 0:
             work = dist.all_reduce(payload, group=group_, async_op=True)
             if tau == 0:
-                work.wait()
+                wait(work)
             else:
                 pending.append((count[0] + tau, work))
         return loss
 
     def finish() -> None:
         while pending:
-            pending.pop(0)[1].wait()
+            wait(pending.pop(0)[1])
 
-    return Runner(step=step, logits=model, optimizer=opt, train=model.train, finish=finish)
+    return Runner(step=step, logits=model, optimizer=opt, train=model.train, finish=finish,
+                  waited=lambda: waited[0])
 
 
 _BUILDERS = {"ddp": _ddp, "zero2": _zero2, "fsdp2": _fsdp2, "local-sgd": _local_sgd,

@@ -99,6 +99,7 @@ def train_rank(rank: int, world: int, run: RunConfig, progress: bool | None = No
                     bar.set_postfix(loss=f"{float(losses[max(0, step - 9):step + 1].mean()):.3f}", refresh=False)
         if runner.finish is not None:  # communication still in flight counts in the time
             runner.finish()
+        waited = runner.waited() if runner.waited is not None else None
         with comm.paused():
             dist.barrier()
         seconds = time.perf_counter() - start
@@ -125,7 +126,8 @@ def train_rank(rank: int, world: int, run: RunConfig, progress: bool | None = No
             state = optimizer_state_bytes(runner.optimizer)
             per_rank: list[Any] = [None] * world
             dist.all_gather_object(per_rank, {"sent": sent, "payload": payload, "calls": calls, "by_op": by_op,
-                                              "slow": state.slow, "state": state.total, "wire": wire})
+                                              "slow": state.slow, "state": state.total, "wire": wire,
+                                              "waited": waited})
 
     window = min(_LOSS_WINDOW, run.steps)
     stride = max(1, math.ceil(run.steps / _CURVE_POINTS))
@@ -155,6 +157,10 @@ def train_rank(rank: int, world: int, run: RunConfig, progress: bool | None = No
         # nodes; bytes of all processes of the node), per step, max over ranks; None elsewhere.
         "wire_tx_bytes_per_step": (None if any(r["wire"] is None for r in per_rank)
                                    else max(r["wire"] for r in per_rank) / run.steps),
+        # Host time blocked waiting for the sync's collectives (the exposed communication), per
+        # step, max over ranks; None for set-ups that do not measure it.
+        "wait_ms_per_step": (None if any(r["waited"] is None for r in per_rank)
+                             else 1e3 * max(r["waited"] for r in per_rank) / run.steps),
         "slow_bytes_per_rank": [r["slow"] for r in per_rank],
         "optimizer_state_bytes_per_rank": [r["state"] for r in per_rank],
         "param_bytes": n_params * 4,

@@ -128,6 +128,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import operator
+import time
 from collections import deque
 from collections.abc import Iterable
 from typing import Any
@@ -669,7 +670,9 @@ class LocalSGD(ReplicaSync, PlanBuilder, OuterOptimizerProxy, EagerOuter, SyncSt
     def _reduce(self, host: SyncHost, item: Launched, describe: str) -> Reduced:
         """Wait for one bucket's collective; the averaged pseudo-gradient ``d = phi - mean theta``."""
         plan, buf = item.plan, item.buf
+        start = time.perf_counter()
         streaming.wait_work(item.work, self.timeout, describe, self._traits(item.group, plan.device))
+        self.stats.record_wait(time.perf_counter() - start)  # the exposed part (CommStats.wait_seconds)
         if item.qstage is not None:  # already the mean (of progress): back into the stage layout
             ql = plan.quant
             if item.owner_res is not None:
