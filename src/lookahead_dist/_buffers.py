@@ -87,7 +87,9 @@ class BufferPool:
                 free = self._free.setdefault((base.dtype, base.device), [])
                 free.append(base)
                 if len(free) > MAX_FREE:
-                    free.remove(min(free, key=torch.Tensor.numel))
+                    # by position: list.remove would compare tensors with == (elementwise, and an
+                    # error for two sizes) on the way to the smallest
+                    del free[min(range(len(free)), key=lambda i: free[i].numel())]
 
     def clear(self) -> None:
         """Drop the free buffers (handed-out ones stay valid and are dropped when given back)."""

@@ -62,6 +62,21 @@ def test_dtypes_do_not_mix_and_the_free_list_is_bounded():
     assert pool.free_bytes() == 0
 
 
+def test_the_smallest_is_dropped_wherever_it_sits_in_the_free_list():
+    # Given back largest first, the smallest is last: dropping it must not compare tensors with ==
+    # (elementwise, an error for two sizes). Seen on a 6-layer model's streaming int8 run, whose
+    # buckets give back more than MAX_FREE buffers of several sizes.
+    pool = BufferPool()
+    sizes = [BIG * (2 + i) for i in reversed(range(MAX_FREE + 3))]
+    bufs = [pool.take(n, torch.float32, "cpu") for n in sizes]
+    pool.give(*bufs)
+    kept = sorted(b.numel() for b in pool._free[(torch.float32, torch.device("cpu"))])
+    assert kept == sorted(sizes)[3:]  # the MAX_FREE largest
+    same = [pool.take(BIG, torch.float32, "cpu") for _ in range(MAX_FREE + 2)]  # equal sizes too
+    pool.give(*reversed(same))
+    assert len(pool._free[(torch.float32, torch.device("cpu"))]) == MAX_FREE
+
+
 def test_a_buffer_never_given_back_is_freed_as_usual():
     pool = BufferPool()
     a = pool.take(BIG, torch.float32, "cpu")
