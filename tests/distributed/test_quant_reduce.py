@@ -386,3 +386,27 @@ def test_quantized_reduce_scatter_fused_equals_eager(ranks):
         for bits, (outputs, residual) in res["scatter"]["fused"].items():
             assert outputs and residual, f"int{bits}: fused and eager reduce-scatter differ"
         assert "this rank's chunk" in res["scatter"]["bad_out"]
+
+
+def _many_pooled_buckets(rank: int, world: int) -> np.ndarray:
+    """12 tensors of ~300K elements, one int8 bucket each (bucket_cap_mb=1.5): every sync gives
+    more large temporaries back to the buffer pool than it keeps (MAX_FREE), in no size order."""
+    from lookahead_dist import LocalSGDOptions, Lookahead
+
+    torch.manual_seed(0)
+    ps = [torch.nn.Parameter(torch.randn(300_000 + 1000 * i)) for i in range(12)]
+    opt = Lookahead(torch.optim.SGD(ps, lr=0.01), k=2,
+                    local_sgd=LocalSGDOptions(comm_dtype="int8", bucket_cap_mb=1.5))
+    g = torch.Generator().manual_seed(rank)
+    for _ in range(6):  # syncs at steps 2, 4 and 6
+        for p in ps:
+            p.grad = 0.01 * torch.randn(p.shape, generator=g)
+        opt.step()
+    return torch.cat([p.detach() for p in ps]).numpy()
+
+
+def test_a_sync_that_gives_back_more_buffers_than_the_pool_keeps():
+    # Regression: BufferPool.give dropped the smallest free buffer with list.remove, which compared
+    # tensors with == and raised at the first sync of a model with many large buckets.
+    a, b = run_ranks(_many_pooled_buckets, world_size=2, timeout=120)
+    assert np.array_equal(a, b) and np.isfinite(a).all()  # the last step synced: identical replicas
