@@ -278,6 +278,19 @@ def _finish(acc: torch.Tensor, poison: torch.Tensor, fmt: SparseFormat) -> torch
     return acc[: fmt.numel]
 
 
+def _decode_sum(payloads: torch.Tensor, fmt: SparseFormat, average: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``(N, fmt.nbytes)`` payloads decoded and added in fp32 in rank order (the same sum on
+    every rank and in a reference), divided by ``N`` with ``average``: ``(acc, values)``, ``acc``
+    the pooled buffer behind ``values`` (``fmt.numel`` elements)."""
+    acc = POOL.zeros(fmt.padded, torch.float32, payloads.device)
+    poison = torch.zeros(fmt.groups, dtype=torch.float32, device=payloads.device)
+    for r in range(payloads.shape[0]):
+        _accumulate(acc, poison, payloads[r], fmt)
+    if average:
+        acc /= payloads.shape[0]
+    return acc, _finish(acc, poison, fmt)
+
+
 def decode(payload: torch.Tensor, fmt: SparseFormat) -> torch.Tensor:
     """The dense fp32 values (``fmt.numel``) of one payload: ``sent`` of the module docstring."""
     if payload.dtype != torch.uint8 or payload.numel() != fmt.nbytes:
@@ -294,13 +307,7 @@ def _exchange(payload: torch.Tensor, fmt: SparseFormat, n: int, group, average: 
     """All-gather the payloads, decode and add them in rank order in fp32 (bytes counted at launch)."""
     gathered = torch.empty(n, fmt.nbytes, dtype=torch.uint8, device=payload.device)
     _comm.all_gather(gathered.view(-1), payload, group, None, label)
-    acc = POOL.zeros(fmt.padded, torch.float32, payload.device)
-    poison = torch.zeros(fmt.groups, dtype=torch.float32, device=payload.device)
-    for r in range(n):  # fixed rank order: the same sum on every rank and in a reference
-        _accumulate(acc, poison, gathered[r], fmt)
-    if average:
-        acc /= n
-    vals = _finish(acc, poison, fmt)
+    acc, vals = _decode_sum(gathered, fmt, average)
     if out is None:
         return vals
     out.copy_(vals)
@@ -414,18 +421,13 @@ def _encode_segments(flat: torch.Tensor, fmt: SparseFormat, n: int, residual: to
     return send
 
 
-def _scatter(send: torch.Tensor, fmt: SparseFormat, n: int, group, average: bool, out: torch.Tensor,
+def _scatter(send: torch.Tensor, fmt: SparseFormat, group, average: bool, out: torch.Tensor,
              label: str) -> torch.Tensor:
-    """All-to-all the segment payloads; decode this rank's ``n`` and add them in rank order."""
+    """All-to-all the segment payloads; decode the ``N`` of this rank's segment, add them in rank order."""
     recv = torch.empty_like(send)
     _comm.all_to_all(recv.view(-1), send.view(-1), group, None, label)
-    acc = POOL.zeros(fmt.padded, torch.float32, send.device)
-    poison = torch.zeros(fmt.groups, dtype=torch.float32, device=send.device)
-    for r in range(n):  # fixed rank order, as in _exchange
-        _accumulate(acc, poison, recv[r], fmt)
-    if average:
-        acc /= n
-    out.copy_(_finish(acc, poison, fmt))
+    acc, vals = _decode_sum(recv, fmt, average)
+    out.copy_(vals)
     POOL.give(acc)
     return out
 
@@ -464,5 +466,5 @@ def sparse_reduce_scatter_async(flat: torch.Tensor, group: dist.ProcessGroup, ou
     send = _encode_segments(flat, fmt, n, None if residual is None else residual.view(-1))
     if stats is not None:
         stats.record("all_to_all", label, send.numel(), n)
-    return _quant.run_stages(group, flat.device, lambda: _scatter(send, fmt, n, group, average, out, label),
+    return _quant.run_stages(group, flat.device, lambda: _scatter(send, fmt, group, average, out, label),
                              (send, out))
