@@ -82,10 +82,8 @@ With ``t`` the inner step's time without communication:
   where the last term is the DDP all-reduce *inside* a node (hierarchical, ``R > 1``). With
   ``R > 1`` the fragment's transfer is the hierarchical-sharded sync: each local rank carries
   ``1 / R`` of the fragment across nodes (all ``R`` through the node's link, so each at
-  :math:`\beta / R`), then the node all-gathers the fragment's fp32 weights (eager updates too).
-  Top-k is refused in the hierarchical-sharded mode, so with ``R > 1`` it runs the *flat* hierarchical
-  sync: every local rank carries the whole fragment across nodes (``R`` times the node's bytes of
-  the sharded sync), with no all-gather in the node.
+  :math:`\beta / R`), then the node all-gathers the fragment's fp32 weights (eager updates and
+  top-k too: each local rank all-gathers across nodes the sparse payload of its chunk).
 
 - **Eager updates** (``eager_update=True``, Note [Eager outer updates] in
   :mod:`lookahead_dist.sync._outer`; tau = 0 only): a fragment's collective, launched at the
@@ -428,9 +426,9 @@ def _fragment_sync(option: Option, workload: Workload, cluster: Cluster) -> Cost
     """One fragment's average across nodes (+ the node's all-gather when ``R > 1`` and sharded)."""
     r, n = cluster.ranks_per_node, cluster.nodes
     numel = -(-workload.params // option.num_fragments)
-    # hierarchical-sharded: local rank r carries chunk r across nodes; top-k refuses that mode, so
-    # there every local rank carries the whole fragment (flat hierarchical)
-    sharded = r > 1 and option.topk_fraction is None
+    # hierarchical-sharded: local rank r carries chunk r across nodes (top-k too: its payload for
+    # chunk r), then the node all-gathers the new chunks
+    sharded = r > 1
     per_rank = -(-numel // r) if sharded else numel
     link = _shared(cluster)
     bits = _BITS[option.comm_dtype]

@@ -479,7 +479,9 @@ def _hier_body(rank: int, world_size: int) -> dict:
     quantised = {"eager_f2_int8": dict(eager_update=True, num_fragments=2, outer_optimizer=nesterov,
                                        comm_dtype="int8", quant_block_size=8),
                  "eager_f2_int2": dict(eager_update=True, num_fragments=2, outer_optimizer=nesterov,
-                                       comm_dtype="int2", quant_block_size=8)}
+                                       comm_dtype="int2", quant_block_size=8),
+                 "eager_f2_top": dict(eager_update=True, num_fragments=2, outer_optimizer=nesterov,
+                                      comm_dtype="int4", topk_fraction=0.5)}
     for name, opts in [*((n, o) for n, (o, _) in HIER_CASES.items()), *quantised.items()]:
         model = make_model(rank)
         options = LocalSGDOptions.from_mesh(mesh, across="inter", within="intra", sharded=True, **opts)
@@ -489,7 +491,8 @@ def _hier_body(rank: int, world_size: int) -> dict:
         stats = opt.local_sgd.stats
         out[name] = {"fast": flat(model.parameters()), "slow": slow_state(opt),
                      "across": stats.total("payload", label="params", op="all_reduce"),
-                     "quantised": stats.total("payload", label="params", op="all_to_all")}
+                     "quantised": stats.total("payload", label="params", op="all_to_all"),
+                     "gathered": stats.total("payload", label="params", op="all_gather")}
     # FSDP2 (HSDP) inside each group: each rank runs the eager rule on its own DTensor shard with
     # the same shard of the other group (flat), or keeps half of that shard's slow weights (sharded).
     from torch.distributed.fsdp import fully_shard
@@ -536,6 +539,20 @@ def test_hierarchical_sharded_eager_compressed(four_ranks, wire, tol):
     for got, want in zip(res, ref):
         assert got["quantised"] > 0 and got["across"] == 0  # the quantised reduce carried it
         assert 0 < np.abs(got["slow"] - want["slow"]).max() < tol
+
+
+def test_hierarchical_sharded_eager_sparse(four_ranks):
+    # Top-k across the groups: each local rank's chunk of its replica's progress, all-gathered. The
+    # replicas inside a group stay identical, the owners of a chunk agree, near the fp32 twin, and
+    # more goes through the all-gathers (the sparse payloads besides the group's gathers) than in
+    # the fp32 run, with no all-reduce and no all-to-all.
+    res = [r["eager_f2_top"] for r in four_ranks]
+    ref = [r["eager_f2_nesterov"] for r in four_ranks]
+    assert np.array_equal(res[0]["fast"], res[1]["fast"]) and np.array_equal(res[2]["fast"], res[3]["fast"])
+    assert np.array_equal(res[0]["slow"], res[2]["slow"]) and np.array_equal(res[1]["slow"], res[3]["slow"])
+    for got, want in zip(res, ref):
+        assert got["across"] == got["quantised"] == 0 and got["gathered"] > want["gathered"]
+        assert 0 < np.abs(got["slow"] - want["slow"]).max() < 5e-2, np.abs(got["slow"] - want["slow"]).max()
 
 
 def test_hierarchical_sharded_eager_int8_is_closer_to_fp32_than_int2(four_ranks):

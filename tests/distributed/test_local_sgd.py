@@ -370,7 +370,9 @@ def _hier_body(rank: int, world_size: int) -> dict:
                                                    fragment_sync_delay=1),
                        # the fused kernels on the hierarchical-sharded path: bit for bit the row above
                        "sharded_int8_stream_fused": dict(sharded=True, comm_dtype="int8", quant_block_size=8,
-                                                         fragment_sync_delay=1, fused_kernels=True)}.items():
+                                                         fragment_sync_delay=1, fused_kernels=True),
+                       # sparse across groups: each rank's chunk of its group's progress, top-k encoded
+                       "sharded_top": dict(sharded=True, comm_dtype="int4", topk_fraction=0.5)}.items():
         ddp = DDP(make_model(rank), process_group=mesh.get_group("intra"))  # DP every step inside a group
         options = LocalSGDOptions.from_mesh(mesh, across="inter", within="intra", module=ddp, **opts)
         opt = Lookahead(sgd(ddp.parameters()), k=3, alpha=0.5, local_sgd=options)
@@ -384,6 +386,8 @@ def _hier_body(rank: int, world_size: int) -> dict:
             "quant_payload": stats.total("payload", label="params", op="all_to_all"),
             "intra_gather": stats.total("payload", label="params", op="all_gather"),
             "slow_bytes": state_bytes(opt, SLOW_KEY), "param_bytes": param_bytes(ddp.module),
+            "quant_numels": [plan.quant.numel for unit in opt.local_sgd._units.values()
+                             for plans in unit.fragments for plan in plans if plan.quant is not None],
         }
     # FSDP2 inside each group: parameters are DTensor shards over "intra"; each rank averages its
     # own local shard with the same shard of the other group (no intra_group: shards differ).
@@ -435,6 +439,20 @@ def test_hierarchical_two_groups_of_two():
         # FSDP2 holds half of each parameter (rows); sharding the slow weights over the other group
         # as well leaves a quarter.
         assert r["fsdp"]["slow_bytes"] == pb // 2 and r["fsdp_sharded"]["slow_bytes"] == pb // 4
+    # Top-k across groups (hierarchical sharded): replicas agree in a group, every rank holds the same
+    # slow weights, near the fp32 run; on the wire, per sync, each rank's payload for its chunk to the
+    # other group (all-gathered) besides the group's fp32 all-gather of the new chunks.
+    from lookahead_dist._sparse import sparse_nbytes
+
+    fast0, slow0, _ = sims["0"]
+    for rank, r in enumerate(res):
+        v = r["sharded_top"]
+        np.testing.assert_array_equal(v["slow"], res[0]["sharded_top"]["slow"])
+        np.testing.assert_allclose(v["fast"], fast0[rank // 2], rtol=0, atol=2e-2)  # 6.5e-3 measured
+        assert np.abs(v["fast"] - r["sharded_bf16"]["fast"]).max() > 1e-4  # it really was sparse
+        sparse = sum(2 * sparse_nbytes(n, fraction=0.5, bits=4) for n in v["quant_numels"])
+        assert v["intra_gather"] == syncs * (sparse + pb) and v["inter_payload"] == v["quant_payload"] == 0
+    assert np.array_equal(res[0]["sharded_top"]["fast"], res[1]["sharded_top"]["fast"])
     # Streaming int8 across groups: every rank ends with the same slow weights, replicas agree in a group.
     for r in res:
         np.testing.assert_array_equal(r["sharded_int8_stream"]["slow"], res[0]["sharded_int8_stream"]["slow"])

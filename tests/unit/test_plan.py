@@ -207,11 +207,14 @@ def test_eager_window_hand_computed():
     blocking = P.predict(P.Option("local_sgd", 8), w1, hier)
     assert e.sync_seconds == pytest.approx(blocking.sync_seconds) and e.sync_seconds > 0.4
     assert e.node_bytes_per_step == pytest.approx(4 * MB / 8)
-    # top-k still runs flat with R > 1: every local rank carries its whole (sparse) fragment
+    # top-k with R > 1 too: each local rank carries the sparse payload of its 1/4 chunk, so the node
+    # sends what one rank per node would (up to the padding of 4 chunks instead of one), not 4 times it
     t = P.predict(P.Option("local_sgd", 8, 1, 0, "int2", eager_update=True, topk_fraction=0.02), w1, hier)
     flat1 = P.predict(P.Option("local_sgd", 8, 1, 0, "int2", eager_update=True, topk_fraction=0.02), w1,
                       P.Cluster(nodes=2, ranks_per_node=1, link=P.Link(10 * MB, 0.0)))
-    assert t.node_bytes_per_step == pytest.approx(4 * flat1.node_bytes_per_step)
+    per_chunk = P.sparse_payload_bytes(250_000, fraction=0.02, bits=2)
+    assert t.node_bytes_per_step == pytest.approx(4 * per_chunk / 8)
+    assert t.node_bytes_per_step == pytest.approx(flat1.node_bytes_per_step, rel=1e-2)
 
 
 def test_hierarchical_local_sgd_hand_computed():

@@ -206,11 +206,11 @@ def test_options_refuse_bad_values_naming_them(kwargs, match):
         LocalSGDOptions(**kwargs)
 
 
-def test_options_sharded_topk_only_eager_and_plain():
+def test_options_sharded_topk_needs_eager_or_an_intra_group():
     # sharded=True without intra_group is refused for any integer comm_dtype without eager_update
-    # already; with eager_update it is the sparse reduce-scatter. The hierarchical mode (an
-    # intra_group, which needs ranks to build) and a non-eager sharded sync are refused by the sparse
-    # check by name: run that check on options whose fields are set after construction.
+    # already; with eager_update it is the sparse reduce-scatter. A non-eager plain sharded sync is
+    # refused by the sparse check by name, the hierarchical mode (an intra_group, which needs ranks to
+    # build) accepted: run that check on options whose fields are set after construction.
     from lookahead_dist.sync.options import LocalSGDOptions
 
     with pytest.raises(ValueError, match=r"`comm_dtype=int2` needs the full slow weights"):
@@ -222,9 +222,8 @@ def test_options_sharded_topk_only_eager_and_plain():
     o.sharded, o.topk_fraction = True, 0.02
     with pytest.raises(ValueError, match=r"`topk_fraction=0.02` with `sharded=True`: without `eager_update`"):
         o._check_sparse()
-    o.eager_update, o.intra_group = True, object()
-    with pytest.raises(ValueError, match=r"`topk_fraction=0.02` with `sharded=True`: the hierarchical mode"):
-        o._check_sparse()
+    o.intra_group = object()  # hierarchical: sends progress, eager or not
+    o._check_sparse()
     o.sharded, o.intra_group, o.manager = False, None, object()
     with pytest.raises(ValueError, match=r"`topk_fraction=0.02` is not supported with `manager=<object"):
         o._check_sparse()

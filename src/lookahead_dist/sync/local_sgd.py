@@ -74,8 +74,9 @@ enqueued from the caller's thread (Note [Asynchronous quantised all-reduce] in _
 the same block-laid-out bucket by the sparse exchange of :mod:`lookahead_dist._sparse` (top
 ``round(256 f)`` of every 256 entries, all-gathered, decoded and averaged in fp32 on every rank:
 Note [Sparse outer gradients]); ``lookahead_ef_residual`` keeps everything not sent, and
-``lookahead_ef_owner`` stays zero (nothing is requantised). Plain sharded with ``eager_update``:
-each shard segment encoded on its own and reduce-scattered by one all-to-all (``_sparse``).
+``lookahead_ef_owner`` stays zero (nothing is requantised). Hierarchical sharded: local rank r's
+chunk, the same path; plain sharded with ``eager_update``: each shard segment encoded on its own
+and reduce-scattered by one all-to-all (``_sparse``).
 
 Note [Checkpoints in flight]
 ----------------------------

@@ -86,9 +86,10 @@ class LocalSGDOptions:
             ``round(topk_fraction * 256)`` of every 256 entries of the progress, their values at the
             bits of ``comm_dtype`` (``"int8"``/``"int4"``/``"int2"``, required), exchanged by
             all-gather; with ``error_feedback`` what was not sent is kept for the next sync (Note
-            [Sparse outer gradients] in _sparse.py). With ``sharded=True`` only with ``eager_update``
-            and no ``intra_group`` (then reduce-scattered: each chunk encoded on its own, one
-            all-to-all). Not with a ``manager``.
+            [Sparse outer gradients] in _sparse.py). With ``sharded=True``: with an ``intra_group``
+            (each local rank's chunk of the progress all-gathered across the groups), or with
+            ``eager_update`` (reduce-scattered: each chunk encoded on its own, one all-to-all). Not
+            with a ``manager``.
         timeout: seconds (or a ``datetime.timedelta``) a sync waits for its collectives before
             raising ``TimeoutError`` naming the sync, the step and the group; None: the process
             group's own timeout.
@@ -264,13 +265,12 @@ class LocalSGDOptions:
                 f"LocalSGDOptions `topk_fraction={f}` is not supported with `manager={self.manager!r}`: the sparse "
                 "exchange is implemented for the process groups of the flat and plain sharded modes; use no "
                 "manager, or topk_fraction=None")
-        if self.sharded and (self.intra_group is not None or self.eager_update is False):
-            why = ("the hierarchical mode (an `intra_group`) has no sparse exchange" if self.intra_group is not None
-                   else "without `eager_update` the sharded sync reduce-scatters weights, which cannot be sparsified")
+        if self.sharded and self.intra_group is None and self.eager_update is False:
             raise ValueError(
-                f"LocalSGDOptions `topk_fraction={f}` with `sharded=True`: {why}; use sharded=True with "
-                "eager_update=True and no intra_group (each rank's progress is top-k encoded per chunk and "
-                "reduce-scattered), sharded=False, or topk_fraction=None")
+                f"LocalSGDOptions `topk_fraction={f}` with `sharded=True`: without `eager_update` the sharded "
+                "sync reduce-scatters weights, which cannot be sparsified; use eager_update=True (each rank's "
+                "progress is top-k encoded per chunk and reduce-scattered), an intra_group (hierarchical: each "
+                "rank's chunk of the progress is exchanged), sharded=False, or topk_fraction=None")
 
     def _check_fused(self) -> None:
         """Checks of ``fused_kernels`` (Note [Fused quantisation kernels] in _fused.py)."""
