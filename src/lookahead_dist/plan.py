@@ -684,14 +684,14 @@ def config_blocks(prediction: Prediction, cluster: Cluster, *, alpha: float = 0.
     :class:`~lookahead_dist.LocalSGDOptions` and ``lookahead-dist train`` flags.
 
     With ``R > 1`` ranks per node: hierarchical, sharded (``sharded=True``,
-    ``--local-sgd-sharded``) unless the option is top-k, which the library runs flat."""
+    ``--local-sgd-sharded``), top-k included."""
     import json
 
     o = prediction.option
     if o.mode != "local_sgd":
         raise ValueError(f"config_blocks needs a local-SGD option, got {o}")
     hier = cluster.ranks_per_node > 1
-    sharded = hier and o.topk_fraction is None
+    sharded = hier
     local = {"across": "nodes", "ranks_per_node": cluster.ranks_per_node, "comm_dtype": o.comm_dtype,
              "num_fragments": o.num_fragments, "fragment_sync_delay": o.fragment_sync_delay}
     dtype = {"fp32": "None", "bf16": "torch.bfloat16", "int8": '"int8"', "int4": '"int4"',

@@ -428,7 +428,7 @@ def _check_blocks(blocks: dict[str, str], ranks_per_node: int, expect) -> None:
     from lookahead_dist.sync.options import COMM_DTYPES
 
     eager, topk = expect.eager_update, expect.topk_fraction
-    sharded = ranks_per_node > 1 and topk is None  # top-k refuses sharded slow weights
+    sharded = ranks_per_node > 1  # hierarchical sharded, top-k included
     # DeepSpeed: the block parser accepts it and it carries the option
     block = json.loads(blocks["deepspeed"])["lookahead"]
     local = block["local_sgd"]
