@@ -49,6 +49,9 @@ class Row:
     fragments: int = 1
     tau: int = 0
     wire: str = "fp32"
+    eager: bool = False
+    topk: float | None = None
+    flat_hier: bool = False  # R > 1 without sharding: not what plan models (None predicted)
 
 
 LS = ("--mode", "local-sgd", "--k", str(K))
@@ -57,6 +60,15 @@ ROWS = {
     "blocking": Row("blocking", f"blocking local SGD k={K}, fp32", LS),
     "stream-int8": Row("stream-int8", f"streaming k={K} F=4 tau=2, int8", (*LS, "--num-fragments", "4",
                        "--fragment-sync-delay", "2", "--comm-dtype", "int8"), fragments=4, tau=2, wire="int8"),
+    # Top-k with R > 1 ranks per node: every local rank sends its whole fragment's payload across the
+    # nodes (flat hierarchical), or its 1/R chunk's (hierarchical sharded, --local-sgd-sharded).
+    "eager-sparse2": Row("eager-sparse2", f"eager k={K} F=4, top-2% int2, flat hierarchical",
+                         (*LS, "--num-fragments", "4", "--eager-update", "--comm-dtype", "int2", "--topk-fraction",
+                          "0.02"), fragments=4, wire="int2", eager=True, topk=0.02, flat_hier=True),
+    "eager-sparse2-sharded": Row("eager-sparse2-sharded", f"eager k={K} F=4, top-2% int2, hierarchical sharded",
+                                 (*LS, "--num-fragments", "4", "--eager-update", "--comm-dtype", "int2",
+                                  "--topk-fraction", "0.02", "--local-sgd-sharded"), fragments=4, wire="int2",
+                                 eager=True, topk=0.02),
 }
 CEILING = Row("ceiling", "no-communication ceiling", ("--mode", "local-sgd", "--k", "1000000"))
 
@@ -101,6 +113,7 @@ class Runner:
                 run = json.loads(path.read_text())["runs"][0]
                 rec.update({k: run[k] for k in ("samples_per_s", "seconds", "comm_bytes_per_step", "params",
                                                 "train_loss")})
+                rec["wire_tx_bytes_per_step"] = run.get("wire_tx_bytes_per_step")  # node 0's link, measured
             else:
                 bad = next((r for r in res if r.returncode != 0), res[0])
                 rec["error"] = f"node {bad.node_rank} exit {bad.returncode}: {error_line(bad.output())[:300]}"
@@ -175,33 +188,38 @@ def predicted(shape: dict, row: Row) -> float | None:
     if row.mode == "ddp":
         option = P.Option(mode="ddp")
     else:
-        option = P.Option(k=K, num_fragments=row.fragments, fragment_sync_delay=row.tau, comm_dtype=row.wire)
+        if row.flat_hier and shape["per_node"] > 1:
+            return None
+        option = P.Option(k=K, num_fragments=row.fragments, fragment_sync_delay=row.tau, comm_dtype=row.wire,
+                          eager_update=row.eager, topk_fraction=row.topk)
     return P.predict(option, work, cluster).utilization
 
 
 def table(shapes: list[dict]) -> str:
-    lines = ["| nodes x ranks | link | row | samples/s | measured / ceiling | predicted | measured - predicted (points) |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| nodes x ranks | link | row | samples/s | measured / ceiling | predicted | measured - predicted (points) "
+             "| wire MB/step (node 0) |",
+             "|---|---|---|---|---|---|---|---|"]
     for sh in shapes:
         if "error" in sh:
-            lines.append(f"| {sh['label']} | {sh['rate']} | failed: {sh['error']} | | | | |")
+            lines.append(f"| {sh['label']} | {sh['rate']} | failed: {sh['error']} | | | | | |")
             continue
         ceil = _ceiling_runs(sh)
         c = statistics.median(r["samples_per_s"] for r in ceil)
         lines.append(f"| {sh['label']} | {sh['rate']} | ceiling ({len(ceil)} runs, before and after) | "
-                     f"{median_range([r['samples_per_s'] for r in ceil], '.1f')} | 1 | 1 | |")
+                     f"{median_range([r['samples_per_s'] for r in ceil], '.1f')} | 1 | 1 | | |")
         for key in [k for k in ROWS if any(r["key"] == k for r in sh["results"])]:
             runs = [r for r in sh["results"] if r["key"] == key and "error" not in r]
             if not runs:
                 err = next(r["error"] for r in sh["results"] if r["key"] == key)
-                lines.append(f"| {sh['label']} | {sh['rate']} | {ROWS[key].label} | failed: {err[:120]} | | | |")
+                lines.append(f"| {sh['label']} | {sh['rate']} | {ROWS[key].label} | failed: {err[:120]} | | | | |")
                 continue
             fr = [r["samples_per_s"] / c for r in runs]
+            wire = [r["wire_tx_bytes_per_step"] / 1e6 for r in runs if r.get("wire_tx_bytes_per_step") is not None]
             pred = predicted(sh, ROWS[key])
             diff = "n/a" if pred is None else f"{100 * (statistics.median(fr) - pred):+.0f}"
             lines.append(f"| {sh['label']} | {sh['rate']} | {ROWS[key].label} | "
                          f"{median_range([r['samples_per_s'] for r in runs], '.1f')} | {median_range(fr, '.2f')} | "
-                         f"{'n/a' if pred is None else f'{pred:.2f}'} | {diff} |")
+                         f"{'n/a' if pred is None else f'{pred:.2f}'} | {diff} | {median_range(wire, '.3f')} |")
     return "\n".join(lines)
 
 
