@@ -135,6 +135,12 @@ def rows(taus: dict[tuple[int, str], int]) -> list[Spec]:
     out.append(Spec("t-sparse2", "traffic only as blocking top-2% int2",
                     ("--mode", "traffic-only", "--k", str(K), "--comm-dtype", "int2", "--topk-fraction", "0.02"),
                     wire="int2 top-2%", group="control"))
+    # the eager top-2% row's bytes on its fragment schedule (waited for tau = 3 steps later; the
+    # eager rule waits k steps, so this control is no easier on the link)
+    out.append(Spec("t-eager-sparse2", f"traffic only as eager F={EAGER_F}, top-2% at int2",
+                    ("--mode", "traffic-only", "--k", str(K), "--num-fragments", str(EAGER_F),
+                     "--fragment-sync-delay", str(K // EAGER_F - 1), "--comm-dtype", "int2", "--topk-fraction", "0.02"),
+                    fragments=EAGER_F, tau=K // EAGER_F - 1, wire="int2 top-2%", group="control"))
     return out
 
 
@@ -303,7 +309,7 @@ ORDER = ["ddp", "block-fp32", "block-fp32-base", "block-bf16", "sparse2", *[f"s{
          "eager-fp32", "eager-int8", "eager-int4", "eager-int2", "eager-sparse2", "eager-sparse3",
          "eager-sharded-fp32", "eager-sharded-int8", "eager-sharded-int2", "eager-sharded-sparse2",
          "torch-plsgd", "accel-lsgd", *[f"ft-f{f}" for f in FRAGMENTS],
-         *[f"t{f}-{dt}" for f in FRAGMENTS for dt in DTYPES], "t-sparse2"]
+         *[f"t{f}-{dt}" for f in FRAGMENTS for dt in DTYPES], "t-sparse2", "t-eager-sparse2"]
 
 
 def control_gaps(link: dict) -> list[str]:
@@ -311,7 +317,8 @@ def control_gaps(link: dict) -> list[str]:
     in points of the ceiling."""
     fr = fractions(link)
     out = []
-    pairs = [(f"s{f}-{dt}", f"t{f}-{dt}") for f in FRAGMENTS for dt in DTYPES] + [("sparse2", "t-sparse2")]
+    pairs = [(f"s{f}-{dt}", f"t{f}-{dt}") for f in FRAGMENTS for dt in DTYPES] + [("sparse2", "t-sparse2"),
+                                                                                   ("eager-sparse2", "t-eager-sparse2")]
     pairs += [(key, key.removesuffix("-fused").replace("s", "t", 1)) for key in FUSED]
     for key, ctrl in pairs:
         if fr.get(key) and fr.get(ctrl):
