@@ -674,5 +674,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+def entry() -> None:
+    """The console script ``lookahead-dist`` and ``python -m lookahead_dist.cli``: :func:`main`,
+    then the exit. A rank started by an external launcher (torchrun, the trainer's own processes
+    are not) destroys its process group and leaves with
+    :func:`lookahead_dist.distributed.exit_process`: with torch 2.13 a gloo rank can otherwise
+    abort at interpreter finalization, after all its work and output are done, and torchrun then
+    reports the run as failed (SIGABRT, docs/torchrun.md)."""
+    from .demo.launch import launched_externally
+
+    code = main()
+    if not launched_externally():
+        sys.exit(code)
+    import torch.distributed as dist
+
+    from .distributed import exit_process
+
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:  # noqa: BLE001 - leaving anyway; the run's result is already written
+            pass
+    exit_process(code or 0)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -221,3 +221,28 @@ def test_missing_demo_extra_exits_1_naming_it(stub_runs, monkeypatch, capsys):
     assert stub_runs == []
     code, out, _ = _exit_code(["train", "--help"], capsys)  # --help needs nothing beyond torch
     assert code == 0 and "--mode" in out
+
+
+@pytest.mark.parametrize("launched", [False, True])
+def test_entry_leaves_a_launched_rank_through_exit_process(launched, monkeypatch):
+    # Under torchrun (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT set) the console script leaves with
+    # exit_process (os._exit after flushing), skipping the interpreter finalization at which torch
+    # 2.13's gloo can abort a finished rank; elsewhere a plain sys.exit with main's code.
+    import lookahead_dist.distributed as distributed
+
+    for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        if launched:
+            monkeypatch.setenv(var, "0" if var != "MASTER_ADDR" else "127.0.0.1")
+        else:
+            monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(cli, "main", lambda argv=None: 3)
+    left = []
+
+    def fake_exit(code=0):
+        left.append(code)
+        raise SystemExit("exit_process")
+
+    monkeypatch.setattr(distributed, "exit_process", fake_exit)
+    with pytest.raises(SystemExit) as info:
+        cli.entry()
+    assert (info.value.code, left) == (("exit_process", [3]) if launched else (3, []))
