@@ -445,6 +445,7 @@ def test_hierarchical_two_groups_of_two():
     from lookahead_dist._sparse import sparse_nbytes
 
     fast0, slow0, _ = sims["0"]
+    pb, syncs = res[0]["flat"]["param_bytes"], 7 // 3
     for rank, r in enumerate(res):
         v = r["sharded_top"]
         np.testing.assert_array_equal(v["slow"], res[0]["sharded_top"]["slow"])

@@ -100,9 +100,10 @@ def _scatter(rank: int, world: int, group, rounds: int = SCATTER_ROUNDS) -> list
     return out
 
 
-def ref_scatter(world: int, bits: int, frac: float, numel: int, average: bool, rounds: int):
+def ref_scatter(world: int, case: int, rounds: int):
     """Per round, rank r's segment of "encode every segment of every rank's (x + e) on its own,
     decode, sum in rank order in fp32" (and / N); and each rank's residual after the rounds."""
+    bits, frac, numel, average = SCATTER[case]
     c = -(-numel // world)
     res = [np.zeros(world * c, dtype=np.float32) for _ in range(world)]
     outs = []
@@ -110,7 +111,7 @@ def ref_scatter(world: int, bits: int, frac: float, numel: int, average: bool, r
         total = np.zeros(world * c, dtype=np.float32)
         for r in range(world):
             y = np.zeros(world * c, dtype=np.float32)
-            y[:numel] = data(r, 10 * SCATTER.index((bits, frac, numel, average)) + t, numel).numpy()
+            y[:numel] = data(r, 10 * case + t, numel).numpy()
             y += res[r]
             sent = np.concatenate([ref_sparse(y[s * c:(s + 1) * c], frac, bits)[0] for s in range(world)])
             res[r] = y - sent
@@ -281,7 +282,7 @@ def test_sparse_reduce_scatter_equals_segment_encode_decode_sum(results, case):
 
     bits, frac, numel, average = SCATTER[case]
     c = -(-numel // WORLD)
-    want, want_res = ref_scatter(WORLD, bits, frac, numel, average, SCATTER_ROUNDS)
+    want, want_res = ref_scatter(WORLD, case, SCATTER_ROUNDS)
     for rank, res in enumerate(results):
         for key, rounds in (("scatter", SCATTER_ROUNDS), ("scatter_inline", 1)):
             got = res[key][case]
